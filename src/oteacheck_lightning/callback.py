@@ -1,0 +1,115 @@
+"""``OTeaCheckpoint``: the checkpoint policy, and ``ckpt_path="last"`` wired into Lightning's own resolution.
+
+It is a :class:`~lightning.pytorch.callbacks.ModelCheckpoint`, so everything ModelCheckpoint does still works
+(``monitor``/``save_top_k`` checkpoints are written through OTeaCheckpointIO as checkpoint folders), and Lightning
+asks it for the "last" checkpoint. On top of that it decides:
+
+* when to take an in-memory snapshot (``snapshot_every_n_steps``, default every optimizer step);
+* when to persist, where, and how many to keep (one :class:`PersistSchedule` per tier);
+
+and it reports the snapshot and persistence metrics to the logger and the progress bar.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from .io import OTeaCheckpointIO
+from .persist import PersistSchedule
+
+
+class OTeaCheckpoint(ModelCheckpoint):
+    """Every-iteration in-memory snapshots, persisted on a schedule, resumable with ``ckpt_path="last"``.
+
+    Args:
+        dirpath: the job's checkpoint folder, stable across restarts (default ``<default_root_dir>/oteacheck``);
+            the default persistent tier writes here.
+        snapshot_every_n_steps: take an in-memory snapshot every this many optimizer steps (default 1).
+        persist: where and when to persist: a :class:`PersistSchedule` or a list of them, one per tier
+            (default: ``dirpath`` every 50 steps, keeping 3); ``[]`` keeps snapshots in memory only.
+        log_metrics: log ``oteacheck/*`` metrics every step (stall, sealed and persisted steps, failures).
+        **kwargs: any :class:`ModelCheckpoint` argument; ``save_top_k`` defaults to 0 here, so only the
+            snapshot policy writes unless you ask for more.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike | None = None,
+        snapshot_every_n_steps: int = 1,
+        persist: PersistSchedule | Sequence[PersistSchedule] | None = None,
+        log_metrics: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("save_top_k", 0)
+        super().__init__(dirpath=dirpath, **kwargs)
+        if snapshot_every_n_steps < 1:
+            raise MisconfigurationException(f"snapshot_every_n_steps must be >= 1, got {snapshot_every_n_steps}")
+        self.snapshot_every_n_steps = snapshot_every_n_steps
+        if persist is None:
+            persist = [PersistSchedule()]
+        elif isinstance(persist, PersistSchedule):
+            persist = [persist]
+        self.persist = list(persist)
+        for schedule in self.persist:
+            if not isinstance(schedule, PersistSchedule):
+                raise MisconfigurationException(f"persist takes PersistSchedule objects, got {type(schedule).__name__}")
+        self.log_metrics = log_metrics
+        self.root: str | None = str(dirpath) if dirpath is not None else None
+        self._last_snapshot_step = -1
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(dirpath=self.root, snapshot_every_n_steps=self.snapshot_every_n_steps)
+
+    def _resolve_root(self, trainer: pl.Trainer) -> str:
+        if self.root is None:
+            self.root = os.path.join(trainer.default_root_dir, "oteacheck")
+        if "://" not in self.root or self.root.startswith("file://"):
+            Path(self.root.removeprefix("file://")).mkdir(parents=True, exist_ok=True, mode=0o700)
+        return self.root
+
+    def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
+        # Lightning picks "last" among these before the processes can talk to each other; the job folder stands
+        # for "the freshest checkpoint complete on every rank", which the strategy works out once they can
+        return {self._resolve_root(trainer)}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        io = trainer.strategy.checkpoint_io
+        if not isinstance(io, OTeaCheckpointIO):
+            raise MisconfigurationException(
+                "OTeaCheckpoint needs Trainer(strategy=OTeaCheckStrategy(...)) (or strategy='oteacheck')"
+            )
+        root = self._resolve_root(trainer)
+        if self.dirpath is None:
+            self.dirpath = root
+        super().setup(trainer, pl_module, stage)
+        io.configure(root, self.persist)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step = trainer.global_step
+        if step > 0 and step != self._last_snapshot_step and step % self.snapshot_every_n_steps == 0:
+            self._last_snapshot_step = step
+            trainer.strategy.take_snapshot()
+        if self.log_metrics:
+            metrics = trainer.strategy.checkpoint_io.metrics()
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, logger=trainer.logger is not None, prog_bar=False)
+            pl_module.log("ckpt_step", metrics["oteacheck/sealed_step"], on_step=True, prog_bar=True, logger=False, batch_size=1)
+            pl_module.log("stall_ms", metrics["oteacheck/stall_ms"], on_step=True, prog_bar=True, logger=False, batch_size=1)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        io = trainer.strategy.checkpoint_io
+        if not io.persist_now(wait=True, timeout=600):
+            pl.utilities.rank_zero_warn("the final snapshot was not persisted within 10 minutes")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        trainer.strategy.checkpoint_io.mark_crashed()
+        super().on_exception(trainer, pl_module, exception)

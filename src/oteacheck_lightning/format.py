@@ -1,0 +1,163 @@
+"""The versioned layout of one rank's checkpoint: a data blob and a manifest that describes it.
+
+A checkpoint of one rank is two objects:
+
+* ``data``: the raw bytes of every tensor, each at an offset aligned to :data:`ALIGN` (page size, so the same layout
+  serves shared memory, pinned buffers and direct I/O);
+* ``manifest``: JSON with the step, the rank, each tensor's name, dtype, shape, offset, size and (once computed)
+  its xxh3-64 checksum, and the non-tensor state as a :mod:`~oteacheck_lightning.statecodec` document.
+
+The manifest is written last. Its presence is the rank's commit: a reader ignores data without a manifest, and a
+manifest's checksums make a torn or corrupted data object detectable.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import xxhash
+
+FORMAT_VERSION = 1
+ALIGN = 4096
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+
+# dtypes a manifest may name; loading never resolves arbitrary attribute names
+_DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+        torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
+    )
+}
+for _name in ("float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"):
+    if hasattr(torch, _name):
+        _DTYPES[_name] = getattr(torch, _name)
+
+
+class CheckpointFormatError(ValueError):
+    """A manifest or data object is malformed, from another format version, or fails verification."""
+
+
+@dataclass
+class TensorRecord:
+    name: str
+    dtype: str
+    shape: list[int]
+    offset: int
+    nbytes: int
+    device: str = "cpu"
+    checksum: str | None = None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        try:
+            return _DTYPES[self.dtype]
+        except KeyError:
+            raise CheckpointFormatError(f"tensor {self.name!r} has unsupported dtype {self.dtype!r}") from None
+
+
+@dataclass
+class Manifest:
+    step: int
+    rank: int
+    world_size: int
+    data_bytes: int
+    tensors: list[TensorRecord]
+    state: Any
+    job: str = ""
+    created_unix: float = field(default_factory=time.time)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def verified(self) -> bool:
+        """True when every tensor carries a checksum, so the data can be verified."""
+        return all(t.checksum is not None for t in self.tensors)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":"), allow_nan=False).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Manifest:
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise CheckpointFormatError("manifest is implausibly large")
+        try:
+            doc = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointFormatError(f"manifest is not valid JSON: {err}") from None
+        if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION:
+            version = doc.get("format_version") if isinstance(doc, dict) else None
+            raise CheckpointFormatError(f"unsupported checkpoint format version {version!r} (expected {FORMAT_VERSION})")
+        try:
+            records = [TensorRecord(**r) for r in doc.pop("tensors")]
+            manifest = cls(tensors=records, **doc)
+        except TypeError as err:
+            raise CheckpointFormatError(f"manifest has unexpected fields: {err}") from None
+        manifest.validate()
+        return manifest
+
+    def validate(self) -> None:
+        """Checks that every record lies inside the data object and agrees with its dtype and shape."""
+        for r in self.tensors:
+            numel = 1
+            for dim in r.shape:
+                if not isinstance(dim, int) or dim < 0:
+                    raise CheckpointFormatError(f"tensor {r.name!r} has a bad shape {r.shape}")
+                numel *= dim
+            itemsize = torch.empty((), dtype=r.torch_dtype).element_size()
+            if r.nbytes != numel * itemsize or r.offset < 0 or r.offset + r.nbytes > self.data_bytes:
+                raise CheckpointFormatError(f"tensor {r.name!r} does not fit the data object")
+
+
+def plan_layout(tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[list[TensorRecord], int]:
+    """Assigns each tensor an aligned offset; returns the records and the total data size."""
+    records: list[TensorRecord] = []
+    offset = 0
+    for name, t in tensors:
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in _DTYPES:
+            raise CheckpointFormatError(f"tensor {name!r} has unsupported dtype {t.dtype}")
+        nbytes = t.numel() * t.element_size()
+        records.append(TensorRecord(name, dtype, list(t.shape), offset, nbytes, t.device.type))
+        offset += -(-nbytes // ALIGN) * ALIGN
+    return records, offset
+
+
+def byte_view(buffer: torch.Tensor, record: TensorRecord) -> torch.Tensor:
+    """The bytes of ``record`` inside a flat uint8 ``buffer``, viewed with the record's dtype and shape."""
+    raw = buffer[record.offset : record.offset + record.nbytes]
+    if record.nbytes == 0:
+        return torch.empty(record.shape, dtype=record.torch_dtype)
+    return raw.view(record.torch_dtype).view(record.shape)
+
+
+def checksum(data: memoryview | bytes) -> str:
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def add_checksums(manifest: Manifest, buffer: memoryview) -> None:
+    """Fills in each record's checksum from ``buffer`` (the rank's data object)."""
+    for r in manifest.tensors:
+        r.checksum = checksum(buffer[r.offset : r.offset + r.nbytes])
+
+
+def verify(manifest: Manifest, buffer: memoryview, where: str) -> None:
+    """Raises :class:`CheckpointFormatError` naming ``where`` if a tensor's bytes do not match its checksum."""
+    if len(buffer) < manifest.data_bytes:
+        raise CheckpointFormatError(f"{where}: data is truncated ({len(buffer)} of {manifest.data_bytes} bytes)")
+    for r in manifest.tensors:
+        if r.checksum is not None and checksum(buffer[r.offset : r.offset + r.nbytes]) != r.checksum:
+            raise CheckpointFormatError(f"{where}: checksum mismatch in tensor {r.name!r}")
+
+
+def load_tensors(manifest: Manifest, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Views (not copies) of every tensor in ``buffer``; the caller copies what it keeps."""
+    return {r.name: byte_view(buffer, r) for r in manifest.tensors}
+
+
+def records_by_name(manifest: Manifest) -> Mapping[str, TensorRecord]:
+    return {r.name: r for r in manifest.tensors}

@@ -1,0 +1,333 @@
+"""``OTeaCheckpointIO``: the checkpoint plugin, a facade over the slots, the copier, the tiers, the persister and
+recovery.
+
+It implements Lightning's :class:`~lightning.fabric.plugins.io.checkpoint_io.CheckpointIO` faithfully
+(``save_checkpoint`` writes a durable checkpoint at a path, ``load_checkpoint`` reads one, ``remove_checkpoint``,
+``teardown``), and adds the every-iteration snapshot that :class:`~oteacheck_lightning.OTeaCheckStrategy` drives:
+
+1. ``capture(step, state)`` at the end of optimizer step *t* (training thread): take a free shared-memory slot,
+   start copying this rank's tensors into it, keep Lightning's small state with it;
+2. ``seal_pending()`` at the start of the next iteration: finish the copies (the fence), record the RNG states,
+   write the manifest (the slot becomes the newest in-memory checkpoint), tell the persister;
+3. the persister writes the newest sealed slot to the persistent tiers in the background.
+
+Two moments are kept apart in the metrics: a snapshot is *safe* (training may go on) when sealed, and *durable*
+when a persistent tier committed it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.fabric.utilities.types import _PATH
+
+from . import statecodec
+from .copier import HostCopier, SnapshotCopier
+from .deepspeed_state import DeepSpeedState
+from .format import Manifest, TensorRecord, add_checksums, byte_view, load_tensors, plan_layout
+from .persist import Persister, PersistSchedule, TargetStats
+from .recovery import Gather, recover
+from .slots import DEFAULT_SHM_ROOT, Slot, SlotPool
+from .tiers import CheckpointDir, FsspecTier, LoadedRankCheckpoint, MemoryTier
+from .training_state import collect_metrics, collect_rng
+
+log = logging.getLogger(__name__)
+
+# keys of Lightning's checkpoint dict that may hold user objects; if they cannot be stored without pickle they are
+# left out (the model is rebuilt from code on resume), with one warning
+_OPTIONAL_KEYS = ("hyper_parameters", "hparams_type", "datamodule_hyper_parameters", "datamodule_hparams_type")
+PRIVATE_KEY = "_oteacheck"
+
+
+@dataclass
+class _Pending:
+    step: int
+    slot: Slot
+    records: list[TensorRecord]
+    rng_records: list[TensorRecord]
+    rng_doc_shape: Any
+    document: Any
+    data_bytes: int
+    started: float
+
+
+@dataclass
+class SnapshotStats:
+    """Training-thread metrics of the in-memory snapshots."""
+
+    sealed_step: int = -1
+    sealed: int = 0
+    skipped: int = 0
+    stall_ms: float = 0.0
+    capture_ms: float = 0.0
+    bytes: int = 0
+    tiers: dict[str, TargetStats] = field(default_factory=dict)
+
+
+class OTeaCheckpointIO(CheckpointIO):
+    """Checkpoint IO with every-iteration in-memory snapshots and background persistence.
+
+    Args:
+        memory_slots: shared-memory snapshot slots per rank; default two plus one per persistent tier, so the
+            newest snapshot, the one being filled and one per tier being persisted never collide.
+        memory_dir: folder for the shared-memory slots (default ``/dev/shm``).
+        job_id: names this job's shared memory, so a restarted run finds the snapshots of the crashed one; default
+            the ``OTEACHECK_JOB_ID`` environment variable, else derived from the checkpoint folder.
+    """
+
+    def __init__(self, memory_slots: int | None = None, memory_dir: _PATH | None = None, job_id: str | None = None) -> None:
+        if memory_slots is not None and memory_slots < 2:
+            raise ValueError(f"memory_slots must be at least 2 (got {memory_slots}): the newest snapshot and one to fill")
+        self.memory_slots = memory_slots
+        self.memory_dir = Path(memory_dir or os.environ.get("OTEACHECK_MEMORY_DIR", DEFAULT_SHM_ROOT))
+        self.job_id = job_id or os.environ.get("OTEACHECK_JOB_ID")
+        self.schedules: list[PersistSchedule] = []
+        self.root: str | None = None
+        self.copier: SnapshotCopier = HostCopier()
+        self.stats = SnapshotStats()
+        self._state: DeepSpeedState | None = None
+        self._module: torch.nn.Module | None = None
+        self._rank = 0
+        self._world_size = 1
+        self._pool: SlotPool | None = None
+        self._persister: Persister | None = None
+        self._tiers: list[FsspecTier] = []
+        self._pending: _Pending | None = None
+        self._warned: set[str] = set()
+        self._crashed = False
+
+    # --- wiring ----------------------------------------------------------------------------------------
+
+    def configure(self, root: str, schedules: Sequence[PersistSchedule]) -> None:
+        """Called by the checkpoint callback at setup: the job's checkpoint folder and the persistence policy."""
+        self.root = str(root)
+        self.schedules = list(schedules)
+        if self.job_id is None:
+            self.job_id = hashlib.sha256(os.path.abspath(self.root).encode()).hexdigest()[:16]
+
+    def attach(self, state: DeepSpeedState, module: torch.nn.Module, rank: int, world_size: int) -> None:
+        """Called by the strategy once the DeepSpeed engine exists: opens the slots and starts the persister."""
+        if self.root is None:
+            raise RuntimeError("OTeaCheckpointIO.configure() must run before attach(); add OTeaCheckpoint to the callbacks")
+        self._state, self._module, self._rank, self._world_size = state, module, rank, world_size
+        self._tiers = [FsspecTier(s.url or self.root) for s in self.schedules]
+        slots = self.memory_slots or 2 + len(self._tiers)
+        self._pool = SlotPool(self.memory_dir / f"oteacheck-{self.job_id}" / f"rank-{rank:05d}", slots)
+        self._persister = Persister(self._pool, list(zip(self._tiers, self.schedules)))
+        self.stats.tiers = self._persister.stats()
+        self._crashed = False
+
+    @property
+    def memory_tier(self) -> MemoryTier | None:
+        return MemoryTier(self._pool.directory) if self._pool is not None else None
+
+    # --- every-iteration snapshot (training thread) --------------------------------------------------------
+
+    def _encode_state(self, lightning_state: dict[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
+        state = dict(lightning_state)
+        for key in _OPTIONAL_KEYS:
+            if key in state:
+                try:
+                    statecodec.encode(state[key])
+                except statecodec.UnsupportedStateError as err:
+                    del state[key]
+                    self._warn_once(key, f"left {key!r} out of the checkpoint: {err}")
+        assert self._state is not None and self._module is not None
+        return statecodec.encode(
+            {"lightning": state, "deepspeed": self._state.meta(), "metrics": collect_metrics(self._module)},
+            tensor_prefix="state/",
+        )
+
+    def capture(self, step: int, lightning_state: dict[str, Any]) -> bool:
+        """Takes the snapshot of optimizer step ``step``; returns False (and counts it) if no slot was free."""
+        assert self._state is not None and self._pool is not None
+        started = time.perf_counter()
+        if self._pending is not None:
+            self.seal_pending()
+        document, small = self._encode_state(lightning_state)
+        rng_doc, rng_tensors = statecodec.encode(collect_rng(), tensor_prefix="rng/")
+        engine = self._state.tensors()
+        named = engine + list(small.items())
+        records, data_bytes = plan_layout(named + list(rng_tensors.items()))
+        slot = self._pool.acquire(data_bytes)
+        if slot is None:
+            self.stats.skipped += 1
+            self._warn_once("no-slot", "no free snapshot slot (all are being persisted); skipping snapshots until one is free")
+            return False
+        self.copier.start(slot.buffer, records[: len(named)], [t for _, t in named])
+        self._pending = _Pending(step, slot, records[: len(named)], records[len(named) :], _shape_of(rng_doc), document, data_bytes, started)
+        self.stats.capture_ms = (time.perf_counter() - started) * 1e3
+        return True
+
+    def seal_pending(self) -> int | None:
+        """Completes the pending snapshot (fence, RNG state, manifest last); returns its step."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        assert self._pool is not None and self._persister is not None
+        started = time.perf_counter()
+        waited_ms = self.copier.fence()
+        rng_doc, rng_tensors = statecodec.encode(collect_rng(), tensor_prefix="rng/")
+        if _shape_of(rng_doc) != pending.rng_doc_shape or len(rng_tensors) != len(pending.rng_records):
+            self._pool.abandon(pending.slot)
+            raise RuntimeError("the RNG state changed shape between capture and seal")
+        for record, tensor in zip(pending.rng_records, rng_tensors.values(), strict=True):
+            byte_view(pending.slot.buffer, record).copy_(tensor)
+        manifest = Manifest(
+            step=pending.step,
+            rank=self._rank,
+            world_size=self._world_size,
+            data_bytes=pending.data_bytes,
+            tensors=pending.records + pending.rng_records,
+            state={"main": pending.document, "rng": rng_doc},
+            job=self.job_id or "",
+        )
+        self._pool.seal(pending.slot, manifest)
+        self.stats.sealed_step, self.stats.sealed, self.stats.bytes = pending.step, self.stats.sealed + 1, pending.data_bytes
+        self.stats.stall_ms = waited_ms + self.stats.capture_ms + (time.perf_counter() - started) * 1e3
+        self._persister.request(pending.step)
+        return pending.step
+
+    def persist_now(self, wait: bool = True, timeout: float | None = None) -> bool:
+        """Persists the newest sealed snapshot to every tier now (e.g. at the end of training)."""
+        self.seal_pending()
+        if self._persister is None or self._pool is None or self._pool.newest() is None:
+            return True
+        self._persister.request(self._pool.newest().step, force=True)
+        return self._persister.drain(timeout) if wait else True
+
+    def discard_snapshots_after(self, step: int) -> None:
+        """After resuming from ``step``: newer in-memory snapshots belong to an abandoned timeline."""
+        if self._pool is not None:
+            self._pool.invalidate_after(step)
+
+    # --- CheckpointIO: explicit, durable checkpoints ----------------------------------------------------------
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        """Writes this rank's full state to the checkpoint folder ``path``, synchronously and durably.
+
+        The strategy calls this on every rank, then writes the folder's ``COMMIT`` marker once all ranks returned.
+        """
+        if storage_options is not None:
+            raise TypeError("OTeaCheckpointIO.save_checkpoint does not take storage_options")
+        assert self._state is not None
+        self.seal_pending()
+        document, small = self._encode_state(checkpoint)
+        rng_doc, rng_tensors = statecodec.encode(collect_rng(), tensor_prefix="rng/")
+        named = self._state.tensors() + list(small.items()) + list(rng_tensors.items())
+        records, data_bytes = plan_layout(named)
+        buffer = torch.empty(data_bytes, dtype=torch.uint8)
+        HostCopier().start(buffer, records, [t for _, t in named])
+        manifest = Manifest(int(checkpoint.get("global_step", -1)), self._rank, self._world_size, data_bytes, records,
+                            {"main": document, "rng": rng_doc}, job=self.job_id or "")
+        view = memoryview(buffer.numpy())
+        add_checksums(manifest, view)
+        CheckpointDir.from_url(path).write_rank(manifest, view)
+
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Reads and verifies this rank's part of the checkpoint folder ``path`` (no unpickling)."""
+        return self.decode(CheckpointDir.from_url(path).read_rank(self._rank))
+
+    def remove_checkpoint(self, path: _PATH) -> None:
+        directory = CheckpointDir.from_url(path)
+        directory.remove_rank(self._rank)
+
+    def teardown(self) -> None:
+        """Drains the persister; removes the shared memory after a normal end, keeps it after a crash."""
+        not_persisted: list[str] = []
+        if self._persister is not None:
+            not_persisted = self._persister.close(drain=True)
+            self._persister = None
+        if not_persisted:
+            log.warning("the newest snapshot was not persisted to %s before shutdown", ", ".join(not_persisted))
+        if self._pool is not None:
+            self._pool.close(remove=not self._crashed)
+            self._pool = None
+        self._pending = None
+
+    def mark_crashed(self) -> None:
+        """Training failed: keep the shared-memory snapshots for the restart."""
+        self._crashed = True
+
+    # --- recovery ----------------------------------------------------------------------------------------
+
+    def tiers_for_recovery(self, url: str | None = None) -> list[Any]:
+        """All tiers (memory first), or only the persistent tier at ``url``."""
+        if url is not None:
+            return [FsspecTier(url)]
+        tiers: list[Any] = [self.memory_tier] if self._pool is not None else []
+        return tiers + list(self._tiers)
+
+    def recover(self, gather: Gather, url: str | None = None) -> dict[str, Any] | None:
+        """The freshest checkpoint complete on every rank (a collective); ``None`` if there is none."""
+        result = recover(self.tiers_for_recovery(url), self._rank, gather)
+        if result is None:
+            return None
+        for step, reason in result.skipped:
+            log.warning("skipped checkpoint of step %d: %s", step, reason)
+        return self.decode(result.checkpoint)
+
+    def decode(self, loaded: LoadedRankCheckpoint) -> dict[str, Any]:
+        """Lightning's checkpoint dict of a loaded rank checkpoint; the engine state rides along under
+        ``PRIVATE_KEY`` for the strategy to apply."""
+        manifest = loaded.manifest
+        if manifest.world_size != self._world_size:
+            raise RuntimeError(
+                f"{loaded.source} was written by {manifest.world_size} ranks, this run has {self._world_size}; "
+                "resume with the same number of processes"
+            )
+        tensors = load_tensors(manifest, loaded.buffer)
+        main = statecodec.decode(manifest.state["main"], tensors)
+        checkpoint = dict(main["lightning"])
+        checkpoint[PRIVATE_KEY] = {
+            "step": manifest.step,
+            "source": loaded.source,
+            "engine": {n: t for n, t in tensors.items() if not n.startswith(("state/", "rng/"))},
+            "deepspeed": main["deepspeed"],
+            "metrics": main["metrics"],
+            "rng": statecodec.decode(manifest.state["rng"], tensors),
+            "buffer": loaded.buffer,
+        }
+        return checkpoint
+
+    # --- metrics -----------------------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers for the logger: the in-memory snapshot (safe) and each tier (durable)."""
+        s = self.stats
+        out = {
+            "oteacheck/sealed_step": float(s.sealed_step),
+            "oteacheck/stall_ms": s.stall_ms,
+            "oteacheck/snapshot_mib": s.bytes / 2**20,
+            "oteacheck/skipped_snapshots": float(s.skipped),
+        }
+        for i, (name, t) in enumerate(s.tiers.items()):
+            out[f"oteacheck/tier{i}_persisted_step"] = float(t.persisted_step)
+            out[f"oteacheck/tier{i}_failures"] = float(t.failures)
+            out[f"oteacheck/tier{i}_skipped"] = float(t.skipped)
+            out[f"oteacheck/tier{i}_healthy"] = float(t.healthy)
+        return out
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
+
+
+def _shape_of(document: Any) -> Any:
+    """The structure of a state document without its values (to check that two RNG captures line up)."""
+    if isinstance(document, dict):
+        return {k: _shape_of(v) for k, v in document.items() if k != "ref"}
+    if isinstance(document, list):
+        return len(document)
+    return type(document).__name__
+

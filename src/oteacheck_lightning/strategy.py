@@ -1,0 +1,304 @@
+"""``OTeaCheckStrategy``: Lightning's DeepSpeed strategy with every-iteration checkpoints.
+
+Compared with :class:`~lightning.pytorch.strategies.DeepSpeedStrategy` it
+
+* runs on CUDA (NCCL) and on CPU (DeepSpeed's CPU accelerator with gloo), so ZeRO 1-3 run in CI without a GPU;
+* emits the iteration's phase events on :attr:`OTeaCheckStrategy.bus` (see :mod:`oteacheck_lightning.bubbles`);
+* routes every save and load through its checkpoint IO plugin, :class:`~oteacheck_lightning.OTeaCheckpointIO`
+  (Lightning's DeepSpeed strategy bypasses CheckpointIO plugins);
+* resolves ``ckpt_path="last"`` to the freshest snapshot complete on every rank, across memory and disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+from lightning.pytorch.strategies import DeepSpeedStrategy, StrategyRegistry
+from lightning.pytorch.strategies.launchers.launcher import _Launcher
+from torch.optim import Optimizer
+
+from .bubbles import BubbleBus, Phase, PhaseTimer
+from .deepspeed_state import DeepSpeedState, install_bucket_hook
+from .io import PRIVATE_KEY, OTeaCheckpointIO
+from .tiers import CheckpointDir
+from .training_state import restore_metrics, restore_rng
+
+log = logging.getLogger(__name__)
+
+COMMIT_MARKER = "COMMIT"
+
+
+class _NoCheckpoint(dict):
+    """What ``load_checkpoint`` returns when there is nothing to resume from: Lightning's loader needs the version
+    key, and skips every restore step for a falsy checkpoint, so training starts fresh."""
+
+    def __bool__(self) -> bool:
+        return False
+
+
+class _EnsureCallbackLauncher(_Launcher):
+    """Wraps the strategy's launcher to add an ``OTeaCheckpoint`` callback before ``fit`` resolves
+    ``ckpt_path="last"``: that happens before any strategy hook sees the trainer."""
+
+    def __init__(self, inner: _Launcher | None, strategy: OTeaCheckStrategy) -> None:
+        self.inner = inner
+        self.strategy = strategy
+
+    @property
+    def is_interactive_compatible(self) -> bool:
+        return self.inner.is_interactive_compatible if self.inner is not None else True
+
+    def launch(self, function: Callable, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
+        if trainer is not None:
+            self.strategy.ensure_checkpoint_callback(trainer)
+        if self.inner is not None:
+            return self.inner.launch(function, *args, trainer=trainer, **kwargs)
+        return function(*args, **kwargs)
+
+    def kill(self, signum: Any) -> None:
+        if self.inner is not None:
+            self.inner.kill(signum)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class OTeaCheckStrategy(DeepSpeedStrategy):
+    """DeepSpeed training with an in-memory checkpoint of every iteration.
+
+    Takes every argument of :class:`~lightning.pytorch.strategies.DeepSpeedStrategy` (``stage``, ``config``,
+    ``offload_optimizer``, ``reduce_bucket_size``, ...), plus:
+
+    Args:
+        checkpoint_io: the :class:`OTeaCheckpointIO` to use (default: one with default settings). It can also be
+            given as ``Trainer(plugins=[OTeaCheckpointIO(...)])``.
+    """
+
+    strategy_name = "oteacheck"
+
+    def __init__(self, *args: Any, checkpoint_io: OTeaCheckpointIO | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if checkpoint_io is not None:
+            self.checkpoint_io = checkpoint_io
+        self.bus = BubbleBus()
+        self.phase_timer = PhaseTimer()
+        self.bus.subscribe(self.phase_timer)
+        self._ds_state: DeepSpeedState | None = None
+        self._restore_at_next_iteration: tuple[dict, dict] | None = None
+        self.resumed_from: dict[str, Any] | None = None
+
+    # --- the checkpoint IO ---------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_io(self) -> OTeaCheckpointIO:
+        if self._checkpoint_io is None:
+            self._checkpoint_io = OTeaCheckpointIO()
+        return self._checkpoint_io  # type: ignore[return-value]
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: CheckpointIO | None) -> None:
+        if io is not None and not isinstance(io, OTeaCheckpointIO):
+            raise TypeError(
+                f"OTeaCheckStrategy saves through OTeaCheckpointIO, got {type(io).__name__}. "
+                "Remove the other CheckpointIO plugin or pass OTeaCheckpointIO(...)."
+            )
+        self._checkpoint_io = io
+
+    def ensure_checkpoint_callback(self, trainer: pl.Trainer) -> None:
+        from .callback import OTeaCheckpoint
+
+        if not any(isinstance(cb, OTeaCheckpoint) for cb in trainer.callbacks):
+            trainer.callbacks.append(OTeaCheckpoint())
+
+    # --- CPU and CUDA ----------------------------------------------------------------------------------------
+
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        self._launcher = _EnsureCallbackLauncher(self._launcher, self)
+
+    def setup_environment(self) -> None:
+        if not isinstance(self.accelerator, (CUDAAccelerator, CPUAccelerator)):
+            raise RuntimeError(
+                f"OTeaCheckStrategy runs on CUDA GPUs or on CPU, not on {type(self.accelerator).__name__}"
+            )
+        if isinstance(self.accelerator, CPUAccelerator):
+            # DeepSpeed picks its accelerator once per process; on CPU it must be the CPU one (gloo)
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if self.lightning_module is not None:
+            self.ensure_checkpoint_callback(self.lightning_module.trainer)
+        # skip DeepSpeedStrategy's CUDA-only check, keep the rest of the DDP set-up
+        super(DeepSpeedStrategy, self).setup_environment()
+
+    def setup_distributed(self) -> None:
+        if isinstance(self.accelerator, CPUAccelerator):
+            # CPU devices have no index to validate against the local rank
+            reset_seed()
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+        else:
+            super().setup_distributed()
+
+    def _setup_model_and_optimizer(self, model: torch.nn.Module, optimizer: Optimizer | None, lr_scheduler: Any = None) -> tuple[Any, Any]:
+        import deepspeed
+
+        device_rank = self.root_device.index if self.root_device.index is not None else self.local_rank
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=device_rank),
+            config=self.config,
+            model=model,
+            model_parameters=filter(lambda p: p.requires_grad, model.parameters()),
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
+        return engine, ds_optimizer
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        super().setup(trainer)
+        if trainer.state.fn != "fit":
+            return
+        self._ds_state = DeepSpeedState(self.deepspeed_engine)
+        self.checkpoint_io.attach(self._ds_state, self.lightning_module, self.global_rank, self.world_size)
+        self.bus.subscribe(lambda event: self.checkpoint_io.seal_pending(), {Phase.ITERATION_START})
+        install_bucket_hook(self.deepspeed_engine, lambda k: self.bus.emit(Phase.BUCKET_REDUCED, self._step(), bucket=k))
+
+    def _step(self) -> int:
+        return self.lightning_module.trainer.global_step if self.lightning_module is not None else 0
+
+    # --- phase events ----------------------------------------------------------------------------------------
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if self._restore_at_next_iteration is not None:
+            rng, metrics = self._restore_at_next_iteration
+            self._restore_at_next_iteration = None
+            restore_rng(rng)
+            restore_metrics(self.lightning_module, metrics)
+        self.bus.emit(Phase.ITERATION_START, self._step(), batch_idx=batch_idx)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        self.bus.emit(Phase.FORWARD_START, self._step())
+        out = super().training_step(*args, **kwargs)
+        self.bus.emit(Phase.FORWARD_END, self._step())
+        return out
+
+    def backward(self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = super().backward(closure_loss, optimizer, *args, **kwargs)
+        self.bus.emit(Phase.BACKWARD_END, self._step())
+        return out
+
+    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        engine = self.deepspeed_engine
+
+        def closure_then_fence() -> Any:
+            result = closure()
+            if engine.is_gradient_accumulation_boundary():
+                self.bus.emit(Phase.BEFORE_STEP, self._step())
+            return result
+
+        out = super().optimizer_step(optimizer, closure_then_fence, model, **kwargs)
+        if engine.is_gradient_accumulation_boundary():
+            self.bus.emit(Phase.AFTER_STEP, self._step())
+        return out
+
+    # --- snapshots -------------------------------------------------------------------------------------------
+
+    def take_snapshot(self) -> bool:
+        """Captures the state right after the optimizer step that just ended (call from ``on_train_batch_end``)."""
+        trainer = self.lightning_module.trainer
+        state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        return self.checkpoint_io.capture(trainer.global_step, state)
+
+    # the weights and optimizer states are in the engine's tensors, which the checkpoint IO stores itself
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        return {}
+
+    # --- save / load through the checkpoint IO ------------------------------------------------------------
+
+    def save_checkpoint(self, checkpoint: dict, filepath: _PATH, storage_options: Any | None = None) -> None:
+        """Writes a durable checkpoint folder at ``filepath``: every rank its part, then rank 0 the commit marker."""
+        filepath = self.broadcast(str(filepath))
+        checkpoint = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options)
+        self.barrier("oteacheck_save_checkpoint")
+        if self.is_global_zero:
+            info = {"step": int(checkpoint.get("global_step", -1)), "world_size": self.world_size}
+            CheckpointDir.from_url(filepath).write_marker(COMMIT_MARKER, json.dumps(info).encode())
+        self.barrier("oteacheck_save_checkpoint_committed")
+
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        directory = CheckpointDir.from_url(filepath)
+        if self.is_global_zero:
+            try:
+                directory.fs.rm(f"{directory.path}/{COMMIT_MARKER}")
+            except FileNotFoundError:
+                pass
+        self.checkpoint_io.remove_checkpoint(filepath)
+
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor.unsqueeze(0)
+        return self.all_gather(tensor.to(self.root_device)).cpu()
+
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        """Loads ``checkpoint_path`` (or, for ``"last"``, recovers) and restores the engine in place."""
+        from .callback import OTeaCheckpoint
+
+        path = str(checkpoint_path)
+        trainer = self.lightning_module.trainer
+        anchors = {cb.root for cb in trainer.callbacks if isinstance(cb, OTeaCheckpoint) and cb.root is not None}
+        io = self.checkpoint_io
+        if os.path.normpath(path) in {os.path.normpath(a) for a in anchors}:
+            checkpoint = io.recover(self._gather)
+        elif CheckpointDir.from_url(path).committed_ranks():
+            checkpoint = io.load_checkpoint(path)
+        else:
+            checkpoint = io.recover(self._gather, url=path)
+        if checkpoint is None:
+            log.warning("no checkpoint is complete on every rank (looked in %s); starting fresh", path)
+            trainer._checkpoint_connector._ckpt_path = None  # so Lightning does not report a restore
+            return _NoCheckpoint({"pytorch-lightning_version": pl.__version__})
+        private = checkpoint.pop(PRIVATE_KEY)
+        assert self._ds_state is not None
+        self._ds_state.restore(private["engine"], private["deepspeed"])
+        self._restore_at_next_iteration = (private["rng"], private["metrics"])
+        io.discard_snapshots_after(private["step"])
+        self.resumed_from = {"step": private["step"], "source": private["source"]}
+        log.warning("resuming from step %d (%s)", private["step"], private["source"])
+        return checkpoint
+
+    # --- shutdown ---------------------------------------------------------------------------------------
+
+    def on_exception(self, exception: BaseException) -> None:
+        self.checkpoint_io.mark_crashed()
+        super().on_exception(exception)
+
+    def teardown(self) -> None:
+        self.checkpoint_io.teardown()
+        super().teardown()
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register("oteacheck", cls, description="DeepSpeed with every-iteration OTeaCheck snapshots")
+        for stage in (1, 2, 3):
+            strategy_registry.register(
+                f"oteacheck_stage_{stage}", cls, description=f"OTeaCheck on DeepSpeed ZeRO stage {stage}", stage=stage
+            )
+
+
+if "oteacheck" not in StrategyRegistry:
+    OTeaCheckStrategy.register_strategies(StrategyRegistry)

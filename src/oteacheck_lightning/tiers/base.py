@@ -1,0 +1,32 @@
+"""The protocol every storage tier implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..format import Manifest
+
+
+@dataclass
+class LoadedRankCheckpoint:
+    """One rank's checkpoint, read and verified: ``buffer`` is the data object as a flat uint8 tensor."""
+
+    manifest: Manifest
+    buffer: torch.Tensor
+    source: str
+
+
+class Tier(Protocol):
+    name: str
+    speed: int  # 0 memory, 1 local disk, 2 remote storage
+
+    def committed_steps(self, rank: int) -> list[int]:
+        """Steps for which this rank's checkpoint is committed in this tier, ascending."""
+        ...
+
+    def read(self, step: int, rank: int) -> LoadedRankCheckpoint:
+        """Reads and verifies one rank's checkpoint; raises ``CheckpointFormatError`` if it is corrupt."""
+        ...

@@ -1,0 +1,70 @@
+"""Training state that lives neither in Lightning's checkpoint dict nor in the DeepSpeed engine: the random number
+generators and torchmetrics states.
+
+Both are restored at the start of the first iteration after a resume, the same point of the loop at which they
+were captured, so that dropout masks, random augmentations on the main process and metric accumulators continue
+exactly as in an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from torchmetrics import Metric
+
+
+def collect_rng() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        "numpy": {"kind": np_kind, "keys": np_keys.tolist(), "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], np.asarray(npy["keys"], dtype=np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"]))
+    torch.set_rng_state(state["torch"].clone())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].clone())
+
+
+def _metrics(module: torch.nn.Module) -> dict[str, Metric]:
+    return {name or "<root>": m for name, m in module.named_modules() if isinstance(m, Metric)}
+
+
+def collect_metrics(module: torch.nn.Module) -> dict[str, Any]:
+    """Every torchmetrics state of ``module`` (accumulators, not yet synchronized across ranks)."""
+    out = {}
+    for name, metric in _metrics(module).items():
+        states = {attr: getattr(metric, attr) for attr in metric._defaults}
+        out[name] = {"states": states, "update_count": metric._update_count}
+    return out
+
+
+def restore_metrics(module: torch.nn.Module, saved: dict[str, Any]) -> None:
+    live = _metrics(module)
+    missing = sorted(set(saved) - set(live))
+    if missing:
+        raise KeyError(f"checkpoint has metric states for {missing}, which this model does not have")
+    for name, entry in saved.items():
+        metric = live[name]
+        for attr, value in entry["states"].items():
+            device = metric.device
+            if isinstance(value, torch.Tensor):
+                value = value.to(device=device, copy=True)
+            elif isinstance(value, list):
+                value = [v.to(device=device, copy=True) for v in value]
+            setattr(metric, attr, value)
+        metric._update_count = entry["update_count"]
+        metric._computed = None

@@ -1,0 +1,47 @@
+"""A tiny, deterministic LightningModule and data for the multi-process tests and the demo."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+import torchmetrics
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+
+class TinyModel(pl.LightningModule):
+    """An MLP with dropout (uses the RNG), BatchNorm (buffers changed in forward) and a torchmetrics metric."""
+
+    def __init__(self, width: int = 32, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(16, width), torch.nn.BatchNorm1d(width), torch.nn.ReLU(), torch.nn.Dropout(0.1),
+            torch.nn.Linear(width, 1),
+        )
+        self.mean_loss = torchmetrics.MeanMetric()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.mean_loss.update(loss.detach())
+        return loss
+
+    def train_dataloader(self):
+        # a sampler whose position is part of the loader state: the resumed run continues the same shuffled order
+        return tiny_loader(rank=self.trainer.global_rank, world_size=self.trainer.world_size)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.7)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def tiny_loader(samples: int = 256, batch_size: int = 8, seed: int = 7, rank: int = 0, world_size: int = 1) -> StatefulDataLoader:
+    """Synthetic regression data, shuffled by a stateful distributed sampler (use ``use_distributed_sampler=False``)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, 16, generator=g)
+    y = x[:, :4].sum(dim=1, keepdim=True) + 0.1 * torch.randn(samples, 1, generator=g)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    sampler = StatefulDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    return StatefulDataLoader(dataset, batch_size=batch_size, sampler=sampler)

@@ -1,0 +1,138 @@
+"""Training script run as a separate process tree by the multi-process tests (and the demo).
+
+Writes, under ``--out``: ``losses-rank{r}.jsonl`` (one line per optimizer step, flushed at once so that it
+survives SIGKILL), ``final-rank{r}.pt`` (this rank's engine tensors at the end), ``resume-rank{r}.json`` (where the
+run resumed from) and ``collectives-rank{r}.json`` (which threads called torch.distributed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from oteacheck_lightning import OTeaCheckpoint, OTeaCheckpointIO, OTeaCheckStrategy, PersistSchedule  # noqa: E402
+from oteacheck_lightning.deepspeed_state import DeepSpeedState  # noqa: E402
+from tests.support.tiny import TinyModel  # noqa: E402
+
+
+class Recorder(pl.Callback):
+    def __init__(self, out: Path, sleep: float, kill_at: int | None) -> None:
+        self.out, self.sleep, self.kill_at = out, sleep, kill_at
+        self.file = None
+
+    def setup(self, trainer, pl_module, stage):
+        self.file = open(self.out / f"losses-rank{trainer.global_rank}.jsonl", "a", buffering=1)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if os.environ.get("OTEA_DEBUG"):
+            import hashlib
+            x, y = batch
+            ps = [p.detach().double().sum().item() for p in pl_module.parameters()]
+            bufs = [b.double().sum().item() for b in pl_module.buffers()]
+            rng = hashlib.md5(torch.get_rng_state().numpy().tobytes()).hexdigest()[:8]
+            dl = trainer.train_dataloader
+            print("DBGDL", trainer.global_rank, trainer.global_step, type(dl.batch_sampler.sampler).__name__, getattr(dl.batch_sampler.sampler, "epoch", None), getattr(dl.batch_sampler.sampler, "seed", None), dl.state_dict()["_sampler_iter_state"], flush=True)
+            print(f"DBG rank{trainer.global_rank} step{trainer.global_step} x={x.sum().item():.6f} p={sum(ps):.9f} b={sum(bufs):.6f} rng={rng}", flush=True)
+        if self.sleep:
+            time.sleep(self.sleep)  # makes room for an external kill in the middle of an iteration
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.file.write(json.dumps({"step": trainer.global_step, "loss": loss.item().hex(), "batch_idx": batch_idx}) + "\n")
+        self.file.flush()
+        if self.kill_at is not None and trainer.global_step >= self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_train_end(self, trainer, pl_module):
+        state = DeepSpeedState(trainer.strategy.deepspeed_engine)
+        tensors = {n: t.detach().cpu().clone() for n, t in state.tensors()}
+        metric = pl_module.mean_loss
+        torch.save(
+            {"engine": tensors, "metric": [metric.mean_value.clone(), metric.weight.clone()], "step": trainer.global_step},
+            self.out / f"final-rank{trainer.global_rank}.pt",
+        )
+        resumed = trainer.strategy.resumed_from
+        (self.out / f"resume-rank{trainer.global_rank}.json").write_text(json.dumps(resumed))
+
+
+def record_collective_threads(out: Path) -> None:
+    """Wraps torch.distributed's collectives to note which threads call them (DESIGN invariant 8)."""
+    import torch.distributed as dist
+
+    seen: set[str] = set()
+    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "barrier", "reduce_scatter",
+                 "reduce_scatter_tensor", "all_gather_object", "broadcast_object_list", "gather", "scatter"):
+        original = getattr(dist, name, None)
+        if original is None:
+            continue
+
+        def wrapper(*args, __original=original, **kwargs):
+            seen.add(threading.current_thread().name)
+            return __original(*args, **kwargs)
+
+        setattr(dist, name, wrapper)
+
+    import atexit
+
+    def dump():
+        rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+        (out / f"collectives-rank{rank}.json").write_text(json.dumps(sorted(seen)))
+
+    atexit.register(dump)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--root", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--stage", type=int, default=2)
+    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--max-steps", type=int, default=24)
+    p.add_argument("--persist-every", type=int, default=5)
+    p.add_argument("--keep-last", type=int, default=3)
+    p.add_argument("--ckpt-path", default=None)
+    p.add_argument("--sleep", type=float, default=0.0)
+    p.add_argument("--kill-at", type=int, default=None)
+    p.add_argument("--fault", default=None, help="name of a fault from tests.support.faults to install")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record_collective_threads(out)
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    pl.seed_everything(1234, workers=True)
+    if args.fault:
+        from tests.support import faults
+
+        faults.install(args.fault)
+    persist = [PersistSchedule(every_n_steps=args.persist_every, keep_last=args.keep_last)] if args.persist_every else []
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=OTeaCheckStrategy(stage=args.stage, checkpoint_io=OTeaCheckpointIO()),
+        max_steps=args.max_steps,
+        callbacks=[OTeaCheckpoint(dirpath=args.root, persist=persist), Recorder(out, args.sleep, args.kill_at)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+        use_distributed_sampler=False,
+    )
+    ckpt = None if args.ckpt_path in (None, "none") else args.ckpt_path
+    trainer.fit(TinyModel(), ckpt_path=ckpt)
+
+
+if __name__ == "__main__":
+    main()
