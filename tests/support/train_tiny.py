@@ -35,15 +35,6 @@ class Recorder(pl.Callback):
         self.file = open(self.out / f"losses-rank{trainer.global_rank}.jsonl", "a", buffering=1)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if os.environ.get("OTEA_DEBUG"):
-            import hashlib
-            x, y = batch
-            ps = [p.detach().double().sum().item() for p in pl_module.parameters()]
-            bufs = [b.double().sum().item() for b in pl_module.buffers()]
-            rng = hashlib.md5(torch.get_rng_state().numpy().tobytes()).hexdigest()[:8]
-            dl = trainer.train_dataloader
-            print("DBGDL", trainer.global_rank, trainer.global_step, type(dl.batch_sampler.sampler).__name__, getattr(dl.batch_sampler.sampler, "epoch", None), getattr(dl.batch_sampler.sampler, "seed", None), dl.state_dict()["_sampler_iter_state"], flush=True)
-            print(f"DBG rank{trainer.global_rank} step{trainer.global_step} x={x.sum().item():.6f} p={sum(ps):.9f} b={sum(bufs):.6f} rng={rng}", flush=True)
         if self.sleep:
             time.sleep(self.sleep)  # makes room for an external kill in the middle of an iteration
 
@@ -104,12 +95,14 @@ def main() -> None:
     p.add_argument("--ckpt-path", default=None)
     p.add_argument("--sleep", type=float, default=0.0)
     p.add_argument("--kill-at", type=int, default=None)
+    p.add_argument("--accelerator", default="cpu")
     p.add_argument("--fault", default=None, help="name of a fault from tests.support.faults to install")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record_collective_threads(out)
     torch.set_num_threads(1)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     pl.seed_everything(1234, workers=True)
     if args.fault:
@@ -118,7 +111,7 @@ def main() -> None:
         faults.install(args.fault)
     persist = [PersistSchedule(every_n_steps=args.persist_every, keep_last=args.keep_last)] if args.persist_every else []
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=args.devices,
         strategy=OTeaCheckStrategy(stage=args.stage, checkpoint_io=OTeaCheckpointIO()),
         max_steps=args.max_steps,

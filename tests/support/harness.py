@@ -1,0 +1,100 @@
+"""Runs tests/support/train_tiny.py as a real process tree and reads what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "tests" / "support" / "train_tiny.py"
+
+
+def command(root: Path, out: Path, **options) -> list[str]:
+    cmd = [sys.executable, str(SCRIPT), "--root", str(root), "--out", str(out)]
+    for key, value in options.items():
+        if value is not None:
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+    return cmd
+
+
+def environment(job_id: str, memory_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OTEACHECK_JOB_ID=job_id, OTEACHECK_MEMORY_DIR=str(memory_dir), PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH", "")) if p))
+    return env
+
+
+def run(root: Path, out: Path, env: dict[str, str], timeout: float = 600, **options) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(root, out, **options), env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def steps_logged(out: Path, rank: int = 0) -> list[dict]:
+    path = out / f"losses-rank{rank}.jsonl"
+    if not path.exists():
+        return []
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by the kill
+    return lines
+
+
+def run_and_kill(root: Path, out: Path, env: dict[str, str], kill_after_step: int, timeout: float = 600, **options) -> int:
+    """Starts training, waits until rank 0 logged ``kill_after_step``, SIGKILLs every process of the run; returns
+    the highest step rank 0 logged."""
+    proc = subprocess.Popen(command(root, out, **options), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            logged = steps_logged(out)
+            if logged and logged[-1]["step"] >= kill_after_step:
+                break
+            if proc.poll() is not None:
+                raise AssertionError(f"training ended before the kill:\n{proc.stderr.read()[-6000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError("training did not reach the kill step in time")
+            time.sleep(0.02)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return max(d["step"] for d in steps_logged(out))
+
+
+def final_state(out: Path, rank: int) -> dict:
+    return torch.load(out / f"final-rank{rank}.pt", weights_only=True)
+
+
+def resumed_from(out: Path, rank: int) -> dict | None:
+    return json.loads((out / f"resume-rank{rank}.json").read_text())
+
+
+def losses_by_step(out: Path, rank: int) -> dict[int, str]:
+    """The loss of each step; for a step logged twice (before a kill and after the resume), the later one."""
+    return {d["step"]: d["loss"] for d in steps_logged(out, rank)}
+
+
+def assert_bit_identical(reference: Path, resumed: Path, ranks: int) -> None:
+    for rank in range(ranks):
+        a, b = final_state(reference, rank), final_state(resumed, rank)
+        assert a["step"] == b["step"]
+        assert a["engine"].keys() == b["engine"].keys()
+        different = [n for n in a["engine"] if not torch.equal(a["engine"][n], b["engine"][n])]
+        assert not different, f"rank {rank}: tensors differ after resume: {different}"
+        assert all(torch.equal(x, y) for x, y in zip(a["metric"], b["metric"])), "torchmetrics state differs"
+        ref_losses, got = losses_by_step(reference, rank), losses_by_step(resumed, rank)
+        assert got == ref_losses, f"rank {rank}: losses differ at steps {[s for s in got if got[s] != ref_losses.get(s)]}"

@@ -1,0 +1,69 @@
+import json
+
+import pytest
+import torch
+
+from oteacheck_lightning.format import (
+    ALIGN,
+    CheckpointFormatError,
+    Manifest,
+    add_checksums,
+    byte_view,
+    load_tensors,
+    plan_layout,
+    verify,
+)
+
+
+def make(tensors):
+    named = list(tensors.items())
+    records, size = plan_layout(named)
+    buffer = torch.zeros(size, dtype=torch.uint8)
+    for r, (_, t) in zip(records, named):
+        byte_view(buffer, r).copy_(t)
+    manifest = Manifest(step=3, rank=0, world_size=1, data_bytes=size, tensors=records, state={"k": 1})
+    return manifest, buffer
+
+
+def test_layout_is_aligned_and_roundtrips():
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.ones(2, dtype=torch.bfloat16), "empty": torch.empty(0)}
+    manifest, buffer = make(tensors)
+    assert all(r.offset % ALIGN == 0 for r in manifest.tensors)
+    loaded = load_tensors(Manifest.from_json(manifest.to_json()), buffer)
+    for name, t in tensors.items():
+        assert torch.equal(loaded[name], t) and loaded[name].dtype == t.dtype
+
+
+def test_checksums_detect_a_flipped_bit():
+    manifest, buffer = make({"a": torch.randn(100)})
+    view = memoryview(buffer.numpy())
+    add_checksums(manifest, view)
+    verify(manifest, view, "here")
+    buffer[manifest.tensors[0].offset + 5] ^= 1
+    with pytest.raises(CheckpointFormatError, match="checksum mismatch in tensor 'a'"):
+        verify(manifest, view, "here")
+
+
+def test_truncated_data_is_detected():
+    manifest, buffer = make({"a": torch.randn(100)})
+    add_checksums(manifest, memoryview(buffer.numpy()))
+    with pytest.raises(CheckpointFormatError, match="truncated"):
+        verify(manifest, memoryview(buffer.numpy())[:100], "here")
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.update(format_version=99), "format version"),
+        (lambda d: d["tensors"][0].update(offset=10**9), "does not fit"),
+        (lambda d: d["tensors"][0].update(dtype="object"), "unsupported dtype"),
+        (lambda d: d["tensors"][0].update(shape=[-1]), "bad shape"),
+        (lambda d: d.update(surprise=1), "unexpected fields"),
+    ],
+)
+def test_malformed_manifests_are_rejected(mutate, message):
+    manifest, _ = make({"a": torch.randn(4)})
+    doc = json.loads(manifest.to_json())
+    mutate(doc)
+    with pytest.raises(CheckpointFormatError, match=message):
+        Manifest.from_json(json.dumps(doc).encode())

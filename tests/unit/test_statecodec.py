@@ -1,0 +1,67 @@
+import math
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+
+from oteacheck_lightning import statecodec
+
+
+def roundtrip(obj):
+    doc, tensors = statecodec.encode(obj)
+    import json
+
+    doc = json.loads(json.dumps(doc))  # must survive JSON
+    return statecodec.decode(doc, tensors)
+
+
+def test_nested_state_roundtrips_exactly():
+    state = {
+        "loops": {"fit_loop": {"epoch_progress": {"total": {"ready": 3}}, "flag": True, "none": None}},
+        "betas": (0.9, 0.999),
+        "lrs": [1e-3, 2.5e-4],
+        "inf": math.inf,
+        "int_keys": {0: "a", 1: "b"},
+        "tensor": torch.arange(6, dtype=torch.float64).view(2, 3),
+        "bf16": torch.ones(3, dtype=torch.bfloat16),
+        "array": np.arange(4, dtype=np.int32),
+        "np_scalar": np.float32(1.5),
+        "dtype": torch.float16,
+        "ordered": OrderedDict(b=1, a=2),
+        "tagged_key": {statecodec.TAG: "not a tag"},
+    }
+    out = roundtrip(state)
+    assert out["betas"] == (0.9, 0.999) and isinstance(out["betas"], tuple)
+    assert out["inf"] == math.inf
+    assert out["int_keys"] == {0: "a", 1: "b"}
+    assert torch.equal(out["tensor"], state["tensor"]) and out["tensor"].dtype == torch.float64
+    assert torch.equal(out["bf16"], state["bf16"])
+    assert np.array_equal(out["array"], state["array"]) and out["array"].dtype == np.int32
+    assert out["np_scalar"] == np.float32(1.5) and isinstance(out["np_scalar"], np.float32)
+    assert out["dtype"] is torch.float16
+    assert list(out["ordered"]) == ["b", "a"]
+    assert out["tagged_key"] == {statecodec.TAG: "not a tag"}
+    assert out["loops"] == state["loops"]
+
+
+def test_nan_roundtrips():
+    assert math.isnan(roundtrip({"x": math.nan})["x"])
+
+
+def test_arbitrary_objects_are_refused_with_the_path():
+    class Custom:
+        pass
+
+    with pytest.raises(statecodec.UnsupportedStateError, match=r"state\['callbacks'\]\['cb'\]"):
+        statecodec.encode({"callbacks": {"cb": Custom()}})
+
+
+def test_decoding_unknown_tags_never_runs_code():
+    # a document that names a "pickle" payload is rejected, not executed (invariant 7)
+    with pytest.raises(statecodec.CorruptStateError):
+        statecodec.decode({statecodec.TAG: "pickle", "data": "gASVAAAAAAAAAAA="}, {})
+    with pytest.raises(statecodec.CorruptStateError):
+        statecodec.decode({statecodec.TAG: "tensor", "ref": "missing"}, {})
+    with pytest.raises(statecodec.CorruptStateError):
+        statecodec.decode({statecodec.TAG: "dtype", "name": "__class__"}, {})
