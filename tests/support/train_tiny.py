@@ -27,9 +27,12 @@ from tests.support.tiny import TinyModel  # noqa: E402
 
 
 class Recorder(pl.Callback):
-    def __init__(self, out: Path, sleep: float, kill_at: int | None) -> None:
+    def __init__(self, out: Path, sleep: float, kill_at: int | None, check_snapshots: bool = False) -> None:
         self.out, self.sleep, self.kill_at = out, sleep, kill_at
         self.file = None
+        self.check_snapshots = check_snapshots
+        self.previous: tuple[int, dict] | None = None
+        self.checked = self.mismatched = 0
 
     def setup(self, trainer, pl_module, stage):
         self.file = open(self.out / f"losses-rank{trainer.global_rank}.jsonl", "a", buffering=1)
@@ -42,8 +45,29 @@ class Recorder(pl.Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.file.write(json.dumps({"step": trainer.global_step, "loss": loss.item().hex(), "batch_idx": batch_idx}) + "\n")
         self.file.flush()
+        if self.check_snapshots:
+            self._check_snapshot(trainer)
         if self.kill_at is not None and trainer.global_step >= self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def _check_snapshot(self, trainer):
+        """DESIGN invariant 2: the sealed snapshot of step t equals the state right after step t, bit for bit.
+        Runs before the checkpoint callback, so snapshot t was sealed at the start of this iteration (t+1)."""
+        from oteacheck_lightning.format import load_tensors
+        from tests.support.harness import same_bits
+
+        io = trainer.strategy.checkpoint_io
+        if self.previous is not None:
+            step, expected = self.previous
+            loaded = io.memory_tier.read(step, trainer.global_rank)
+            tensors = load_tensors(loaded.manifest, loaded.buffer)
+            self.checked += 1
+            if any(not same_bits(tensors[n], t) for n, t in expected.items()):
+                self.mismatched += 1
+        state = DeepSpeedState(trainer.strategy.deepspeed_engine)
+        self.previous = (trainer.global_step, {n: t.detach().cpu().clone() for n, t in state.tensors()})
+        (self.out / f"snapshot-check-rank{trainer.global_rank}.json").write_text(
+            json.dumps({"checked": self.checked, "mismatched": self.mismatched}))
 
     def on_train_end(self, trainer, pl_module):
         state = DeepSpeedState(trainer.strategy.deepspeed_engine)
@@ -96,6 +120,7 @@ def main() -> None:
     p.add_argument("--sleep", type=float, default=0.0)
     p.add_argument("--kill-at", type=int, default=None)
     p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--check-snapshots", action="store_true")
     p.add_argument("--fault", default=None, help="name of a fault from tests.support.faults to install")
     args = p.parse_args()
     out = Path(args.out)
@@ -115,7 +140,7 @@ def main() -> None:
         devices=args.devices,
         strategy=OTeaCheckStrategy(stage=args.stage, checkpoint_io=OTeaCheckpointIO()),
         max_steps=args.max_steps,
-        callbacks=[OTeaCheckpoint(dirpath=args.root, persist=persist), Recorder(out, args.sleep, args.kill_at)],
+        callbacks=[OTeaCheckpoint(dirpath=args.root, persist=persist), Recorder(out, args.sleep, args.kill_at, args.check_snapshots)],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,

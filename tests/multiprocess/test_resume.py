@@ -1,0 +1,106 @@
+"""The central tests: real DeepSpeed (CPU accelerator, gloo), a real Lightning Trainer, 2 processes, real shared
+memory and local disk, killed with SIGKILL and resumed with ckpt_path="last"."""
+
+import json
+import random
+import shutil
+
+import pytest
+
+from tests.support import harness
+
+pytestmark = pytest.mark.multiprocess
+
+MAX_STEPS = 24  # 16 steps per epoch: runs cross an epoch boundary
+COMMON = dict(devices=2, max_steps=MAX_STEPS, persist_every=5)
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """One uninterrupted run per ZeRO stage, checking every snapshot against the live state on the way."""
+    done = {}
+
+    def get(stage):
+        if stage not in done:
+            base = tmp_path_factory.mktemp(f"reference-stage{stage}")
+            env = harness.environment(f"ref{stage}-{base.name}", base / "shm")
+            harness.run(base / "root", base / "out", env, stage=stage, check_snapshots=True, **COMMON)
+            done[stage] = base / "out"
+        return done[stage]
+
+    return get
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_sigkill_at_a_random_step_then_resume_is_bit_exact(tmp_path, references, stage):
+    reference = references(stage)
+    kill_after = random.randint(3, MAX_STEPS - 4)
+    env = harness.environment(f"kill{stage}-{tmp_path.name}", tmp_path / "shm")
+    logged = harness.run_and_kill(tmp_path / "root", tmp_path / "out", env, kill_after, stage=stage, sleep=0.05, **COMMON)
+    harness.run(tmp_path / "root", tmp_path / "out", env, stage=stage, ckpt_path="last", **COMMON)
+    resumed = [harness.resumed_from(tmp_path / "out", r) for r in range(2)]
+    # invariant 4: every rank resumed from the same step, from shared memory, losing at most one iteration
+    assert resumed[0]["step"] == resumed[1]["step"]
+    assert all(r["source"].startswith("memory:") for r in resumed)
+    assert logged - 1 <= resumed[0]["step"] <= logged
+    harness.assert_bit_identical(reference, tmp_path / "out", ranks=2)
+
+
+def test_every_sealed_snapshot_equals_the_state_after_its_step(references):
+    # invariant 2, checked in the reference run of ZeRO 2 at every step
+    for rank in range(2):
+        check = json.loads((references(2) / f"snapshot-check-rank{rank}.json").read_text())
+        assert check["checked"] >= MAX_STEPS - 2 and check["mismatched"] == 0
+
+
+def test_background_threads_never_call_collectives(references):
+    # invariant 8: torch.distributed was wrapped in the run; only the training thread used it
+    for rank in range(2):
+        threads = json.loads((references(2) / f"collectives-rank{rank}.json").read_text())
+        assert threads == ["MainThread"]
+
+
+def test_after_a_node_loss_the_disk_checkpoint_is_taken(tmp_path, references):
+    env = harness.environment(f"nodeloss-{tmp_path.name}", tmp_path / "shm")
+    harness.run_and_kill(tmp_path / "root", tmp_path / "out", env, 13, stage=2, sleep=0.05, **COMMON)
+    shutil.rmtree(tmp_path / "shm")  # the node's shared memory is gone with it
+    harness.run(tmp_path / "root", tmp_path / "out", env, stage=2, ckpt_path="last", **COMMON)
+    resumed = [harness.resumed_from(tmp_path / "out", r) for r in range(2)]
+    assert resumed[0] == resumed[1] == {"step": 10, "source": str(tmp_path / "root")}
+    harness.assert_bit_identical(references(2), tmp_path / "out", ranks=2)
+
+
+def test_disk_checkpoint_after_node_loss_and_kill_during_a_local_write(tmp_path, references):
+    env = harness.environment(f"fault-{tmp_path.name}", tmp_path / "shm")
+    # the run dies while rank 0 writes the data of step 15 (steps 5 and 10 were persisted before)
+    proc_out = tmp_path / "out"
+    with pytest.raises(AssertionError, match="training failed"):
+        harness.run(tmp_path / "root", proc_out, env, stage=2, fault="kill-during-persist:15", **COMMON)
+    partial = tmp_path / "root" / "step-000000015"
+    assert not (partial / "rank-00000.manifest.json").exists()  # invariant 1: nothing partial is committed
+    shutil.rmtree(tmp_path / "shm")  # a lost node: only the disk remains
+    harness.run(tmp_path / "root", proc_out, env, stage=2, ckpt_path="last", **COMMON)
+    resumed = [harness.resumed_from(proc_out, r) for r in range(2)]
+    assert resumed[0] == resumed[1] == {"step": 10, "source": str(tmp_path / "root")}
+    harness.assert_bit_identical(references(2), proc_out, ranks=2)
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_for_the_previous_good_one(tmp_path, references):
+    env = harness.environment(f"corrupt-{tmp_path.name}", tmp_path / "shm")
+    harness.run_and_kill(tmp_path / "root", tmp_path / "out", env, 12, stage=2, sleep=0.05, **COMMON)
+    shutil.rmtree(tmp_path / "shm")
+    data = tmp_path / "root" / "step-000000010" / "rank-00001.data"
+    raw = bytearray(data.read_bytes())
+    raw[0] ^= 0x01  # one flipped bit in rank 1's copy of the newest disk checkpoint
+    data.write_bytes(raw)
+    harness.run(tmp_path / "root", tmp_path / "out", env, stage=2, ckpt_path="last", **COMMON)
+    assert [harness.resumed_from(tmp_path / "out", r)["step"] for r in range(2)] == [5, 5]
+    harness.assert_bit_identical(references(2), tmp_path / "out", ranks=2)
+
+
+def test_no_checkpoint_anywhere_starts_fresh(tmp_path, references):
+    env = harness.environment(f"fresh-{tmp_path.name}", tmp_path / "shm")
+    proc = harness.run(tmp_path / "root", tmp_path / "out", env, stage=2, ckpt_path="last", **COMMON)
+    assert "starting fresh" in proc.stderr
+    assert harness.resumed_from(tmp_path / "out", 0) is None
+    harness.assert_bit_identical(references(2), tmp_path / "out", ranks=2)
