@@ -33,7 +33,9 @@ def environment(job_id: str, memory_dir: Path) -> dict[str, str]:
 
 
 def run(root: Path, out: Path, env: dict[str, str], timeout: float = 600, **options) -> subprocess.CompletedProcess:
-    proc = subprocess.run(command(root, out, **options), env=env, capture_output=True, text=True, timeout=timeout)
+    # its own session: a fault that kills the run's process group must not take the test runner with it
+    proc = subprocess.run(command(root, out, **options), env=env, capture_output=True, text=True, timeout=timeout,
+                          start_new_session=True)
     if proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
