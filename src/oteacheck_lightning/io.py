@@ -147,17 +147,22 @@ class OTeaCheckpointIO(CheckpointIO):
             tensor_prefix="state/",
         )
 
+    def _collect(self, lightning_state: dict[str, Any]) -> tuple[Any, list, Any, list]:
+        """Everything a checkpoint of this rank holds: the state document and the tensors it names (engine tensors
+        first, then small-state tensors), and the RNG document with its tensors."""
+        assert self._state is not None
+        document, small = self._encode_state(lightning_state)
+        rng_doc, rng_tensors = statecodec.encode(collect_rng(), tensor_prefix="rng/")
+        return document, self._state.tensors() + list(small.items()), rng_doc, list(rng_tensors.items())
+
     def capture(self, step: int, lightning_state: dict[str, Any]) -> bool:
         """Takes the snapshot of optimizer step ``step``; returns False (and counts it) if no slot was free."""
         assert self._state is not None and self._pool is not None
         started = time.perf_counter()
         if self._pending is not None:
             self.seal_pending()
-        document, small = self._encode_state(lightning_state)
-        rng_doc, rng_tensors = statecodec.encode(collect_rng(), tensor_prefix="rng/")
-        engine = self._state.tensors()
-        named = engine + list(small.items())
-        records, data_bytes = plan_layout(named + list(rng_tensors.items()))
+        document, named, rng_doc, rng = self._collect(lightning_state)
+        records, data_bytes = plan_layout(named + rng)
         slot = self._pool.acquire(data_bytes)
         if slot is None:
             self.stats.skipped += 1
@@ -221,9 +226,8 @@ class OTeaCheckpointIO(CheckpointIO):
             raise TypeError("OTeaCheckpointIO.save_checkpoint does not take storage_options")
         assert self._state is not None
         self.seal_pending()
-        document, small = self._encode_state(checkpoint)
-        rng_doc, rng_tensors = statecodec.encode(collect_rng(), tensor_prefix="rng/")
-        named = self._state.tensors() + list(small.items()) + list(rng_tensors.items())
+        document, named, rng_doc, rng = self._collect(checkpoint)
+        named += rng
         records, data_bytes = plan_layout(named)
         buffer = torch.empty(data_bytes, dtype=torch.uint8)
         HostCopier().start(buffer, records, [t for _, t in named])

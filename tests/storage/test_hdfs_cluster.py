@@ -43,6 +43,20 @@ def test_url_to_fs_gives_hdfs_native(hdfs_cluster, hdfs_root):
     assert isinstance(fs2, HdfsFileSystem) and fs2.isdir(path)
 
 
+def _write_list_read(fs, root, payloads, top_level, makedirs=False):
+    """Writes ``payloads`` through ``fs``, then checks the listing, sizes and contents it reports."""
+    for path, data in payloads.items():
+        if makedirs:
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "wb") as f:
+            f.write(data)
+    assert sorted(fs.ls(root, detail=False)) == top_level
+    assert sorted(fs.find(root)) == sorted(payloads)
+    for path, data in payloads.items():
+        assert fs.info(path)["size"] == len(data)
+        assert fs.cat_file(path) == data
+
+
 def test_hdfs_write_list_read(hdfs_root):
     fs, root = fsspec.url_to_fs(hdfs_root)
     payloads = {
@@ -50,16 +64,7 @@ def test_hdfs_write_list_read(hdfs_root):
         f"{root}/sub/b.bin": b"",
         f"{root}/sub/deeper/c.bin": os.urandom(3 * 1024 * 1024 + 17),  # several packets
     }
-    for path, data in payloads.items():
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(path, "wb") as f:
-            f.write(data)
-
-    assert sorted(fs.ls(root, detail=False)) == [f"{root}/a.bin", f"{root}/sub"]
-    assert sorted(fs.find(root)) == sorted(payloads)
-    for path, data in payloads.items():
-        assert fs.info(path)["size"] == len(data)
-        assert fs.cat_file(path) == data
+    _write_list_read(fs, root, payloads, [f"{root}/a.bin", f"{root}/sub"], makedirs=True)
 
     big = f"{root}/sub/deeper/c.bin"
     with fs.open(big, "rb") as f:  # random access
@@ -131,15 +136,7 @@ def test_webhdfs_write_list_read(hdfs_cluster, hdfs_root):
     w.session.trust_env = False
     root = _path(hdfs_root)
     payloads = {f"{root}/w1.bin": os.urandom(5000), f"{root}/dir/w2.bin": b"hello webhdfs"}
-    for path, data in payloads.items():
-        with w.open(path, "wb") as f:
-            f.write(data)
-
-    assert sorted(w.ls(root, detail=False)) == [f"{root}/dir", f"{root}/w1.bin"]
-    assert sorted(w.find(root)) == sorted(payloads)
-    for path, data in payloads.items():
-        assert w.info(path)["size"] == len(data)
-        assert w.cat_file(path) == data
+    _write_list_read(w, root, payloads, [f"{root}/dir", f"{root}/w1.bin"])
     with w.open(f"{root}/w1.bin", "rb") as f:
         f.seek(4000)
         assert f.read() == payloads[f"{root}/w1.bin"][4000:]
