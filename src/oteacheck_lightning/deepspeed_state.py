@@ -38,6 +38,22 @@ def _persistent_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor
     return out
 
 
+def _group_rank(group: Any) -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank(group=group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def _zero3_entry(name: str, param: Any, offset: int, group_rank: int) -> dict[str, Any]:
+    """ZeRO 3 keeps elements ``[rank * p, (rank + 1) * p)`` of every flattened parameter (``p`` = partition size,
+    the last partition padded); they sit at ``offset`` in the sub-group's flat master."""
+    part = int(param.ds_tensor.ds_numel)
+    numel = int(param.ds_numel)
+    start = group_rank * part
+    length = max(0, min(part, numel - start))
+    return {"name": name, "shape": list(param.ds_shape), "segments": [[start, offset, length]] if length else []}
+
+
 class DeepSpeedState:
     """Enumerates and restores this rank's part of a :class:`deepspeed.DeepSpeedEngine`'s training state."""
 
@@ -89,10 +105,104 @@ class DeepSpeedState:
         out += [(f"buffer/{n}", b) for n, b in _persistent_buffers(self.module)]
         return out
 
+    def bucket_elements(self) -> int | None:
+        """DeepSpeed's gradient bucket size in elements (``reduce_bucket_size``), the plan's cut points."""
+        if self.stage == 0:
+            return None
+        try:
+            return int(self.engine.zero_reduce_bucket_size())
+        except (AttributeError, TypeError, ValueError):
+            return None
+
+    def device(self) -> torch.device:
+        """Where the masters live (a GPU, or the CPU in CPU runs)."""
+        masters = [t for _, t in self.masters()]
+        return next((t.device for t in masters if t.is_cuda), masters[0].device if masters else torch.device("cpu"))
+
     def step_boundary_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """Tensors that change during forward (BatchNorm statistics and other buffers): captured at the step
         boundary, never ahead."""
         return [(f"buffer/{n}", b) for n, b in _persistent_buffers(self.module)]
+
+    def param_map(self) -> dict[str, Any]:
+        """Where each parameter's values lie in this rank's masters, so that the fp32 weights can be rebuilt
+        offline from the checkpoints of all ranks without DeepSpeed (``oteacheck export``).
+
+        Every parameter is described by the segments of its flattened values that this rank holds: ``start``
+        (index into the flattened parameter), ``offset`` (index into the master tensor) and ``length``. ZeRO 1/2
+        cut each group's flat buffer (parameters back to back, with alignment padding) into one partition per rank,
+        so a parameter may be split between ranks; ZeRO 3 cuts every parameter into equal padded partitions; stage
+        0 holds every parameter whole. ``aliases`` names tied parameters and buffers (one tensor, several names).
+        """
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        groups: list[dict[str, Any]] = []
+        if self.stage in (1, 2):
+            opt = self.optimizer
+            for i, master in enumerate(opt.single_partition_of_fp32_groups):
+                group_rank = _group_rank(opt.real_dp_process_group[i])
+                partitions = [int(t.numel()) for t in opt.parallel_partitioned_bit16_groups[i]]
+                begin = sum(partitions[:group_rank])
+                end = begin + partitions[group_rank]
+                params = opt.round_robin_bit16_groups[i]
+                offsets = getattr(opt, "round_robin_bit16_offsets", None)
+                if offsets is not None:
+                    offsets = offsets[i]
+                else:  # DeepSpeed versions without per-parameter alignment: parameters back to back
+                    offsets = [sum(int(q.numel()) for q in params[:k]) for k in range(len(params))]
+                entries = []
+                for param, flat_start in zip(params, offsets):
+                    numel = int(getattr(param, "ds_numel", param.numel()))
+                    lo, hi = max(begin, flat_start), min(end, flat_start + numel)
+                    segments = [[lo - flat_start, lo - begin, hi - lo]] if hi > lo else []
+                    entries.append({"name": names[id(param)], "shape": list(param.shape), "segments": segments})
+                groups.append({"master": f"fp32/{i}", "partition_rank": group_rank, "partition_count": len(partitions),
+                               "partition_numel": int(master.numel()), "padding": int(opt.groups_padding[i]),
+                               "params": entries})
+        elif self.stage == 3:
+            opt = self.optimizer
+            for i, sub_group in enumerate(opt.fp16_groups):
+                offset, entries = 0, []
+                group_rank = _group_rank(opt.sub_group_process_groups[i]) if hasattr(opt, "sub_group_process_groups") else _group_rank(None)
+                for param in sub_group:
+                    entries.append(_zero3_entry(names[id(param)], param, offset, group_rank))
+                    offset += int(param.ds_tensor.ds_numel)
+                groups.append({"master": f"fp32/{i}", "partition_rank": group_rank,
+                               "partition_count": int(opt.sub_group_partition_counts[i]) if hasattr(opt, "sub_group_partition_counts") else None,
+                               "partition_numel": offset, "padding": int(opt.fp32_partitioned_groups_flat[i].numel()) - offset,
+                               "params": entries})
+        else:
+            for name, param in self.masters():
+                groups.append({"master": name, "partition_rank": 0, "partition_count": 1,
+                               "partition_numel": int(param.numel()), "padding": 0,
+                               "params": [{"name": name[len("param/"):], "shape": list(param.shape),
+                                           "segments": [[0, 0, int(param.numel())]]}]})
+        frozen = []
+        for name, param in self.module.named_parameters():
+            if param.requires_grad:
+                continue
+            if self.stage == 3 and hasattr(param, "ds_tensor"):
+                frozen.append({"master": f"frozen/{name}", **_zero3_entry(name, param, 0, _group_rank(getattr(param, "ds_process_group", None)))})
+            else:
+                frozen.append({"master": f"frozen/{name}", "name": name, "shape": list(param.shape),
+                               "segments": [[0, 0, int(param.numel())]]})
+        aliases = {}
+        for kind in ("named_parameters", "named_buffers"):
+            first: dict[int, str] = {}
+            for name, t in getattr(self.module, kind)(remove_duplicate=False):
+                if t is None:
+                    continue
+                if id(t) in first:
+                    aliases[name] = first[id(t)]
+                else:
+                    first[id(t)] = name
+        return {"groups": groups, "frozen": frozen, "aliases": aliases,
+                "buffers": [n for n, _ in _persistent_buffers(self.module)]}
+
+    def _cached_param_map(self) -> dict[str, Any]:
+        # fixed once the engine exists; meta() runs at every snapshot
+        if getattr(self, "_param_map", None) is None:
+            self._param_map = self.param_map()
+        return self._param_map
 
     def meta(self) -> dict[str, Any]:
         """The non-tensor part of the state: optimizer hyperparameters and scalars, loss scale, counters."""
@@ -113,6 +223,7 @@ class DeepSpeedState:
         return {
             "stage": self.stage,
             "layout": {name: list(t.shape) for name, t in self.masters()},
+            "param_map": self._cached_param_map(),
             "param_groups": groups,
             "optim_scalars": optim_scalars,
             "optim_devices": optim_devices,

@@ -1,0 +1,3 @@
+from .module import BertQAModule, SyntheticQA
+
+__all__ = ["BertQAModule", "SyntheticQA"]

@@ -1,0 +1,3 @@
+from .module import GPT2Module, SyntheticText
+
+__all__ = ["GPT2Module", "SyntheticText"]

@@ -1,0 +1,3 @@
+from ..vision import ResNetModule, SyntheticImages
+
+__all__ = ["ResNetModule", "SyntheticImages"]

@@ -1,0 +1,3 @@
+from ..vision import SyntheticImages, ViTModule
+
+__all__ = ["SyntheticImages", "ViTModule"]
