@@ -1,32 +1,71 @@
-"""Copies a snapshot's tensors into a host slot.
+"""Copiers move a snapshot's partitions into its host slot.
 
-:class:`HostCopier` is the step-boundary copy: every tensor is copied, synchronously, when the snapshot is taken.
-The bubble-scheduled engine (partitions copied during the next iteration through a GPU staging ring, fenced before
-the next optimizer step) implements the same two calls, so the checkpoint IO does not change with the engine.
+* :class:`CudaCopier`: one dedicated CUDA copy stream; small tensors are packed into a fixed GPU staging ring (one
+  device-to-device copy each, then one large transfer); large tensors go straight from GPU memory into the slot,
+  which is shared memory registered with CUDA (page-locked), so there is no second host copy. Nothing on the
+  training thread blocks: the fence makes the *compute stream* wait for the copy stream, and the stall is measured
+  on the GPU with events.
+* :class:`ThreadCopier`: the CPU path. A worker thread copies the partitions while training goes on; the fence waits
+  for it on the training thread.
+* :class:`HostCopier`: copies everything at once on the calling thread (explicit, synchronous saves).
+
+A copier is driven by the snapshot engine, on the training thread only: ``begin`` after optimizer step *t*;
+``mark`` at each bubble event of iteration *t+1* (window timing); ``issue`` for the partitions the scheduler hands
+out; ``fence`` before optimizer step *t+1*, which returns a :class:`FenceTicket`.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
 import torch
 
 from .format import TensorRecord, byte_view
+from .plan import Partition
+from .scheduler import WindowKey
+
+log = logging.getLogger(__name__)
 
 
-class SnapshotCopier(Protocol):
-    def start(self, buffer: torch.Tensor, records: Sequence[TensorRecord], tensors: Sequence[torch.Tensor]) -> None:
-        """Begins copying ``tensors`` into ``buffer`` at ``records``' offsets."""
+def source_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of ``tensor`` (no copy for the contiguous tensors DeepSpeed keeps)."""
+    t = tensor.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.reshape(-1).view(torch.uint8)
+
+
+class FenceTicket(Protocol):
+    def done(self) -> bool:
+        """True once every copy of the snapshot landed (never blocks)."""
         ...
 
-    def fence(self) -> float:
-        """Waits until every copy begun by :meth:`start` landed; returns the milliseconds it waited."""
+    def wait(self) -> None:
+        """Blocks until :meth:`done`."""
         ...
+
+    def stall_ms(self) -> float:
+        """How long training waited at the fence (valid once done)."""
+        ...
+
+
+class Copier(Protocol):
+    def begin(self, buffer: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None: ...
+    def mark(self, key: WindowKey) -> None: ...
+    def issue(self, partitions: Sequence[Partition]) -> None: ...
+    def fence(self) -> FenceTicket: ...
+    def window_ms(self) -> dict[WindowKey, float]: ...
+    def bytes_per_ms(self) -> float: ...
+    def close(self) -> None: ...
 
 
 class HostCopier:
-    """Copies at the step boundary, on the calling (training) thread."""
+    """Copies at once, on the calling thread."""
 
     @torch.no_grad()
     def start(self, buffer: torch.Tensor, records: Sequence[TensorRecord], tensors: Sequence[torch.Tensor]) -> None:
@@ -34,5 +73,313 @@ class HostCopier:
             if record.nbytes:
                 byte_view(buffer, record).copy_(tensor)
 
-    def fence(self) -> float:
-        return 0.0
+
+def _copy_piece_on_host(buffer: torch.Tensor, tensors: Sequence[torch.Tensor], partition: Partition) -> None:
+    for piece in partition.pieces:
+        src = source_bytes(tensors[piece.tensor])[piece.src_offset : piece.src_offset + piece.nbytes]
+        buffer[piece.dst_offset : piece.dst_offset + piece.nbytes].copy_(src)
+
+
+class _DoneTicket:
+    def __init__(self, waited_ms: float) -> None:
+        self._waited_ms = waited_ms
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        pass
+
+    def stall_ms(self) -> float:
+        return self._waited_ms
+
+
+class _EMA:
+    def __init__(self, alpha: float = 0.3) -> None:
+        self.alpha = alpha
+        self.value = 0.0
+
+    def add(self, sample: float) -> None:
+        self.value = sample if self.value == 0.0 else (1 - self.alpha) * self.value + self.alpha * sample
+
+
+class ThreadCopier:
+    """The CPU path: a worker thread copies issued partitions into the slot while training goes on.
+
+    Safe because the tensors of snapshot *t* do not change before optimizer step *t+1*, and the fence (on the
+    training thread, before that step) waits for the worker. The worker runs no collectives.
+    """
+
+    def __init__(self, name: str = "oteacheck-copier") -> None:
+        self._queue: queue.Queue[tuple[torch.Tensor, Sequence[torch.Tensor], Partition] | None] = queue.Queue()
+        self._idle = threading.Condition()
+        self._outstanding = 0
+        self._error: BaseException | None = None
+        self._buffer: torch.Tensor | None = None
+        self._tensors: Sequence[torch.Tensor] = ()
+        self._bandwidth = _EMA()
+        self._marks: list[tuple[WindowKey, float]] = []
+        self._windows: dict[WindowKey, float] = {}
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def begin(self, buffer: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+        self._buffer, self._tensors = buffer, tensors
+        self._marks = []
+
+    def mark(self, key: WindowKey) -> None:
+        self._marks.append((key, time.perf_counter()))
+
+    def issue(self, partitions: Sequence[Partition]) -> None:
+        assert self._buffer is not None
+        with self._idle:
+            self._outstanding += len(partitions)
+        for partition in partitions:
+            self._queue.put((self._buffer, self._tensors, partition))
+
+    def fence(self) -> FenceTicket:
+        started = time.perf_counter()
+        with self._idle:
+            while self._outstanding:
+                self._idle.wait()
+            error, self._error = self._error, None
+        if error is not None:
+            raise RuntimeError("copying a snapshot failed") from error
+        now = time.perf_counter()
+        self._learn_windows(now)
+        return _DoneTicket((now - started) * 1e3)
+
+    def _learn_windows(self, end: float) -> None:
+        if not self._marks:
+            return
+        windows: dict[WindowKey, float] = {}
+        times = [t for _, t in self._marks] + [end]
+        for (key, t0), t1 in zip(self._marks, times[1:]):
+            windows[key] = windows.get(key, 0.0) + (t1 - t0) * 1e3
+        self._windows = windows
+
+    def window_ms(self) -> dict[WindowKey, float]:
+        return dict(self._windows)
+
+    def bytes_per_ms(self) -> float:
+        return self._bandwidth.value
+
+    def _run(self) -> None:
+        # do not use any collectives in this thread
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            buffer, tensors, partition = item
+            started = time.perf_counter()
+            try:
+                with torch.no_grad():
+                    _copy_piece_on_host(buffer, tensors, partition)
+                elapsed_ms = (time.perf_counter() - started) * 1e3
+                if elapsed_ms > 0:
+                    self._bandwidth.add(partition.nbytes / elapsed_ms)
+            except BaseException as err:  # reported at the fence, on the training thread
+                self._error = self._error or err
+            finally:
+                with self._idle:
+                    self._outstanding -= 1
+                    if not self._outstanding:
+                        self._idle.notify_all()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=60)
+
+
+class HostMemoryRegistry:
+    """Page-locks host memory (the shared-memory slots) for CUDA with ``cudaHostRegister``, so copies into it are
+    asynchronous DMA transfers. Registration lasts until :meth:`unregister` (before the memory is unmapped)."""
+
+    def __init__(self) -> None:
+        self._registered: dict[int, int] = {}
+        self._failed = False
+
+    def register(self, buffer: torch.Tensor) -> bool:
+        ptr, size = buffer.data_ptr(), buffer.numel()
+        if self._registered.get(ptr) == size:
+            return True
+        if ptr in self._registered:
+            self.unregister(buffer)
+        err = torch.cuda.cudart().cudaHostRegister(ptr, size, 0)
+        if int(err) != 0:
+            if not self._failed:
+                log.warning(
+                    "could not page-lock the %d MiB snapshot slot for CUDA (error %s); snapshot copies will block. "
+                    "Raise the locked-memory limit (ulimit -l) or the shared-memory size.", size >> 20, err,
+                )
+                self._failed = True
+            return False
+        self._registered[ptr] = size
+        return True
+
+    def unregister(self, buffer: torch.Tensor) -> None:
+        ptr = buffer.data_ptr()
+        if self._registered.pop(ptr, None) is not None:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+
+    def unregister_all(self) -> None:
+        for ptr in list(self._registered):
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+        self._registered.clear()
+
+
+class _CudaFenceTicket:
+    def __init__(self, copies_done: torch.cuda.Event, before: torch.cuda.Event, after: torch.cuda.Event, host: FenceTicket) -> None:
+        self.copies_done, self.before, self.after, self.host = copies_done, before, after, host
+
+    def done(self) -> bool:
+        return self.copies_done.query() and self.after.query()
+
+    def wait(self) -> None:
+        self.after.synchronize()
+
+    def stall_ms(self) -> float:
+        # the compute stream sat between these two events only while the copy stream was still busy
+        return self.before.elapsed_time(self.after) + self.host.stall_ms()
+
+
+class CudaCopier:
+    """GPU -> host copies on a dedicated stream, through a fixed staging ring, into page-locked shared memory.
+
+    Args:
+        device: the training GPU.
+        staging_bytes: the ring's size, the only extra GPU memory the engine uses.
+        segment_bytes: the largest single transfer (the plan's ``max_bytes``); the ring holds
+            ``staging_bytes // segment_bytes`` segments used round-robin.
+    """
+
+    def __init__(self, device: torch.device, staging_bytes: int, segment_bytes: int) -> None:
+        if segment_bytes > staging_bytes:
+            raise ValueError(f"a partition ({segment_bytes} bytes) must fit the staging ring ({staging_bytes} bytes)")
+        self.device = device
+        self.staging_bytes = staging_bytes
+        self.segment_bytes = segment_bytes
+        self.stream = torch.cuda.Stream(device=device)
+        self.registry = HostMemoryRegistry()
+        self._ring: torch.Tensor | None = None
+        self._next_segment = 0
+        self._host = ThreadCopier("oteacheck-host-copier")  # partitions whose tensors live in host memory (offload)
+        self._buffer: torch.Tensor | None = None
+        self._tensors: Sequence[torch.Tensor] = ()
+        self._marks: list[tuple[WindowKey, torch.cuda.Event]] = []
+        self._previous_marks: tuple[list[tuple[WindowKey, torch.cuda.Event]], torch.cuda.Event] | None = None
+        self._batches: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []
+        self._windows: dict[WindowKey, float] = {}
+        self._bandwidth = _EMA()
+
+    @property
+    def ring(self) -> torch.Tensor:
+        if self._ring is None:
+            segments = max(1, self.staging_bytes // self.segment_bytes)
+            self._ring = torch.empty(segments * self.segment_bytes, dtype=torch.uint8, device=self.device)
+        return self._ring
+
+    def begin(self, buffer: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+        self.registry.register(buffer)
+        self._buffer, self._tensors = buffer, tensors
+        self._host.begin(buffer, tensors)
+        self._learn()
+        self._marks = []
+        # the copy stream may read the state only once optimizer step t (queued on the compute stream) is done
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.device))
+        self.stream.wait_event(ready)
+
+    def mark(self, key: WindowKey) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        self._marks.append((key, event))
+
+    @torch.no_grad()
+    def issue(self, partitions: Sequence[Partition]) -> None:
+        assert self._buffer is not None
+        on_gpu = [p for p in partitions if self._tensors[p.pieces[0].tensor].is_cuda]
+        on_host = [p for p in partitions if not self._tensors[p.pieces[0].tensor].is_cuda]
+        if on_host:
+            self._host.issue(on_host)
+        if not on_gpu:
+            return
+        if self._marks:
+            # copies of this window start on the GPU when the window does, not when the host got here
+            self.stream.wait_event(self._marks[-1][1])
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self.stream):
+            start.record(self.stream)
+            for partition in on_gpu:
+                self._copy(partition)
+            end.record(self.stream)
+        self._batches.append((start, end, sum(p.span for p in on_gpu)))
+
+    def _copy(self, partition: Partition) -> None:
+        assert self._buffer is not None
+        dst = self._buffer[partition.dst_offset : partition.dst_offset + partition.span]
+        if not partition.packed:
+            piece = partition.pieces[0]
+            dst.copy_(source_bytes(self._tensors[piece.tensor])[piece.src_offset : piece.src_offset + piece.nbytes], non_blocking=True)
+            return
+        segments = self.ring.numel() // self.segment_bytes
+        base = self._next_segment * self.segment_bytes
+        self._next_segment = (self._next_segment + 1) % segments
+        # same stream: a segment is refilled only after its previous transfer left it
+        staged = self.ring[base : base + partition.span]
+        for piece in partition.pieces:
+            at = piece.dst_offset - partition.dst_offset
+            staged[at : at + piece.nbytes].copy_(
+                source_bytes(self._tensors[piece.tensor])[piece.src_offset : piece.src_offset + piece.nbytes], non_blocking=True
+            )
+        dst.copy_(staged, non_blocking=True)
+
+    def fence(self) -> FenceTicket:
+        copies_done = torch.cuda.Event()
+        copies_done.record(self.stream)
+        compute = torch.cuda.current_stream(self.device)
+        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        before.record(compute)
+        compute.wait_event(copies_done)  # optimizer step t+1 runs only after snapshot t left the GPU
+        after.record(compute)
+        self._previous_marks = (self._marks, before)
+        self._marks = []
+        return _CudaFenceTicket(copies_done, before, after, self._host.fence())
+
+    def _learn(self) -> None:
+        """Window durations and copy bandwidth from events that completed (never waits)."""
+        if self._previous_marks is not None:
+            marks, end = self._previous_marks
+            if end.query():
+                windows: dict[WindowKey, float] = {}
+                for (key, e0), e1 in zip(marks, [e for _, e in marks[1:]] + [end]):
+                    windows[key] = windows.get(key, 0.0) + e0.elapsed_time(e1)
+                self._windows = windows
+                self._previous_marks = None
+        keep = []
+        for start, end_event, nbytes in self._batches:
+            if end_event.query():
+                ms = start.elapsed_time(end_event)
+                if ms > 0:
+                    self._bandwidth.add(nbytes / ms)
+            else:
+                keep.append((start, end_event, nbytes))
+        self._batches = keep
+
+    def window_ms(self) -> dict[WindowKey, float]:
+        return dict(self._windows)
+
+    def bytes_per_ms(self) -> float:
+        return self._bandwidth.value
+
+    def forget(self, buffer: torch.Tensor) -> None:
+        """The slot behind ``buffer`` is about to be unmapped."""
+        self.stream.synchronize()
+        self.registry.unregister(buffer)
+
+    def close(self) -> None:
+        self.stream.synchronize()
+        self._host.close()
+        self.registry.unregister_all()
+        self._ring = None

@@ -1,15 +1,18 @@
-"""``OTeaCheckpointIO``: the checkpoint plugin, a facade over the slots, the copier, the tiers, the persister and
-recovery.
+"""``OTeaCheckpointIO``: the checkpoint plugin, a facade over the slots, the snapshot engine, the tiers, the persister
+and recovery.
 
 It implements Lightning's :class:`~lightning.fabric.plugins.io.checkpoint_io.CheckpointIO` faithfully
 (``save_checkpoint`` writes a durable checkpoint at a path, ``load_checkpoint`` reads one, ``remove_checkpoint``,
-``teardown``), and adds the every-iteration snapshot that :class:`~oteacheck_lightning.OTeaCheckStrategy` drives:
+``teardown``), and adds the every-iteration snapshot that :class:`~oteacheck_lightning.OTeaCheckStrategy` drives,
+all on the training thread:
 
-1. ``capture(step, state)`` at the end of optimizer step *t* (training thread): take a free shared-memory slot,
-   start copying this rank's tensors into it, keep Lightning's small state with it;
-2. ``seal_pending()`` at the start of the next iteration: finish the copies (the fence), record the RNG states,
-   write the manifest (the slot becomes the newest in-memory checkpoint), tell the persister;
-3. the persister writes the newest sealed slot to the persistent tiers in the background.
+1. ``capture(step, state)`` at the end of optimizer step *t*: take a free shared-memory slot, copy what the next
+   forward pass would change (buffers, metric states, Lightning's small state), arm the engine with the rest;
+2. ``on_phase(ITERATION_START)`` of iteration *t+1*: record the RNG states (the point a resumed run restores them);
+3. ``on_phase(...)`` at the bubbles of *t+1*: the engine copies partitions of snapshot *t* while training runs;
+4. ``on_phase(BEFORE_STEP)``: the fence; optimizer step *t+1* waits for what is left (the stall);
+5. once the copies have landed: write the manifest (the slot becomes the newest in-memory checkpoint) and tell the
+   persister, which writes the newest sealed slot to the persistent tiers in the background.
 
 Two moments are kept apart in the metrics: a snapshot is *safe* (training may go on) when sealed, and *durable*
 when a persistent tier committed it.
@@ -31,11 +34,15 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.utilities.types import _PATH
 
 from . import statecodec
-from .copier import HostCopier, SnapshotCopier
+from .bubbles import Phase, PhaseEvent
+from .copier import FenceTicket, HostCopier
 from .deepspeed_state import DeepSpeedState
+from .engine import DEFAULT_STAGING_MIB, SnapshotEngine
 from .format import Manifest, TensorRecord, add_checksums, byte_view, load_tensors, plan_layout
 from .persist import Persister, PersistSchedule, TargetStats
+from .plan import MiB
 from .recovery import Gather, recover
+from .scheduler import SchedulePolicy
 from .slots import DEFAULT_SHM_ROOT, Slot, SlotPool
 from .tiers import CheckpointDir, FsspecTier, LoadedRankCheckpoint, MemoryTier
 from .training_state import collect_metrics, collect_rng
@@ -46,6 +53,8 @@ log = logging.getLogger(__name__)
 # left out (the model is rebuilt from code on resume), with one warning
 _OPTIONAL_KEYS = ("hyper_parameters", "hparams_type", "datamodule_hyper_parameters", "datamodule_hparams_type")
 PRIVATE_KEY = "_oteacheck"
+# tensors that the next forward pass may change: copied at the step boundary, never ahead
+_BOUNDARY_PREFIXES = ("buffer/", "state/")
 
 
 @dataclass
@@ -58,6 +67,9 @@ class _Pending:
     document: Any
     data_bytes: int
     started: float
+    rng_recorded: bool = False
+    rng_doc: Any = None
+    ticket: FenceTicket | None = None
 
 
 @dataclass
@@ -67,9 +79,13 @@ class SnapshotStats:
     sealed_step: int = -1
     sealed: int = 0
     skipped: int = 0
-    stall_ms: float = 0.0
-    capture_ms: float = 0.0
+    stall_ms: float = 0.0  # fence_ms + capture_ms + seal_ms of the last sealed snapshot
+    fence_ms: float = 0.0  # how long the optimizer step waited for the copies (GPU time on CUDA)
+    capture_ms: float = 0.0  # training-thread time at the step boundary
+    seal_ms: float = 0.0  # training-thread time to record the RNG and publish the manifest
     bytes: int = 0
+    bytes_by_phase: dict[str, int] = field(default_factory=dict)
+    copy_gbps: float = 0.0
     tiers: dict[str, TargetStats] = field(default_factory=dict)
 
 
@@ -82,17 +98,41 @@ class OTeaCheckpointIO(CheckpointIO):
         memory_dir: folder for the shared-memory slots (default ``/dev/shm``).
         job_id: names this job's shared memory, so a restarted run finds the snapshots of the crashed one; default
             the ``OTEACHECK_JOB_ID`` environment variable, else derived from the checkpoint folder.
+        schedule: how snapshot copies are placed in the next iteration: ``"bubbles"`` (default: bucket-aligned
+            partitions issued into the forward/backward bubbles within learned byte budgets), ``"eager"`` (the same
+            partitions, all issued at iteration start) or ``"naive"`` (one copy per tensor at iteration start).
+        staging_mib: size of the GPU staging ring in MiB, the engine's only extra GPU memory (default 64). The
+            largest single transfer is a quarter of it.
+        avoid_allreduce: issue no copies during backward, where DeepSpeed reduces gradient buckets (for machines
+            whose GPU-host link also carries the gradient all-reduce).
     """
 
-    def __init__(self, memory_slots: int | None = None, memory_dir: _PATH | None = None, job_id: str | None = None) -> None:
+    def __init__(
+        self,
+        memory_slots: int | None = None,
+        memory_dir: _PATH | None = None,
+        job_id: str | None = None,
+        schedule: SchedulePolicy | str = SchedulePolicy.BUBBLES,
+        staging_mib: float = DEFAULT_STAGING_MIB,
+        avoid_allreduce: bool = False,
+    ) -> None:
         if memory_slots is not None and memory_slots < 2:
             raise ValueError(f"memory_slots must be at least 2 (got {memory_slots}): the newest snapshot and one to fill")
+        try:
+            self.schedule = SchedulePolicy(schedule)
+        except ValueError:
+            choices = ", ".join(repr(p.value) for p in SchedulePolicy)
+            raise ValueError(f"schedule must be one of {choices}, got {schedule!r}") from None
+        if not staging_mib or staging_mib < 1:
+            raise ValueError(f"staging_mib must be at least 1 (MiB), got {staging_mib!r}")
+        self.staging_mib = staging_mib
+        self.avoid_allreduce = bool(avoid_allreduce)
         self.memory_slots = memory_slots
         self.memory_dir = Path(memory_dir or os.environ.get("OTEACHECK_MEMORY_DIR", DEFAULT_SHM_ROOT))
         self.job_id = job_id or os.environ.get("OTEACHECK_JOB_ID")
         self.schedules: list[PersistSchedule] = []
         self.root: str | None = None
-        self.copier: SnapshotCopier = HostCopier()
+        self.engine: SnapshotEngine | None = None
         self.stats = SnapshotStats()
         self._state: DeepSpeedState | None = None
         self._module: torch.nn.Module | None = None
@@ -122,6 +162,14 @@ class OTeaCheckpointIO(CheckpointIO):
         self._tiers = [FsspecTier(s.url or self.root) for s in self.schedules]
         slots = self.memory_slots or 2 + len(self._tiers)
         self._pool = SlotPool(self.memory_dir / f"oteacheck-{self.job_id}" / f"rank-{rank:05d}", slots)
+        self.engine = SnapshotEngine(
+            state.device(),
+            self.schedule,
+            staging_bytes=int(self.staging_mib * MiB),
+            bucket_elements=state.bucket_elements(),
+            avoid_allreduce=self.avoid_allreduce,
+        )
+        self._pool.set_unmap_hook(self.engine.forget)
         self._persister = Persister(self._pool, list(zip(self._tiers, self.schedules)))
         self.stats.tiers = self._persister.stats()
         self._crashed = False
@@ -157,10 +205,11 @@ class OTeaCheckpointIO(CheckpointIO):
 
     def capture(self, step: int, lightning_state: dict[str, Any]) -> bool:
         """Takes the snapshot of optimizer step ``step``; returns False (and counts it) if no slot was free."""
-        assert self._state is not None and self._pool is not None
+        assert self._state is not None and self._pool is not None and self.engine is not None
         started = time.perf_counter()
         if self._pending is not None:
             self.seal_pending()
+            started = time.perf_counter()  # the previous snapshot's wait is already in its own stall
         document, named, rng_doc, rng = self._collect(lightning_state)
         records, data_bytes = plan_layout(named + rng)
         slot = self._pool.acquire(data_bytes)
@@ -168,37 +217,73 @@ class OTeaCheckpointIO(CheckpointIO):
             self.stats.skipped += 1
             self._warn_once("no-slot", "no free snapshot slot (all are being persisted); skipping snapshots until one is free")
             return False
-        self.copier.start(slot.buffer, records[: len(named)], [t for _, t in named])
+        boundary = [name.startswith(_BOUNDARY_PREFIXES) for name, _ in named]
+        self.engine.start(slot.buffer, records[: len(named)], [t for _, t in named], boundary)
         self._pending = _Pending(step, slot, records[: len(named)], records[len(named) :], _shape_of(rng_doc), document, data_bytes, started)
         self.stats.capture_ms = (time.perf_counter() - started) * 1e3
         return True
 
-    def seal_pending(self) -> int | None:
-        """Completes the pending snapshot (fence, RNG state, manifest last); returns its step."""
-        pending, self._pending = self._pending, None
+    def on_phase(self, event: PhaseEvent) -> None:
+        """Drives the pending snapshot through iteration *t+1* (subscribed to the strategy's bubble bus)."""
+        pending = self._pending
         if pending is None:
-            return None
-        assert self._pool is not None and self._persister is not None
-        started = time.perf_counter()
-        waited_ms = self.copier.fence()
+            return
+        assert self.engine is not None
+        if event.phase is Phase.ITERATION_START and not pending.rng_recorded:
+            self._record_rng(pending)
+        if pending.ticket is None:
+            self.engine.on_event(event)
+            if event.phase is Phase.BEFORE_STEP:
+                pending.ticket = self.engine.fence()
+        if pending.ticket is not None and pending.ticket.done():
+            self.seal_pending()
+
+    def _record_rng(self, pending: _Pending) -> None:
+        """The RNG states at the start of the iteration after step *t*: where a resumed run restores them."""
         rng_doc, rng_tensors = statecodec.encode(collect_rng(), tensor_prefix="rng/")
         if _shape_of(rng_doc) != pending.rng_doc_shape or len(rng_tensors) != len(pending.rng_records):
-            self._pool.abandon(pending.slot)
             raise RuntimeError("the RNG state changed shape between capture and seal")
         for record, tensor in zip(pending.rng_records, rng_tensors.values(), strict=True):
             byte_view(pending.slot.buffer, record).copy_(tensor)
+        pending.rng_doc = rng_doc
+        pending.rng_recorded = True
+
+    def seal_pending(self) -> int | None:
+        """Completes the pending snapshot now (waiting for its copies if needed), writes its manifest last;
+        returns its step."""
+        pending = self._pending
+        if pending is None:
+            return None
+        assert self._pool is not None and self._persister is not None and self.engine is not None
+        started = time.perf_counter()
+        try:
+            if not pending.rng_recorded:
+                self._record_rng(pending)
+            if pending.ticket is None:
+                pending.ticket = self.engine.fence()
+            pending.ticket.wait()
+        except BaseException:
+            self._pending = None
+            self._pool.abandon(pending.slot)
+            raise
+        self._pending = None
         manifest = Manifest(
             step=pending.step,
             rank=self._rank,
             world_size=self._world_size,
             data_bytes=pending.data_bytes,
             tensors=pending.records + pending.rng_records,
-            state={"main": pending.document, "rng": rng_doc},
+            state={"main": pending.document, "rng": pending.rng_doc},
             job=self.job_id or "",
         )
         self._pool.seal(pending.slot, manifest)
-        self.stats.sealed_step, self.stats.sealed, self.stats.bytes = pending.step, self.stats.sealed + 1, pending.data_bytes
-        self.stats.stall_ms = waited_ms + self.stats.capture_ms + (time.perf_counter() - started) * 1e3
+        s = self.stats
+        s.sealed_step, s.sealed, s.bytes = pending.step, s.sealed + 1, pending.data_bytes
+        s.fence_ms = pending.ticket.stall_ms()
+        s.seal_ms = (time.perf_counter() - started) * 1e3
+        s.stall_ms = s.fence_ms + s.capture_ms + s.seal_ms
+        s.bytes_by_phase = dict(self.engine.stats.bytes_by_phase)
+        s.copy_gbps = self.engine.stats.gbps
         self._persister.request(pending.step)
         return pending.step
 
@@ -247,6 +332,11 @@ class OTeaCheckpointIO(CheckpointIO):
 
     def teardown(self) -> None:
         """Drains the persister; removes the shared memory after a normal end, keeps it after a crash."""
+        if self._pending is not None:
+            if self._crashed:
+                self._drop_pending()
+            else:
+                self.seal_pending()
         not_persisted: list[str] = []
         if self._persister is not None:
             not_persisted = self._persister.close(drain=True)
@@ -256,7 +346,20 @@ class OTeaCheckpointIO(CheckpointIO):
         if self._pool is not None:
             self._pool.close(remove=not self._crashed)
             self._pool = None
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
         self._pending = None
+
+    def _drop_pending(self) -> None:
+        """Abandons the unsealed snapshot after its copies stopped touching the slot."""
+        pending, self._pending = self._pending, None
+        if pending is None or self._pool is None or self.engine is None:
+            return
+        try:
+            (pending.ticket or self.engine.fence()).wait()
+        finally:
+            self._pool.abandon(pending.slot)
 
     def mark_crashed(self) -> None:
         """Training failed: keep the shared-memory snapshots for the restart."""
@@ -311,9 +414,15 @@ class OTeaCheckpointIO(CheckpointIO):
         out = {
             "oteacheck/sealed_step": float(s.sealed_step),
             "oteacheck/stall_ms": s.stall_ms,
+            "oteacheck/fence_ms": s.fence_ms,
+            "oteacheck/capture_ms": s.capture_ms,
+            "oteacheck/seal_ms": s.seal_ms,
+            "oteacheck/copy_gbps": s.copy_gbps,
             "oteacheck/snapshot_mib": s.bytes / 2**20,
             "oteacheck/skipped_snapshots": float(s.skipped),
         }
+        for phase, nbytes in s.bytes_by_phase.items():
+            out[f"oteacheck/mib_{phase}"] = nbytes / 2**20
         for i, (name, t) in enumerate(s.tiers.items()):
             out[f"oteacheck/tier{i}_persisted_step"] = float(t.persisted_step)
             out[f"oteacheck/tier{i}_failures"] = float(t.failures)

@@ -26,6 +26,7 @@ import mmap
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +86,8 @@ class Slot:
     manifest: Manifest | None = None
     _mmap: mmap.mmap | None = field(default=None, repr=False)
     _buffer: torch.Tensor | None = field(default=None, repr=False)
+    # told before the mapping goes away (the CUDA copier un-page-locks it)
+    before_unmap: Callable[[torch.Tensor], None] | None = field(default=None, repr=False)
 
     @property
     def buffer(self) -> torch.Tensor:
@@ -113,6 +116,8 @@ class Slot:
         self._buffer = torch.frombuffer(self._mmap, dtype=torch.uint8)
 
     def unmap(self) -> None:
+        if self._buffer is not None and self.before_unmap is not None:
+            self.before_unmap(self._buffer)
         self._buffer = None
         if self._mmap is not None:
             try:
@@ -148,6 +153,10 @@ class SlotPool:
     @property
     def slots(self) -> list[Slot]:
         return list(self._slots)
+
+    def set_unmap_hook(self, hook: Callable[[torch.Tensor], None] | None) -> None:
+        for slot in self._slots:
+            slot.before_unmap = hook
 
     def newest(self) -> Slot | None:
         with self._lock:

@@ -170,7 +170,7 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
             return
         self._ds_state = DeepSpeedState(self.deepspeed_engine)
         self.checkpoint_io.attach(self._ds_state, self.lightning_module, self.global_rank, self.world_size)
-        self.bus.subscribe(lambda event: self.checkpoint_io.seal_pending(), {Phase.ITERATION_START})
+        self.bus.subscribe(self.checkpoint_io.on_phase)
         install_bucket_hook(self.deepspeed_engine, lambda k: self.bus.emit(Phase.BUCKET_REDUCED, self._step(), bucket=k))
 
     def _step(self) -> int:

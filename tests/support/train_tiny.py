@@ -57,6 +57,8 @@ class Recorder(pl.Callback):
         from tests.support.harness import same_bits
 
         io = trainer.strategy.checkpoint_io
+        # on a GPU, snapshot t is sealed as soon as its copies landed, at the latest before snapshot t+1 starts
+        io.seal_pending()
         if self.previous is not None:
             step, expected = self.previous
             loaded = io.memory_tier.read(step, trainer.global_rank)

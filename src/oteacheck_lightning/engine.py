@@ -1,0 +1,142 @@
+"""The snapshot engine: one snapshot from the end of optimizer step *t* to the fence before step *t+1*.
+
+It joins the partition plan, the bubble scheduler and a copier (CUDA or CPU), and is driven by the checkpoint IO on
+the training thread:
+
+1. ``start`` (end of step *t*): tensors that change during the next forward pass (BatchNorm statistics, metric
+   states, the small Lightning state) are copied now, in stream order on the GPU, so the next forward cannot get
+   ahead of them; the rest (fp32 masters, optimizer states, frozen weights) is planned and armed;
+2. ``on_event`` (bubbles of iteration *t+1*): the scheduler hands out partitions, the copier issues them;
+3. ``fence`` (BEFORE_STEP of *t+1*): the rest is issued and the optimizer step is made to wait for all of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .bubbles import PhaseEvent
+from .copier import Copier, CudaCopier, FenceTicket, ThreadCopier
+from .format import TensorRecord, byte_view
+from .plan import MiB, Partition, Piece, per_tensor_partitions, plan_partitions
+from .scheduler import BUBBLE_PHASES, BubbleScheduler, SchedulePolicy, window_key
+
+DEFAULT_STAGING_MIB = 64
+# a ring of four segments keeps a transfer in flight while the next one is packed
+RING_SEGMENTS = 4
+
+
+@dataclass
+class EngineStats:
+    """What the last fenced snapshot cost and where its bytes went."""
+
+    bytes_by_phase: dict[str, int] = field(default_factory=dict)
+    fence_bytes: int = 0
+    boundary_bytes: int = 0
+    planned_bytes: int = 0
+    partitions: int = 0
+    gbps: float = 0.0
+
+
+class SnapshotEngine:
+    """Copies snapshot *t* into its slot during iteration *t+1*.
+
+    Args:
+        device: where the training state lives (``cuda:N`` uses the copy stream, ``cpu`` a worker thread).
+        policy: ``bubbles`` (the engine), ``eager`` (bucket partitions, all issued at iteration start) or ``naive``
+            (per-tensor copies at iteration start): the last two exist to measure the first against.
+        staging_bytes: the GPU staging ring (the engine's only extra GPU memory).
+        bucket_elements: DeepSpeed's ``reduce_bucket_size``; partitions are cut on its boundaries.
+        avoid_allreduce: keep copies out of the backward pass, where gradient buckets are reduced.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        policy: SchedulePolicy | str = SchedulePolicy.BUBBLES,
+        staging_bytes: int = DEFAULT_STAGING_MIB * MiB,
+        bucket_elements: int | None = None,
+        avoid_allreduce: bool = False,
+    ) -> None:
+        self.device = device
+        self.policy = SchedulePolicy(policy)
+        self.staging_bytes = staging_bytes
+        self.segment_bytes = max(4096, staging_bytes // RING_SEGMENTS)
+        self.bucket_elements = bucket_elements
+        self.scheduler = BubbleScheduler(self.policy, avoid_allreduce=avoid_allreduce)
+        self.copier: Copier = (
+            CudaCopier(device, staging_bytes, self.segment_bytes) if device.type == "cuda" else ThreadCopier()
+        )
+        self.stats = EngineStats()
+        self._plan_key: tuple | None = None
+        self._plan: list[Partition] = []
+
+    def plan(self, records: Sequence[TensorRecord], ahead: Sequence[int]) -> list[Partition]:
+        """The partitions of the tensors at indices ``ahead`` (cached while the layout stays the same)."""
+        key = tuple((records[i].offset, records[i].nbytes, records[i].device) for i in ahead)
+        if key != self._plan_key:
+            subset = [records[i] for i in ahead]
+            if self.policy is SchedulePolicy.NAIVE:
+                planned = per_tensor_partitions(subset)
+            else:
+                planned = plan_partitions(
+                    subset, self.segment_bytes, self.bucket_elements, pack_below=min(MiB, self.segment_bytes)
+                )
+            # the plan indexes the subset; the copier indexes the snapshot's full tensor list
+            self._plan = [
+                Partition(p.index, tuple(Piece(ahead[x.tensor], x.src_offset, x.dst_offset, x.nbytes) for x in p.pieces), p.packed, p.bucket)
+                for p in planned
+            ]
+            self._plan_key = key
+        return self._plan
+
+    @torch.no_grad()
+    def start(self, buffer: torch.Tensor, records: Sequence[TensorRecord], tensors: Sequence[torch.Tensor], boundary: Sequence[bool]) -> None:
+        """Begins snapshot *t*: copies the ``boundary`` tensors now, arms the rest for the next iteration."""
+        boundary_bytes = 0
+        for record, tensor, now in zip(records, tensors, boundary, strict=True):
+            if now and record.nbytes:
+                # on a GPU this is queued on the compute stream: it runs before the next forward changes the tensor
+                byte_view(buffer, record).copy_(tensor, non_blocking=tensor.is_cuda)
+                boundary_bytes += record.nbytes
+        ahead = [i for i, now in enumerate(boundary) if not now]
+        partitions = self.plan(records, ahead)
+        self.copier.begin(buffer, tensors)
+        self.scheduler.learn(self.copier.window_ms(), self.copier.bytes_per_ms())
+        self.scheduler.begin(partitions)
+        self.stats = EngineStats(
+            boundary_bytes=boundary_bytes, planned_bytes=sum(p.span for p in partitions), partitions=len(partitions)
+        )
+
+    def on_event(self, event: PhaseEvent) -> None:
+        if not self.scheduler.armed or event.phase not in BUBBLE_PHASES:
+            return
+        self.copier.mark(window_key(event))
+        issued = self.scheduler.on_event(event)
+        if issued:
+            self.copier.issue(issued)
+
+    def fence(self) -> FenceTicket:
+        """Issues what is left and makes the next optimizer step wait for every copy of the snapshot."""
+        rest = self.scheduler.fence()
+        if rest:
+            self.copier.issue(rest)
+        ticket = self.copier.fence()
+        self.stats.bytes_by_phase = dict(self.scheduler.bytes_by_phase)
+        self.stats.fence_bytes = self.scheduler.fence_bytes
+        self.stats.gbps = self.copier.bytes_per_ms() / 1e6
+        return ticket
+
+    @property
+    def armed(self) -> bool:
+        return self.scheduler.armed
+
+    def forget(self, buffer: torch.Tensor) -> None:
+        """Called before a slot's memory is unmapped."""
+        if isinstance(self.copier, CudaCopier):
+            self.copier.forget(buffer)
+
+    def close(self) -> None:
+        self.copier.close()

@@ -1,0 +1,146 @@
+"""The bubble scheduler: decides at which phase of iteration *t+1* each partition of snapshot *t* is issued.
+
+State machine (one snapshot at a time; the training thread drives every transition)::
+
+    IDLE --begin(partitions)--> ARMED --bubble event--> ISSUING --bubble event--> ISSUING ...
+      ^                                                     |
+      +--------------------- fence() ----------------------+   (fence hands back all that is not issued yet)
+
+* ``begin`` (end of optimizer step *t*): the plan of snapshot *t* becomes the queue; the per-phase budgets are
+  learned from the previous iteration (:meth:`learn`).
+* at each bubble event of iteration *t+1* (``on_event``), the scheduler returns the next partitions that fit the
+  budget of the window that the event opens: ``window ms x measured copy bandwidth x safety``, minus what is still
+  in flight from earlier windows (an expected "copy clock"). With ``avoid_allreduce`` the backward windows, where
+  DeepSpeed reduces gradient buckets, get no budget.
+* ``fence`` (BEFORE_STEP of *t+1*): everything left is issued at once; the copier then waits for all of it. That
+  wait is the only stall.
+
+Policies (the engine's ablation rows): ``naive`` and ``eager`` issue the whole plan at ITERATION_START (``naive``
+with a per-tensor plan); ``bubbles`` spreads it over the bubbles by budget, and before it has measured an iteration
+issues everything at FORWARD_START.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Mapping, Sequence
+
+from .bubbles import Phase, PhaseEvent
+from .plan import Partition
+
+# events that open a window in which copies may run, in iteration order
+BUBBLE_PHASES = frozenset(
+    {Phase.ITERATION_START, Phase.FORWARD_START, Phase.FORWARD_END, Phase.BUCKET_REDUCED, Phase.BACKWARD_END}
+)
+# windows in which DeepSpeed reduces gradients (ZeRO 2/3 overlap reduction with backward)
+_ALLREDUCE_PHASES = frozenset({Phase.FORWARD_END, Phase.BUCKET_REDUCED})
+
+WindowKey = tuple[Phase, int | None]
+
+
+class SchedulePolicy(str, enum.Enum):
+    NAIVE = "naive"
+    EAGER = "eager"
+    BUBBLES = "bubbles"
+
+
+def window_key(event: PhaseEvent) -> WindowKey:
+    return (event.phase, event.bucket)
+
+
+class BubbleScheduler:
+    """Issues a snapshot's partitions into the bubbles of the next iteration, within learned byte budgets."""
+
+    def __init__(self, policy: SchedulePolicy | str = SchedulePolicy.BUBBLES, avoid_allreduce: bool = False, safety: float = 0.8) -> None:
+        self.policy = SchedulePolicy(policy)
+        if not 0 < safety <= 1:
+            raise ValueError(f"safety must be in (0, 1], got {safety}")
+        self.avoid_allreduce = avoid_allreduce
+        self.safety = safety
+        self._queue: deque[Partition] = deque()
+        self._armed = False
+        self._window_ms: dict[WindowKey, float] = {}
+        self._bytes_per_ms = 0.0
+        self._clock_ms = 0.0  # expected time since the first window of this iteration opened
+        self._busy_until_ms = 0.0  # expected time the copies issued so far are done
+        self.bytes_by_phase: dict[str, int] = {}
+        self.fence_bytes = 0
+
+    # --- learning -------------------------------------------------------------------------------------------
+
+    def learn(self, window_ms: Mapping[WindowKey, float], bytes_per_ms: float) -> None:
+        """Durations of the windows of the last measured iteration, and the copy bandwidth achieved."""
+        if window_ms:
+            self._window_ms = dict(window_ms)
+        if bytes_per_ms > 0:
+            self._bytes_per_ms = bytes_per_ms
+
+    @property
+    def has_budgets(self) -> bool:
+        return bool(self._window_ms) and self._bytes_per_ms > 0
+
+    # --- one snapshot ----------------------------------------------------------------------------------------
+
+    @property
+    def armed(self) -> bool:
+        return self._armed
+
+    @property
+    def pending_bytes(self) -> int:
+        return sum(p.span for p in self._queue)
+
+    def begin(self, partitions: Sequence[Partition]) -> None:
+        if self._armed:
+            raise RuntimeError("begin() while a snapshot is still being scheduled; fence() it first")
+        self._queue = deque(partitions)
+        self._armed = True
+        self._clock_ms = self._busy_until_ms = 0.0
+        self.bytes_by_phase = {}
+        self.fence_bytes = 0
+
+    def on_event(self, event: PhaseEvent) -> list[Partition]:
+        """The partitions to issue now, at the start of the window ``event`` opens."""
+        if not self._armed or not self._queue or event.phase not in BUBBLE_PHASES:
+            return []
+        if self.policy is not SchedulePolicy.BUBBLES:
+            return self._take_all(event) if event.phase is Phase.ITERATION_START else []
+        if not self.has_budgets:
+            return self._take_all(event) if event.phase is Phase.FORWARD_START else []
+        key = window_key(event)
+        window = self._window_ms.get(key, 0.0)
+        start, self._clock_ms = self._clock_ms, self._clock_ms + window
+        if self.avoid_allreduce and event.phase in _ALLREDUCE_PHASES:
+            return []
+        # time this window leaves the copy engine once the copies already issued are through
+        free_ms = self._clock_ms - max(self._busy_until_ms, start)
+        budget = int(free_ms * self._bytes_per_ms * self.safety)
+        issued: list[Partition] = []
+        while self._queue and budget >= self._queue[0].span:
+            partition = self._queue.popleft()
+            budget -= partition.span
+            issued.append(partition)
+        if issued:
+            nbytes = sum(p.span for p in issued)
+            self._busy_until_ms = max(self._busy_until_ms, start) + nbytes / self._bytes_per_ms
+            self._count(event.phase.value, nbytes)
+        return issued
+
+    def fence(self) -> list[Partition]:
+        """Ends the snapshot: everything not issued yet, to be copied now (the stall)."""
+        rest = list(self._queue)
+        self._queue.clear()
+        self._armed = False
+        self.fence_bytes = sum(p.span for p in rest)
+        if rest:
+            self._count(Phase.BEFORE_STEP.value, self.fence_bytes)
+        return rest
+
+    def _take_all(self, event: PhaseEvent) -> list[Partition]:
+        issued = list(self._queue)
+        self._queue.clear()
+        self._count(event.phase.value, sum(p.span for p in issued))
+        return issued
+
+    def _count(self, phase: str, nbytes: int) -> None:
+        self.bytes_by_phase[phase] = self.bytes_by_phase.get(phase, 0) + nbytes

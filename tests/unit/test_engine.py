@@ -1,0 +1,68 @@
+"""The snapshot engine on its CPU path (worker thread): the same plan and scheduler as on a GPU, real copies."""
+
+import pytest
+import torch
+
+from oteacheck_lightning.bubbles import Phase, PhaseEvent
+from oteacheck_lightning.engine import SnapshotEngine
+from oteacheck_lightning.format import load_tensors, plan_layout
+from oteacheck_lightning.plan import MiB
+
+ITERATION = [Phase.ITERATION_START, Phase.FORWARD_START, Phase.FORWARD_END, Phase.BACKWARD_END]
+
+
+def state(seed):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        ("fp32/0", torch.randn(700_000, generator=g)),
+        ("optim/fp32/0/exp_avg", torch.randn(700_000, generator=g)),
+        ("frozen/emb", torch.randn(33, 7, generator=g)),
+        ("buffer/bn.running_mean", torch.randn(16, generator=g)),
+        ("state/loops", torch.arange(5)),
+    ]
+
+
+@pytest.mark.parametrize("policy", ["bubbles", "eager", "naive"])
+def test_snapshot_equals_the_state_at_the_step_boundary_while_training_goes_on(policy):
+    engine = SnapshotEngine(torch.device("cpu"), policy, staging_bytes=1 * MiB, bucket_elements=100_000)
+    named = state(0)
+    records, size = plan_layout(named)
+    try:
+        for step in range(3):  # later steps run with learned budgets
+            expected = {n: t.clone() for n, t in named}
+            buffer = torch.zeros(size, dtype=torch.uint8)
+            engine.start(buffer, records, [t for _, t in named], [n.startswith(("buffer/", "state/")) for n, _ in named])
+            # the next forward pass changes the buffers and the small state right away
+            named[3][1].add_(1.0)
+            named[4][1].mul_(2)
+            for phase in ITERATION:
+                engine.on_event(PhaseEvent(phase, step + 1, 0))
+            ticket = engine.fence()
+            ticket.wait()
+            assert ticket.done()
+            # the optimizer step after the fence changes everything else
+            for _, t in named[:3]:
+                t.mul_(0.5)
+            snapshot = load_tensors(type("M", (), {"tensors": records})(), buffer)
+            for n, t in expected.items():
+                assert torch.equal(snapshot[n], t), f"{n} of step {step} is not the state after that step"
+            stats = engine.stats
+            # the accounting adds up: every planned byte went out in some phase or at the fence
+            assert sum(stats.bytes_by_phase.values()) == stats.planned_bytes
+            assert stats.fence_bytes == stats.bytes_by_phase.get("before_step", 0)
+            assert stats.boundary_bytes == records[3].nbytes + records[4].nbytes
+            assert ticket.stall_ms() >= 0
+    finally:
+        engine.close()
+
+
+def test_a_failing_copy_surfaces_at_the_fence():
+    engine = SnapshotEngine(torch.device("cpu"), staging_bytes=1 * MiB)
+    named = state(1)
+    records, size = plan_layout(named)
+    try:
+        engine.start(torch.zeros(size // 2, dtype=torch.uint8), records, [t for _, t in named], [False] * len(named))
+        with pytest.raises(RuntimeError, match="copying a snapshot failed"):
+            engine.fence()
+    finally:
+        engine.close()

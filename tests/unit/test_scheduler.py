@@ -1,0 +1,95 @@
+"""The bubble scheduler: what it issues at which event, within which budget; the fence takes the rest."""
+
+import pytest
+
+from oteacheck_lightning.bubbles import Phase, PhaseEvent
+from oteacheck_lightning.plan import Partition, Piece
+from oteacheck_lightning.scheduler import BubbleScheduler, SchedulePolicy
+
+
+def parts(n, size):
+    return [Partition(i, (Piece(i, 0, i * size, size),), packed=False) for i in range(n)]
+
+
+def ev(phase, bucket=None):
+    return PhaseEvent(phase, 1, 0, bucket)
+
+
+ITERATION = [ev(Phase.ITERATION_START), ev(Phase.FORWARD_START), ev(Phase.FORWARD_END), ev(Phase.BUCKET_REDUCED, 0),
+             ev(Phase.BUCKET_REDUCED, 1), ev(Phase.BACKWARD_END)]
+
+
+def run_iteration(scheduler):
+    issued = {}
+    for e in ITERATION:
+        got = scheduler.on_event(e)
+        issued[(e.phase, e.bucket)] = got
+    return issued, scheduler.fence()
+
+
+@pytest.mark.parametrize("policy", ["naive", "eager"])
+def test_naive_and_eager_issue_everything_at_iteration_start(policy):
+    s = BubbleScheduler(policy)
+    s.learn({(Phase.FORWARD_START, None): 10.0}, 1.0)  # budgets are ignored by these policies
+    s.begin(parts(5, 10))
+    issued, rest = run_iteration(s)
+    assert len(issued[(Phase.ITERATION_START, None)]) == 5 and rest == []
+    assert s.bytes_by_phase == {"iteration_start": 50}
+
+
+def test_before_any_measurement_bubbles_issues_all_at_forward_start():
+    s = BubbleScheduler()
+    s.begin(parts(4, 10))
+    issued, rest = run_iteration(s)
+    assert len(issued[(Phase.FORWARD_START, None)]) == 4 and rest == []
+
+
+def test_budgets_follow_windows_and_bandwidth_and_the_rest_goes_to_the_fence():
+    s = BubbleScheduler(safety=1.0)
+    # 1 byte per ms; windows of 100 ms (forward) and 50 ms (each bucket gap)
+    s.learn({(Phase.ITERATION_START, None): 0.0, (Phase.FORWARD_START, None): 100.0, (Phase.FORWARD_END, None): 0.0,
+             (Phase.BUCKET_REDUCED, 0): 50.0, (Phase.BUCKET_REDUCED, 1): 50.0, (Phase.BACKWARD_END, None): 0.0}, 1.0)
+    s.begin(parts(10, 30))
+    issued, rest = run_iteration(s)
+    assert len(issued[(Phase.FORWARD_START, None)]) == 3  # 90 of 100 bytes
+    # the copy engine is free from 90 ms: the first bucket window (100..150 ms) takes 50 bytes -> one partition
+    assert len(issued[(Phase.BUCKET_REDUCED, 0)]) == 1
+    assert len(issued[(Phase.BUCKET_REDUCED, 1)]) == 1
+    assert len(rest) == 5
+    assert sum(s.bytes_by_phase.values()) == 300 and s.fence_bytes == 150
+    assert not s.armed
+
+
+def test_backlog_from_an_earlier_window_shrinks_the_next_budget():
+    s = BubbleScheduler(safety=1.0)
+    s.learn({(Phase.FORWARD_START, None): 100.0, (Phase.FORWARD_END, None): 40.0}, 1.0)
+    s.begin([Partition(0, (Piece(0, 0, 0, 100),), False), Partition(1, (Piece(0, 0, 100, 40),), False)])
+    assert len(s.on_event(ev(Phase.FORWARD_START))) == 1  # busy until 100 ms
+    assert len(s.on_event(ev(Phase.FORWARD_END))) == 1  # 100..140 ms is free: 40 bytes fit
+
+
+def test_avoid_allreduce_keeps_the_backward_windows_empty():
+    s = BubbleScheduler(avoid_allreduce=True, safety=1.0)
+    s.learn({(Phase.FORWARD_START, None): 10.0, (Phase.FORWARD_END, None): 1000.0, (Phase.BUCKET_REDUCED, 0): 1000.0,
+             (Phase.BUCKET_REDUCED, 1): 1000.0, (Phase.BACKWARD_END, None): 1000.0}, 1.0)
+    s.begin(parts(10, 5))
+    issued, rest = run_iteration(s)
+    assert len(issued[(Phase.FORWARD_START, None)]) == 2
+    assert issued[(Phase.FORWARD_END, None)] == issued[(Phase.BUCKET_REDUCED, 0)] == issued[(Phase.BUCKET_REDUCED, 1)] == []
+    assert len(issued[(Phase.BACKWARD_END, None)]) == 8 and rest == []
+
+
+def test_one_snapshot_at_a_time():
+    s = BubbleScheduler()
+    s.begin(parts(1, 1))
+    with pytest.raises(RuntimeError, match="fence"):
+        s.begin(parts(1, 1))
+    s.fence()
+    assert s.on_event(ev(Phase.FORWARD_START)) == []  # nothing armed
+
+
+def test_bad_policy_and_safety_are_refused():
+    with pytest.raises(ValueError):
+        BubbleScheduler("sometimes")
+    with pytest.raises(ValueError):
+        BubbleScheduler(SchedulePolicy.BUBBLES, safety=0)
