@@ -1,0 +1,49 @@
+"""``oteacheck export`` of real 2-process runs: the consolidated weights equal the model's full state_dict."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.cli import support
+
+pytestmark = pytest.mark.multiprocess
+
+STEPS = "--trainer.max_steps=6"
+PERSIST = "--checkpoint.persist=[{every_n_steps: 3, keep_last: 2}]"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_export_of_a_two_process_run_equals_the_full_state_dict(tmp_path, stage):
+    extra = support.write_extra_config(tmp_path / "extra.yaml", tmp_path / "final")
+    support.fit(tmp_path, "run", STEPS, PERSIST, f"--trainer.strategy.init_args.stage={stage}", extra=extra)
+    full = torch.load(tmp_path / "final" / "full.pt", weights_only=True)
+    assert full["step"] == 6
+
+    listed = support.oteacheck("ls", str(tmp_path / "ckpt"), "--json")
+    assert listed.returncode == 0, listed.stderr
+    steps = [(c["step"], c["committed"], c["world_size"]) for c in json.loads(listed.stdout)]
+    assert steps == [(3, True, 2), (6, True, 2)]
+
+    out = tmp_path / "weights.safetensors"
+    proc = support.oteacheck("export", str(tmp_path / "ckpt"), str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["step"] == 6 and summary["zero_stage"] == stage and summary["world_size"] == 2
+
+    exported = load_file(str(out))
+    expected = full["state_dict"]
+    assert sorted(exported) == sorted(expected)
+    different = [k for k in expected if not torch.equal(exported[k], expected[k].float())]
+    assert not different, f"ZeRO {stage}: exported tensors differ from the state_dict: {different}"
+
+    # the weights load into the plain Hugging Face model, without DeepSpeed or Lightning
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4))
+    inner = support.oteacheck("export", str(tmp_path / "ckpt"), str(tmp_path / "inner.safetensors"),
+                              "--prefix", "model.")
+    assert inner.returncode == 0, inner.stderr
+    model.load_state_dict(load_file(str(tmp_path / "inner.safetensors")), strict=True)
+    assert torch.equal(model.transformer.wte.weight, expected["model.transformer.wte.weight"])
