@@ -1,0 +1,435 @@
+"""One benchmark: a (method, model, GPU count) training run, measured, written as one JSON result.
+
+    python -m benchmarks.run --model gpt2-124m --method oteacheck --gpus 1 --steps 60 --warmup 10 --out DIR
+
+This process is a driver. It starts the training in a child process (``--role train``), which trains
+``warmup + steps`` iterations, measures the last ``steps`` and writes its numbers. With ``--recovery`` the child
+then simulates a failure (it dies without any clean-up, in the middle of the next iteration, so shared memory and
+files stay as a crash leaves them and in-flight background writes are lost), and the driver restarts training
+from each tier the method supports (``--role recover``), timing restart to the end of the first step
+(``recovery_s_memory``, ``recovery_s_disk``) and counting the steps lost (``work_lost_steps``). ``start_s`` is the
+same time for a fresh start, for comparison.
+
+``overhead`` and ``extra_gpu_mib`` need the no-checkpointing run of the same model; ``benchmarks.matrix`` fills
+them in after all runs of a matrix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--method", required=True)
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (processes on CPU)")
+    p.add_argument("--steps", type=int, default=60, help="measured iterations")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--every-n-steps", type=int, default=1,
+                   help="checkpoint interval in optimizer steps (0: the method's own adaptive choice, checkfreq only)")
+    p.add_argument("--persist-every-n-steps", type=int, default=50, help="oteacheck: persist to local disk every N")
+    p.add_argument("--staging-mib", type=int, default=64, help="oteacheck ablations: GPU staging ring size")
+    p.add_argument("--overhead-budget", type=float, default=0.05, help="checkfreq's adaptive budget")
+    p.add_argument("--out", required=True, help="results folder")
+    p.add_argument("--smoke", action="store_true", help="tiny models on CPU, fp32")
+    p.add_argument("--accelerator", default=None, help="default: cuda if available and not --smoke, else cpu")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="stop measuring once training ran this long (at least 5 measured iterations)")
+    p.add_argument("--timeout", type=float, default=600, help="kill a child process after this many seconds")
+    p.add_argument("--recovery", action="store_true", help="simulate a failure and time the restart")
+    p.add_argument("--workdir", default=None, help="checkpoint folder (default: a fresh folder under $TMPDIR)")
+    p.add_argument("--tag", default=None, help="matrix run id, stored in the result")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--role", choices=["driver", "train", "recover"], default="driver", help=argparse.SUPPRESS)
+    p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--recover-from", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def result_name(model: str, method: str, gpus: int, every: int) -> str:
+    return f"{model}__{method}__g{gpus}__n{every}.json"
+
+
+# --- child: training ------------------------------------------------------------------------------------------
+
+
+def _accelerator(args: argparse.Namespace) -> str:
+    if args.accelerator:
+        return args.accelerator
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+
+
+def _build(args: argparse.Namespace, accelerator: str, record: Any, timer: Any, extra_callbacks: list, max_steps: int) -> tuple[Any, Any]:
+    import lightning.pytorch as pl
+
+    from . import methods, models
+
+    pl.seed_everything(args.seed, workers=True)
+    strategy, callbacks, plugins, enable_checkpointing = methods.make_strategy(args.method, accelerator, record, args)
+    module = models.BenchModule(models.spec(args.model, args.smoke), seed=args.seed)
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=args.gpus,
+        strategy=strategy,
+        precision="bf16-mixed" if accelerator == "cuda" else "32-true",
+        max_steps=max_steps,
+        callbacks=[timer, *extra_callbacks, *callbacks],
+        plugins=plugins or None,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=enable_checkpointing,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        default_root_dir=args.workdir,
+    )
+    return trainer, module
+
+
+def _write_json(path: str | Path, data: dict) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+class _OTeaCheckProbe:
+    """Reads the OTeaCheck engine's own metrics at each iteration end: a newly sealed snapshot brings its stall
+    (``oteacheck/stall_ms``), a newly persisted step its durable time."""
+
+    def __init__(self, record: Any, step_end: dict[int, float]) -> None:
+        self.record, self.step_end = record, step_end
+        self.sealed = 0
+        self.persisted: dict[str, int] = {}
+
+    def __call__(self, trainer: Any, step: int) -> None:
+        io = trainer.strategy.checkpoint_io
+        stats = io.stats
+        if stats.sealed != self.sealed:
+            self.sealed = stats.sealed
+            self.record.stall_ms.append(float(io.metrics()["oteacheck/stall_ms"]))
+            self.record.taken.append(stats.sealed_step)
+        for name, tier in stats.tiers.items():
+            if tier.persisted_step != self.persisted.get(name, -1) and tier.persisted_step in self.step_end:
+                self.persisted[name] = tier.persisted_step
+                self.record.durable(tier.persisted_step, self.step_end[tier.persisted_step], name)
+
+
+def train_child(args: argparse.Namespace) -> None:
+    accelerator = _accelerator(args)
+    if accelerator == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(args.gpus, 1)))
+    import lightning.pytorch as pl
+    import torch
+
+    from . import measure, methods
+
+    record = methods.Record(latest_file=Path(args.workdir) / f"latest-rank{os.environ.get('LOCAL_RANK', '0')}.json")
+    timer = measure.IterationTimer(args.warmup, args.steps, max_seconds=args.max_seconds)
+    step_end: dict[int, float] = {}
+    timer.on_iteration_end.append(lambda trainer, step: step_end.__setitem__(step, time.perf_counter()))
+    if args.method in methods.OTEACHECK_METHODS and args.method != "none":
+        timer.on_iteration_end.append(_OTeaCheckProbe(record, step_end))
+    done = {"written": False}
+
+    def finish(trainer: pl.Trainer, crash: bool) -> None:
+        if done["written"]:
+            return
+        done["written"] = True
+        if trainer.global_rank == 0:
+            _write_json(args.result_file, _train_result(args, trainer, timer, record, accelerator))
+        if crash:
+            # a failure: no teardown, no flush, no clean-up; background threads die mid-write
+            os._exit(17)
+
+    class Failure(pl.Callback):
+        def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            finish(trainer, crash=args.recovery)
+
+    timer.at_last_mark = lambda trainer: finish(trainer, crash=args.recovery)
+    trainer, module = _build(args, accelerator, record, timer, [Failure()], args.warmup + args.steps + 1)
+    if accelerator == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module)
+    finish(trainer, crash=False)
+
+
+def _train_result(args: argparse.Namespace, trainer: Any, timer: Any, record: Any, accelerator: str) -> dict:
+    import torch
+
+    from . import measure, methods, models
+
+    times = timer.iteration_ms()
+    steps = timer.measured_steps()
+    window = {s + 1 for s in steps}
+    stats = measure.summarize(times)
+    in_window = [i for i, s in enumerate(record.taken) if s in window]
+    stall = measure.summarize([record.stall_ms[i] for i in in_window if i < len(record.stall_ms)] or record.stall_ms)
+    durable = measure.summarize(record.durable_s)
+    seconds = sum(times) / 1e3
+    checkpoints = len(in_window)
+    tensors, _ = methods.rank_state(trainer)
+    state_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    every = args.every_n_steps
+    if record.every_n_steps_chosen:
+        every = record.every_n_steps_chosen[-1]
+    iter_s = (stats["mean"] or 0) / 1e3
+    lag_steps = (durable["median"] / iter_s) if durable["median"] is not None and iter_s > 0 else None
+    return {
+        "status": "ok",
+        "card": measure.card(),
+        "accelerator": accelerator,
+        "gpus": args.gpus,
+        "model": args.model,
+        "method": args.method,
+        "baseline_method": methods.baseline_of(args.method),
+        "smoke": args.smoke,
+        "precision": "bf16-mixed" if accelerator == "cuda" else "32-true",
+        "zero_stage": 2,
+        "batch": models.spec(args.model, args.smoke).batch,
+        "params": models.parameter_count(trainer.lightning_module),
+        "state_mib_per_rank": state_bytes / 2**20,
+        "every_n_steps": every,
+        "every_n_steps_requested": args.every_n_steps,
+        "every_n_steps_history": record.every_n_steps_chosen,
+        "persist_every_n_steps": args.persist_every_n_steps if args.method.startswith("oteacheck") else None,
+        "steps_measured": len(times),
+        "warmup": args.warmup,
+        "stopped_early": timer.stopped_early,
+        "iter_ms": times,
+        "iter_ms_median": stats["median"],
+        "iter_ms_p90": stats["p90"],
+        "iter_ms_mean": stats["mean"],
+        "overhead": None,
+        "overhead_median": None,
+        "checkpoints": checkpoints,
+        "checkpoints_per_hour": checkpoints / seconds * 3600 if seconds > 0 else None,
+        "stall_ms": [record.stall_ms[i] for i in in_window if i < len(record.stall_ms)],
+        "stall_ms_median": stall["median"],
+        "stall_ms_p90": stall["p90"],
+        "durable_s": durable["median"],
+        "durable_s_p90": durable["p90"],
+        "durable_count": len(record.durable_s),
+        "work_lost_steps_expected": (methods.expected_work_lost(every, lag_steps)
+                                     if lag_steps is not None and args.method not in ("none", "none-deepspeed") else None),
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if accelerator == "cuda" else None,
+        "extra_gpu_mib": None,
+        "host_rss_mib": measure.peak_rss_mib(),
+        "errors": list(record.errors),
+        "notes": list(record.notes),
+        "failed_at_step": trainer.global_step,
+        "first_step_end_wall": timer.first_step_end_wall,
+        "versions": measure.versions(),
+    }
+
+
+# --- child: recovery -----------------------------------------------------------------------------------------
+
+
+def recover_child(args: argparse.Namespace) -> None:
+    accelerator = _accelerator(args)
+    if accelerator == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import lightning.pytorch as pl
+    import torch
+
+    from . import measure, methods
+
+    record = methods.Record()
+    timer = measure.IterationTimer(0, 10**9)
+    loaded: dict[str, Any] = {}
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    latest_file = Path(args.workdir) / f"latest-rank{rank}.json"
+
+    class Load(pl.Callback):
+        """Loads the method's newest durable checkpoint into the engine before the first step (methods that
+        Lightning cannot resume by itself)."""
+
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            if args.method in methods.OTEACHECK_METHODS or args.method == "sync-deepspeed":
+                return
+            latest = json.loads(latest_file.read_text())
+            device = trainer.strategy.root_device
+            if args.method == "dcp-async":
+                import torch.distributed as dist
+                import torch.distributed.checkpoint as dcp
+
+                side = torch.load(Path(latest["location"]) / f"bench-meta-rank{trainer.global_rank}.pt", weights_only=False)
+                state = {f"rank{trainer.global_rank}/{k}": torch.empty(shape, dtype=getattr(torch, dtype.split(".")[-1]), device=device)
+                         for k, (shape, dtype) in side["shapes"].items()}
+                group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+                dcp.load(state, checkpoint_id=latest["location"], process_group=group, no_dist=group is None)
+                prefix = f"rank{trainer.global_rank}/"
+                tensors, meta, step = {k[len(prefix):]: v for k, v in state.items()}, side["meta"], side["step"]
+            else:
+                saved = torch.load(latest["location"], map_location=device, weights_only=False)
+                tensors, meta, step = saved["tensors"], saved["meta"], saved["step"]
+            methods.restore_rank_state(trainer, tensors, meta)
+            loaded["step"] = step
+
+    def first_step(trainer: pl.Trainer, step: int) -> None:
+        if trainer.global_rank == 0:
+            resumed = getattr(trainer.strategy, "resumed_from", None) or {}
+            out = {"first_step_end_wall": time.time(), "resumed_step": loaded.get("step", resumed.get("step")),
+                   "source": resumed.get("source", args.recover_from)}
+            if args.method == "sync-deepspeed":
+                out["resumed_step"] = json.loads(latest_file.read_text())["step"]
+            _write_json(args.result_file, out)
+        os._exit(0)  # the restart is measured; nothing else to do
+
+    timer.on_iteration_end.append(first_step)
+    trainer, module = _build(args, accelerator, record, timer, [Load()], 10**9)
+    ckpt_path: str | None = None
+    if args.method in methods.OTEACHECK_METHODS:
+        ckpt_path = "last"
+    elif args.method == "sync-deepspeed":
+        ckpt_path = json.loads(latest_file.read_text())["location"]
+    trainer.fit(module, ckpt_path=ckpt_path)
+
+
+# --- driver -------------------------------------------------------------------------------------------------
+
+
+def _child(args: argparse.Namespace, role: str, result_file: Path, env: dict[str, str], extra: list[str]) -> tuple[float, subprocess.CompletedProcess | None, str]:
+    cmd = [sys.executable, "-m", "benchmarks.run", *_forward(args), "--role", role, "--result-file", str(result_file), *extra]
+    launched = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        return launched, None, f"timed out after {args.timeout:.0f} s\n{output[-4000:]}"
+    return launched, subprocess.CompletedProcess(cmd, proc.returncode, output), output
+
+
+def _forward(args: argparse.Namespace) -> list[str]:
+    out = ["--model", args.model, "--method", args.method, "--gpus", str(args.gpus), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--every-n-steps", str(args.every_n_steps),
+           "--persist-every-n-steps", str(args.persist_every_n_steps), "--staging-mib", str(args.staging_mib),
+           "--overhead-budget", str(args.overhead_budget), "--out", args.out, "--workdir", args.workdir,
+           "--seed", str(args.seed)]
+    if args.smoke:
+        out.append("--smoke")
+    if args.accelerator:
+        out += ["--accelerator", args.accelerator]
+    if args.max_seconds is not None:
+        out += ["--max-seconds", str(args.max_seconds)]
+    if args.recovery:
+        out.append("--recovery")
+    return out
+
+
+def _error_tail(output: str) -> str:
+    lines = [ln for ln in output.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln or "Exception" in ln or "error" in ln:
+            return ln.strip()[:500]
+    return (lines[-1] if lines else "no output")[:500]
+
+
+def drive(args: argparse.Namespace, command: str) -> dict:
+    from . import methods
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    own_workdir = args.workdir is None
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="oteacheck-bench-")
+    shm = Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()) / f"oteacheck-bench-{uuid.uuid4().hex[:8]}"
+    env = dict(os.environ)
+    env.update(OTEACHECK_JOB_ID=f"bench-{uuid.uuid4().hex[:8]}", OTEACHECK_MEMORY_DIR=str(shm),
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")) if p))
+    base = {"model": args.model, "method": args.method, "gpus": args.gpus, "every_n_steps": args.every_n_steps,
+            "baseline_method": methods.baseline_of(args.method) if args.method in methods.METHODS else None,
+            "smoke": args.smoke, "command": command, "tag": args.tag}
+    result_file = Path(args.workdir) / "train-result.json"
+    try:
+        if args.method not in methods.METHODS:
+            raise SystemExit(f"unknown method {args.method!r}; choose from {', '.join(methods.METHODS)}")
+        launched, proc, output = _child(args, "train", result_file, env, [])
+        if not result_file.exists():
+            result = {**base, "status": "error", "error": _error_tail(output), "log_tail": output[-3000:]}
+        else:
+            result = {**base, **json.loads(result_file.read_text()), "command": command, "tag": args.tag}
+            if result.get("first_step_end_wall"):
+                result["start_s"] = result["first_step_end_wall"] - launched
+            result["recovery_s_memory"] = result["recovery_s_disk"] = result["work_lost_steps"] = None
+            result["recovered_step"] = {}
+            if args.recovery and args.method in methods.RECOVERY:
+                for source in methods.RECOVERY[args.method]:
+                    _recover(args, env, source, shm, result)
+            elif args.recovery:
+                result["notes"].append("recovery not measured for this method")
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+        if own_workdir:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+    path = out / result_name(args.model, args.method, args.gpus, args.every_n_steps)
+    _write_json(path, result)
+    return result
+
+
+def _recover(args: argparse.Namespace, env: dict[str, str], source: str, shm: Path, result: dict) -> None:
+    env = dict(env)
+    if source == "disk":
+        # a node failure: the shared memory is gone, only the disk tier is left
+        env["OTEACHECK_MEMORY_DIR"] = str(shm) + "-empty"
+    file = Path(args.workdir) / f"recover-{source}.json"
+    launched, proc, output = _child(args, "recover", file, env, ["--recover-from", source])
+    shutil.rmtree(str(shm) + "-empty", ignore_errors=True)
+    if not file.exists():
+        result["errors"].append(f"recovery from {source}: {_error_tail(output)}")
+        return
+    got = json.loads(file.read_text())
+    result[f"recovery_s_{source}"] = got["first_step_end_wall"] - launched
+    result["recovered_step"][source] = {"step": got["resumed_step"], "source": got.get("source")}
+    if got.get("resumed_step") is not None:
+        lost = result["failed_at_step"] - int(got["resumed_step"])
+        # the number that matters: a process crash (memory tier when the method has one)
+        if result["work_lost_steps"] is None:
+            result["work_lost_steps"] = lost
+        result[f"work_lost_steps_{source}"] = lost
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if args.role == "train":
+        try:
+            train_child(args)
+        except BaseException:
+            traceback.print_exc()
+            raise
+        return
+    if args.role == "recover":
+        recover_child(args)
+        return
+    command = "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    result = drive(args, command)
+    keys = ("status", "iter_ms_median", "stall_ms_median", "durable_s", "recovery_s_memory", "recovery_s_disk", "error")
+    print(json.dumps({k: result.get(k) for k in keys if k in result}))
+
+
+if __name__ == "__main__":
+    main()
