@@ -43,7 +43,10 @@ class SyntheticData(pl.LightningDataModule):
 
 def adamw_with_warmup(module: pl.LightningModule, lr: float, weight_decay: float, warmup_steps: int,
                       max_steps: int) -> dict:
-    """AdamW with linear warm-up then cosine decay, stepped every optimizer step."""
+    """AdamW with linear warm-up then cosine decay over ``max_steps``, stepped every optimizer step.
+
+    The modules take ``decay_steps`` for ``max_steps`` (default: the trainer's ``max_steps``): set it when a run
+    may be resumed with a different ``trainer.max_steps``, or the schedule changes at the resume."""
     optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
 
     def factor(step: int) -> float:

@@ -148,7 +148,7 @@ class _Classifier(pl.LightningModule):
     def configure_optimizers(self) -> dict:
         hp = self.hparams
         return adamw_with_warmup(self, hp.lr, hp.weight_decay, hp.warmup_steps,
-                                 int(self.trainer.estimated_stepping_batches))
+                                 hp.decay_steps or int(self.trainer.estimated_stepping_batches))
 
 
 class ResNetModule(_Classifier):
@@ -156,7 +156,8 @@ class ResNetModule(_Classifier):
 
     def __init__(self, arch: str = "builtin", layers: tuple[int, ...] = (3, 4, 6, 3), block: str = "bottleneck",
                  width: int = 64, small_input: bool = False, num_classes: int = 1000, lr: float = 1e-3,
-                 weight_decay: float = 0.05, warmup_steps: int = 100, label_smoothing: float = 0.1) -> None:
+                 weight_decay: float = 0.05, warmup_steps: int = 100, decay_steps: int | None = None,
+                 label_smoothing: float = 0.1) -> None:
         super().__init__(num_classes, lr, weight_decay, warmup_steps, label_smoothing)
         self.save_hyperparameters()
         self.net = build(arch, num_classes, ResNet, layers=tuple(layers), block=block, width=width,
@@ -169,7 +170,7 @@ class ViTModule(_Classifier):
     def __init__(self, arch: str = "builtin", image_size: int = 224, patch_size: int = 16, dim: int = 768,
                  depth: int = 12, heads: int = 12, mlp_dim: int = 3072, dropout: float = 0.0,
                  num_classes: int = 1000, lr: float = 1e-3, weight_decay: float = 0.05, warmup_steps: int = 100,
-                 label_smoothing: float = 0.1) -> None:
+                 decay_steps: int | None = None, label_smoothing: float = 0.1) -> None:
         super().__init__(num_classes, lr, weight_decay, warmup_steps, label_smoothing)
         self.save_hyperparameters()
         self.net = build(arch, num_classes, ViT, image_size=image_size, patch_size=patch_size, dim=dim,

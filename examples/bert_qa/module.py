@@ -18,7 +18,7 @@ class BertQAModule(pl.LightningModule):
     def __init__(self, vocab_size: int = 30522, hidden_size: int = 768, num_hidden_layers: int = 12,
                  num_attention_heads: int = 12, intermediate_size: int = 3072, max_position_embeddings: int = 512,
                  seq_len: int = 384, dropout: float = 0.1, lr: float = 5e-5, weight_decay: float = 0.01,
-                 warmup_steps: int = 100) -> None:
+                 warmup_steps: int = 100, decay_steps: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         from transformers import BertConfig, BertForQuestionAnswering
@@ -48,7 +48,7 @@ class BertQAModule(pl.LightningModule):
     def configure_optimizers(self) -> dict:
         hp = self.hparams
         return adamw_with_warmup(self, hp.lr, hp.weight_decay, hp.warmup_steps,
-                                 int(self.trainer.estimated_stepping_batches))
+                                 hp.decay_steps or int(self.trainer.estimated_stepping_batches))
 
 
 class SyntheticQA(SyntheticData):

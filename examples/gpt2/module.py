@@ -15,7 +15,7 @@ class GPT2Module(pl.LightningModule):
 
     def __init__(self, vocab_size: int = 50257, n_positions: int = 1024, n_embd: int = 768, n_layer: int = 12,
                  n_head: int = 12, dropout: float = 0.1, lr: float = 6e-4, weight_decay: float = 0.1,
-                 warmup_steps: int = 100) -> None:
+                 warmup_steps: int = 100, decay_steps: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -40,7 +40,7 @@ class GPT2Module(pl.LightningModule):
     def configure_optimizers(self) -> dict:
         hp = self.hparams
         return adamw_with_warmup(self, hp.lr, hp.weight_decay, hp.warmup_steps,
-                                 int(self.trainer.estimated_stepping_batches))
+                                 hp.decay_steps or int(self.trainer.estimated_stepping_batches))
 
 
 class _Progressions(torch.utils.data.Dataset):
