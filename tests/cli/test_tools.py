@@ -1,0 +1,150 @@
+"""The checkpoint tools on checkpoints written with the real format and tier code (no training needed)."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from oteacheck_lightning import cli, tools
+from oteacheck_lightning.format import Manifest, add_checksums, plan_layout
+from oteacheck_lightning.tiers import CheckpointDir, FsspecTier
+
+# a ZeRO-2-like layout: parameters a (3x4) and b (5) back to back in one flat group of 18 elements (one element of
+# padding), cut into two partitions of 9; a spans both ranks
+A = torch.arange(12, dtype=torch.float32).view(3, 4)
+B = torch.arange(100, 105, dtype=torch.float32)
+FLAT = torch.cat([A.view(-1), B, torch.zeros(1)])
+BN = torch.tensor([7.0, 8.0])
+PMAP = [
+    {"groups": [{"master": "fp32/0", "params": [
+        {"name": "_forward_module.a", "shape": [3, 4], "segments": [[0, 0, 9]]},
+        {"name": "_forward_module.b", "shape": [5], "segments": []}]}],
+     "frozen": [], "aliases": {"_forward_module.tied": "_forward_module.a"}, "buffers": ["_forward_module.bn"]},
+    {"groups": [{"master": "fp32/0", "params": [
+        {"name": "_forward_module.a", "shape": [3, 4], "segments": [[9, 0, 3]]},
+        {"name": "_forward_module.b", "shape": [5], "segments": [[0, 3, 5]]}]}],
+     "frozen": [], "aliases": {"_forward_module.tied": "_forward_module.a"}, "buffers": ["_forward_module.bn"]},
+]
+
+
+def write_rank(directory: CheckpointDir, step: int, rank: int, param_map: bool = True) -> None:
+    named = [("fp32/0", FLAT[rank * 9 : (rank + 1) * 9].clone()), ("optim/fp32/0/exp_avg", torch.ones(9)),
+             ("buffer/_forward_module.bn", BN.clone())]
+    records, data_bytes = plan_layout(named)
+    buffer = torch.zeros(data_bytes, dtype=torch.uint8)
+    for record, (_, t) in zip(records, named):
+        buffer[record.offset : record.offset + record.nbytes] = t.view(-1).view(torch.uint8)
+    deepspeed = {"stage": 2, **({"param_map": PMAP[rank]} if param_map else {})}
+    manifest = Manifest(step, rank, 2, data_bytes, records, {"main": {"deepspeed": deepspeed}, "rng": {}})
+    view = memoryview(buffer.numpy())
+    add_checksums(manifest, view)
+    directory.write_rank(manifest, view)
+
+
+@pytest.fixture
+def tier(tmp_path):
+    root = tmp_path / "tier"
+    t = FsspecTier(str(root))
+    for step in (10, 20, 30):
+        for rank in (0, 1):
+            write_rank(t.checkpoint(step), step, rank)
+    write_rank(t.checkpoint(40), 40, 0)  # rank 1 has not committed step 40 (yet)
+    return root
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_ls_lists_steps_ranks_sizes_and_commits(tier, capsys):
+    code, out, _ = run(capsys, "ls", str(tier))
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["STEP", "RANKS", "SIZE", "COMMITTED", "VERIFIED"]
+    assert [line.split()[0] for line in lines[1:]] == ["10", "20", "30", "40"]
+    assert lines[-1].split()[1] == "1/2" and "no" in lines[-1].split()
+    code, out, _ = run(capsys, "ls", str(tier), "--json", "--verify")
+    assert code == 0
+    doc = json.loads(out)
+    assert [(c["step"], c["committed"], c["verified"]) for c in doc] == [
+        (10, True, True), (20, True, True), (30, True, True), (40, False, None)]
+
+
+def test_verify_detects_a_flipped_bit_and_names_the_tensor(tier, capsys):
+    assert run(capsys, "verify", str(tier))[0] == tools.Exit.OK
+    data = tier / "step-000000020" / "rank-00001.data"
+    raw = bytearray(data.read_bytes())
+    raw[5] ^= 0x10
+    data.write_bytes(raw)
+    code, out, _ = run(capsys, "verify", str(tier))
+    assert code == tools.Exit.CORRUPT == 4
+    assert "step 20 rank 1: CORRUPT data: checksum mismatch in tensor 'fp32/0'" in out
+    assert "step 30 rank 1: ok" in out
+    assert run(capsys, "verify", str(tier), "--step", "30")[0] == tools.Exit.OK
+    assert run(capsys, "ls", str(tier), "--verify")[0] == tools.Exit.CORRUPT
+
+
+def test_exit_codes_for_not_found_and_usage(tmp_path, capsys):
+    code, _, err = run(capsys, "ls", str(tmp_path / "nowhere"))
+    assert code == tools.Exit.NOT_FOUND == 3
+    assert err.startswith("oteacheck ls: error: ") and "does not exist" in err
+    assert run(capsys, "verify", str(tmp_path))[0] == tools.Exit.NOT_FOUND
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["gc", str(tmp_path)])  # --keep is required
+    assert exc.value.code == tools.Exit.USAGE == 2
+    assert run(capsys, "gc", str(tmp_path), "--keep", "0")[0] == tools.Exit.USAGE
+
+
+def test_gc_keeps_the_newest_complete_checkpoints_and_newer_writes(tier, capsys):
+    code, out, _ = run(capsys, "gc", str(tier), "--keep", "2", "--dry-run")
+    assert code == 0 and "would remove 1 checkpoint(s): steps [10]" in out
+    assert (tier / "step-000000010").exists()
+    code, out, _ = run(capsys, "gc", str(tier), "--keep", "1", "--json")
+    assert code == 0 and json.loads(out) == {"removed": [10, 20], "dry_run": False}
+    assert FsspecTier(str(tier)).steps() == [30, 40]  # 40 is not complete, but newer: maybe a write in progress
+
+
+def test_export_consolidates_partitions_from_every_rank(tier, tmp_path, capsys):
+    out = tmp_path / "w.safetensors"
+    code, text, _ = run(capsys, "export", str(tier), str(out))
+    assert code == 0 and "of step 30 (ZeRO 2, 2 ranks)" in text  # step 40 is incomplete
+    weights = load_file(str(out))
+    assert sorted(weights) == ["a", "b", "bn", "tied"]
+    assert torch.equal(weights["a"], A) and torch.equal(weights["b"], B) and torch.equal(weights["bn"], BN)
+    assert torch.equal(weights["tied"], A)
+    assert run(capsys, "export", str(tier / "step-000000010"), str(out))[0] == 0
+    assert load_file(str(out))["b"].equal(B)
+    assert run(capsys, "export", str(tier), str(out), "--step", "40")[0] == tools.Exit.NOT_FOUND
+
+
+def test_export_refuses_a_corrupt_master_and_a_checkpoint_without_a_map(tmp_path, capsys):
+    root = FsspecTier(str(tmp_path / "old"))
+    for rank in (0, 1):
+        write_rank(root.checkpoint(5), 5, rank, param_map=False)
+    code, _, err = run(capsys, "export", str(tmp_path / "old"), str(tmp_path / "w.safetensors"))
+    assert code == tools.Exit.UNSUPPORTED == 5 and "no parameter map" in err
+    good = FsspecTier(str(tmp_path / "good"))
+    for rank in (0, 1):
+        write_rank(good.checkpoint(5), 5, rank)
+    data = tmp_path / "good" / "step-000000005" / "rank-00000.data"
+    raw = bytearray(data.read_bytes())
+    raw[0] ^= 1
+    data.write_bytes(raw)
+    code, _, err = run(capsys, "export", str(tmp_path / "good"), str(tmp_path / "w.safetensors"))
+    assert code == tools.Exit.CORRUPT and "checksum mismatch in tensor 'fp32/0'" in err
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_the_tools_never_unpickle(tier, tmp_path, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tool tried to unpickle")
+
+    for target, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
+        monkeypatch.setattr(target, name, refuse)
+    assert run(capsys, "ls", str(tier), "--verify")[0] == 0
+    assert run(capsys, "verify", str(tier))[0] == 0
+    assert run(capsys, "export", str(tier), str(tmp_path / "w.safetensors"))[0] == 0
