@@ -1,0 +1,243 @@
+"""Turns a results folder into ``docs/benchmarks.md`` (tables) and ``docs/benchmarks/*.png`` (plots).
+
+    python -m benchmarks.report --results docs/benchmarks/results
+
+Only measured results go in: smoke results (tiny models on CPU) are left out unless ``--include-smoke`` is given
+(for checking the report itself, never for committing), and estimated intervals are shown as estimates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+HOW_TO = """\
+## How to produce them
+
+On a machine with one or more CUDA GPUs (see `benchmarks/gpu_run.sh` for a machine without network access, which
+installs the wheels carried in `.whl/` first):
+
+```bash
+# issue 3: the engine against no checkpointing and its ablations, one GPU
+python -m benchmarks.matrix --models gpt2-124m,gpt2-355m \\
+    --methods none,oteacheck-naive,oteacheck-eager,oteacheck --out docs/benchmarks/results --budget-s 540
+# issue 5: the comparison (add --search-5pct for each method's shortest interval within 5%)
+python -m benchmarks.matrix --models gpt2-124m,gpt2-355m,bert-large-qa,resnet50,vit-b16 \\
+    --methods oteacheck,sync-torch-save,sync-deepspeed,checkfreq,torchsnapshot,dcp-async,lightning-async \\
+    --recovery oteacheck,sync-torch-save,sync-deepspeed,checkfreq,dcp-async --out docs/benchmarks/results
+# one row
+python -m benchmarks.run --model gpt2-124m --method oteacheck --gpus 1 --steps 60 --warmup 10 --out DIR
+# this page
+python -m benchmarks.report --results docs/benchmarks/results
+```
+"""
+
+METHODS_TEXT = """\
+## What is compared
+
+Every run trains the model with Lightning and DeepSpeed ZeRO-2, bf16 (`precision="bf16-mixed"`), AdamW, on the
+same synthetic batches (made once on the GPU from a fixed seed), for `warmup` iterations and then `steps` measured
+ones. Each method runs in its own process.
+
+| method | what it does | strategy |
+| --- | --- | --- |
+| `none` | no checkpoint (baseline of the OTeaCheck rows) | `OTeaCheckStrategy`, snapshots off |
+| `none-deepspeed` | no checkpoint (baseline of the other rows) | Lightning `DeepSpeedStrategy` |
+| `oteacheck` | in-memory snapshot every `every_n_steps`, persisted to local disk every `persist_every_n_steps` | `OTeaCheckStrategy` |
+| `oteacheck-naive`, `oteacheck-eager` | the same with `OTeaCheckpointIO(schedule="naive" / "eager", staging_mib=64)`: per-tensor copies at iteration start; bucket partitions without bubble scheduling | `OTeaCheckStrategy` |
+| `sync-torch-save` | `torch.save` of the rank's state + `fsync`, on the training thread | `DeepSpeedStrategy` |
+| `sync-deepspeed` | `trainer.save_checkpoint`, i.e. DeepSpeed's `engine.save_checkpoint` | `DeepSpeedStrategy` |
+| `checkfreq` | CheckFreq (FAST'21), written from the paper: pipelined GPU-side snapshot, background persist, adaptive interval within 5% | `DeepSpeedStrategy` |
+| `torchsnapshot` | `Snapshot.async_take`, one take in flight | `DeepSpeedStrategy` |
+| `dcp-async` | `torch.distributed.checkpoint.async_save` with `DefaultStager` (pinned, shared-memory staging) where the installed torch has it; staging waited for before the next optimizer step | `DeepSpeedStrategy` |
+| `lightning-async` | Lightning's `AsyncCheckpointIO`. `DeepSpeedStrategy.save_checkpoint` ignores CheckpointIO plugins, so the plugin alone does nothing under DeepSpeed; the run uses the smallest user fix, a `DeepSpeedStrategy` subclass whose `save_checkpoint` hands Lightning's checkpoint dict to the plugin, one file per rank, with at most one save in flight (the plugin clones every tensor on the GPU and queues without bound) | `DeepSpeedStrategy` subclass (`benchmarks/methods.py`) |
+
+Unless noted, the methods save the same tensors, this rank's DeepSpeed training state (fp32 master partition,
+AdamW moments, buffers); `sync-deepspeed` saves DeepSpeed's format and `lightning-async` Lightning's dict.
+
+## What the columns mean
+
+* **iter ms**: median and p90 of the measured iterations, from the start of one training batch to the start of
+  the next (CUDA events on the training stream, so neither a host stall nor device work is missed).
+* **overhead**: mean iteration time over the baseline's (same model, GPU count and matrix run): the throughput
+  cost, which also counts the iterations between checkpoints; **ovh. median**: the same with medians.
+* **stall ms**: per checkpoint, how long the training thread was held (OTeaCheck: its `oteacheck/stall_ms`).
+* **ckpt/h**: checkpoints completed per hour of training at the measured speed.
+* **extra GPU MiB**: peak allocated GPU memory over the baseline's (`torch.cuda.max_memory_allocated`).
+* **host RSS MiB**: peak resident memory of the rank-0 process (shared-memory slots it touched included).
+* **durable s**: median time from the end of a checkpoint's step until it is complete on disk.
+* **recovery s (memory / disk)**: restart of the training process to the end of its first step, resuming from the
+  in-memory tier (a process crash; the node survives) or from disk (a node loss); **start s** is the same for a
+  fresh start with no checkpoint. **lost steps**: steps lost at the simulated failure (a crash mid-iteration,
+  after the measured steps).
+"""
+
+
+def load(dirs: list[Path], include_smoke: bool) -> list[dict]:
+    rows = []
+    for d in dirs:
+        for path in sorted(Path(d).glob("*.json")):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if not isinstance(data, dict) or "method" not in data or "model" not in data:
+                continue
+            if data.get("smoke") and not include_smoke:
+                continue
+            data["_file"] = path.name
+            rows.append(data)
+    return rows
+
+
+def _f(value: Any, fmt: str = "{:.1f}") -> str:
+    if value is None:
+        return "–"
+    try:
+        return fmt.format(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| model | GPUs | method | every n | iter ms (median / p90) | overhead | ovh. median | stall ms | ckpt/h "
+            "| extra GPU MiB | host RSS MiB | durable s | recovery s (memory / disk) | start s | lost steps | note |")
+    lines = [head, "|" + "|".join([" --- "] * 16) + "|"]
+    order = {m: i for i, m in enumerate(["none", "oteacheck-naive", "oteacheck-eager", "oteacheck", "none-deepspeed",
+                                         "sync-torch-save", "sync-deepspeed", "checkfreq", "torchsnapshot", "dcp-async",
+                                         "lightning-async"])}
+    for r in sorted(rows, key=lambda r: (r["model"], r.get("gpus", 1), order.get(r["method"], 99), r.get("every_n_steps") or 0)):
+        status = r.get("status")
+        note = ""
+        if status == "error":
+            note = "**did not run**: " + str(r.get("error", ""))[:200].replace("|", "/")
+        elif status == "estimated":
+            note = "estimate, not measured"
+        elif r.get("stopped_early"):
+            note = f"time limit: {r.get('steps_measured')} iterations measured"
+        if r.get("errors"):
+            note += (" " if note else "") + "errors: " + "; ".join(r["errors"])[:200].replace("|", "/")
+        ovh = _f(r.get("overhead"), "{:.3f}x")
+        if status == "estimated":
+            ovh = f"~{ovh} (est.)"
+        lines.append("| " + " | ".join([
+            r["model"], str(r.get("gpus")), f"`{r['method']}`", str(r.get("every_n_steps")),
+            f"{_f(r.get('iter_ms_median'))} / {_f(r.get('iter_ms_p90'))}", ovh, _f(r.get("overhead_median"), "{:.3f}x"),
+            _f(r.get("stall_ms_median")), _f(r.get("checkpoints_per_hour"), "{:.0f}"), _f(r.get("extra_gpu_mib"), "{:.0f}"),
+            _f(r.get("host_rss_mib"), "{:.0f}"), _f(r.get("durable_s"), "{:.2f}"),
+            f"{_f(r.get('recovery_s_memory'))} / {_f(r.get('recovery_s_disk'))}", _f(r.get("start_s")),
+            _f(r.get("work_lost_steps"), "{}"), note]) + " |")
+    return "\n".join(lines)
+
+
+def plots(rows: list[dict], outdir: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    outdir.mkdir(parents=True, exist_ok=True)
+    made = []
+    every1 = [r for r in rows if r.get("status") == "ok" and r.get("every_n_steps") == 1 and r.get("overhead") is not None
+              and r["method"] not in ("none", "none-deepspeed") and r.get("gpus") == 1]
+    if every1:
+        models = sorted({r["model"] for r in every1})
+        methods = sorted({r["method"] for r in every1})
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(models) * max(1, len(methods)) / 3), 4))
+        width = 0.8 / len(methods)
+        for i, m in enumerate(methods):
+            ys = [next((r["overhead"] for r in every1 if r["model"] == mo and r["method"] == m), float("nan")) for mo in models]
+            ax.bar([x + i * width for x in range(len(models))], ys, width, label=m)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.axhline(1.05, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(models))], models)
+        ax.set_ylabel("iteration time / no checkpointing")
+        ax.set_yscale("log")
+        ax.set_title("Overhead of a checkpoint every iteration (1 GPU)")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(outdir / "overhead.png", dpi=120)
+        plt.close(fig)
+        made.append("overhead.png")
+    rec = [r for r in rows if r.get("status") == "ok" and (r.get("recovery_s_memory") or r.get("recovery_s_disk"))]
+    if rec:
+        labels = [f"{r['model']}\n{r['method']}" for r in rec]
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rec)), 4))
+        xs = range(len(rec))
+        ax.bar([x - 0.27 for x in xs], [r.get("start_s") or 0 for r in rec], 0.27, label="fresh start")
+        ax.bar(list(xs), [r.get("recovery_s_memory") or 0 for r in rec], 0.27, label="from memory")
+        ax.bar([x + 0.27 for x in xs], [r.get("recovery_s_disk") or 0 for r in rec], 0.27, label="from disk")
+        ax.set_xticks(list(xs), labels, fontsize=7)
+        ax.set_ylabel("seconds, process start to end of first step")
+        ax.set_title("Recovery time")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(outdir / "recovery.png", dpi=120)
+        plt.close(fig)
+        made.append("recovery.png")
+    return made
+
+
+def render(rows: list[dict], images: list[str], results_rel: str, images_rel: str = "benchmarks") -> str:
+    parts = ["# Benchmarks", ""]
+    measured = [r for r in rows if r.get("status") == "ok"]
+    if not measured:
+        parts += ["**No measured numbers yet.** The harness is in `benchmarks/`; the GPU run that produces the numbers "
+                  "has not happened (numbers from the CPU smoke runs are never reported here: tiny models on two CPU "
+                  "cores say nothing about GPU checkpointing).", "", HOW_TO, METHODS_TEXT]
+        return "\n".join(parts)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r.get("card") or "?", r.get("tag") or "?")].append(r)
+    parts += [f"Measured results: {len(measured)} runs, JSON files in `{results_rel}`. Only the rows below exist; "
+              "anything not listed was not measured. `ovh.` is against no checkpointing on the same strategy in the same "
+              "matrix run.", ""]
+    for image in images:
+        parts += [f"![{image}]({images_rel}/{image})", ""]
+    for (card, tag), rs in sorted(groups.items()):
+        v = next((r.get("versions") for r in rs if r.get("versions")), {}) or {}
+        parts += [f"## {card}, matrix `{tag}`", "",
+                  "Versions: " + ", ".join(f"{k} {v[k]}" for k in ("torch", "lightning", "deepspeed", "cuda", "python",
+                                                                    "transformers", "torchvision", "oteacheck_commit") if v.get(k)),
+                  "", table(rs), "", "<details><summary>commands</summary>", "", "```"]
+        parts += sorted({r.get("command") or "" for r in rs if r.get("command")})
+        parts += ["```", "", "</details>", ""]
+        notes = sorted({f"`{r['method']}` ({r['model']}): {n}" for r in rs for n in r.get("notes") or []})
+        if notes:
+            parts += ["Notes:", ""] + [f"* {n}" for n in notes] + [""]
+    parts += [METHODS_TEXT, HOW_TO]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", nargs="+", default=[str(ROOT / "docs" / "benchmarks" / "results")])
+    p.add_argument("--markdown", default=str(ROOT / "docs" / "benchmarks.md"))
+    p.add_argument("--plots", default=str(ROOT / "docs" / "benchmarks"))
+    p.add_argument("--include-smoke", action="store_true", help="for checking the report only; never commit the output")
+    args = p.parse_args(argv)
+    rows = load([Path(d) for d in args.results], args.include_smoke)
+    images = plots(rows, Path(args.plots)) if rows else []
+    md = Path(args.markdown)
+    try:
+        results_rel = str(Path(args.results[0]).resolve().relative_to(md.parent.resolve().parent))
+    except ValueError:
+        results_rel = args.results[0]
+    try:
+        images_rel = str(Path(args.plots).resolve().relative_to(md.parent.resolve()))
+    except ValueError:
+        images_rel = str(Path(args.plots).resolve())
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(render(rows, images, results_rel, images_rel))
+    print(f"wrote {md} ({len(rows)} results) and {len(images)} plots")
+
+
+if __name__ == "__main__":
+    main()
