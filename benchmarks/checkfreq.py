@@ -49,8 +49,8 @@ class CheckFreq(pl.Callback):
         self.meta: dict[str, Any] | None = None
         self.copy_on_gpu = False
         self.snap_event: Any = None
-        self.side = torch.cuda.Stream() if self.cuda else None
-        self.persist_stream = torch.cuda.Stream() if self.cuda else None
+        self.side: Any = None  # CUDA streams, made in setup() once this rank's device is current
+        self.persist_stream: Any = None
         self.persist_thread: threading.Thread | None = None
         self.persist_s: float | None = None
         self.cost_s: float | None = None
@@ -61,6 +61,11 @@ class CheckFreq(pl.Callback):
         self._pending_cost = 0.0
         self.next_step: int | None = None
         self.count = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.cuda:
+            device = trainer.strategy.root_device
+            self.side, self.persist_stream = torch.cuda.Stream(device), torch.cuda.Stream(device)
 
     # --- timing (synchronized only around the iterations being measured) ------------------------------------
 

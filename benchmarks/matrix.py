@@ -61,6 +61,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--first-run-estimate", type=float, default=None, help="assumed duration of a run before any finished")
     p.add_argument("--tag", default=None, help="matrix id; results with the same tag share baselines")
     p.add_argument("--no-reuse", action="store_true", help="rerun even if a result of this tag exists")
+    p.add_argument("--no-baselines", action="store_true", help="do not add the no-checkpointing runs (e.g. restart-time runs)")
     p.add_argument("--dry-run", action="store_true", help="print the plan only")
     return p
 
@@ -163,7 +164,8 @@ class Matrix:
                     if b not in needed:
                         needed.append(b)
                 for b in needed:
-                    jobs.append((model, b, gpus, 1))
+                    if not a.no_baselines or b in methods:
+                        jobs.append((model, b, gpus, 1))
                 for every in [int(e) for e in a.every_n_steps.split(",")]:
                     for m in methods:
                         if m not in ("none", "none-deepspeed"):

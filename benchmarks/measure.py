@@ -55,6 +55,10 @@ class IterationTimer(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._mark(trainer.global_step)
+        if (self.max_seconds is not None and len(self._marks) <= self.warmup and len(self._marks) >= 3
+                and time.perf_counter() - self.started > 0.3 * self.max_seconds):
+            # a slow method (seconds per iteration): cut the warm-up short rather than the measurement
+            self.warmup = len(self._marks) - 1
         if len(self._marks) == self.warmup + self.steps + 1 and self.at_last_mark is not None:
             # the start of the extra iteration closes the last measured one; before the strategy's own hook runs
             self.at_last_mark(trainer)

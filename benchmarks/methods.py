@@ -62,6 +62,7 @@ class Record:
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     every_n_steps_chosen: list[int] = field(default_factory=list)  # adaptive methods
+    extra: dict[str, list[float]] = field(default_factory=dict)  # method-specific series (medians reported)
     lock: threading.Lock = field(default_factory=threading.Lock)
     latest_file: Path | None = None
 
@@ -207,10 +208,19 @@ class MethodUnavailable(RuntimeError):
 # --- the state every method saves ------------------------------------------------------------------------
 
 
+_STATES: dict[int, Any] = {}
+
+
 def rank_state(trainer: pl.Trainer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This rank's tensors (references to the live ones) and the metadata that restores them."""
     from oteacheck_lightning.deepspeed_state import DeepSpeedState
 
-    state = DeepSpeedState(trainer.strategy.deepspeed_engine)
+    engine = trainer.strategy.deepspeed_engine
+    # one DeepSpeedState per engine: it caches the parameter map, which would otherwise be rebuilt at every save
+    # and charged to the method's stall
+    state = _STATES.get(id(engine))
+    if state is None or state.engine is not engine:
+        state = _STATES[id(engine)] = DeepSpeedState(engine)
     return dict(state.tensors()), state.meta()
 
 

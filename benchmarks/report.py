@@ -19,8 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 HOW_TO = """\
 ## How to produce them
 
-On a machine with one or more CUDA GPUs (see `benchmarks/gpu_run.sh` for a machine without network access, which
-installs the wheels carried in `.whl/` first):
+On the GPU machine (no network; the wheels it lacks travel in the git-ignored `.whl/`), about 9 minutes, by
+priority (issue 3's rows first, then as much of issue 5's matrix as fits):
+
+```bash
+OUT=/some/folder bash benchmarks/gpu_run.sh      # BENCH_TOTAL_S=540 by default
+cp /some/folder/results/*.json docs/benchmarks/results/ && python -m benchmarks.report
+```
+
+Or by hand, on any machine with CUDA GPUs:
 
 ```bash
 # issue 3: the engine against no checkpointing and its ablations, one GPU
@@ -34,11 +41,17 @@ python -m benchmarks.matrix --models gpt2-124m,gpt2-355m,bert-large-qa,resnet50,
 python -m benchmarks.run --model gpt2-124m --method oteacheck --gpus 1 --steps 60 --warmup 10 --out DIR
 # this page
 python -m benchmarks.report --results docs/benchmarks/results
+# the CPU smoke version of the harness (tiny models; what CI runs in tests/benchmarks/test_smoke.py)
+python -m benchmarks.matrix --smoke --models gpt2-124m --methods none,oteacheck,sync-torch-save --steps 4 --warmup 1 --out /tmp/smoke
 ```
 """
 
 METHODS_TEXT = """\
 ## What is compared
+
+Models, built from configurations (no downloaded weights): GPT-2 124M, 355M and 774M (Hugging Face
+`GPT2LMHeadModel`, sequence 1024, batch 8), BERT-large with a question-answering head (`BertForQuestionAnswering`,
+sequence 384, batch 16), ResNet-50 and ViT-B/16 (torchvision, 224 px, batch 64). Batches are per GPU.
 
 Every run trains the model with Lightning and DeepSpeed ZeRO-2, bf16 (`precision="bf16-mixed"`), AdamW, on the
 same synthetic batches (made once on the GPU from a fixed seed), for `warmup` iterations and then `steps` measured

@@ -125,8 +125,16 @@ class _OTeaCheckProbe:
         stats = io.stats
         if stats.sealed != self.sealed:
             self.sealed = stats.sealed
-            self.record.stall_ms.append(float(io.metrics()["oteacheck/stall_ms"]))
+            metrics = io.metrics()
+            self.record.stall_ms.append(float(metrics["oteacheck/stall_ms"]))
             self.record.taken.append(stats.sealed_step)
+            # the engine's own breakdown, where this version of it reports one
+            for key in ("fence_ms", "capture_ms", "seal_ms", "copy_gbps", "skipped_snapshots"):
+                if f"oteacheck/{key}" in metrics:
+                    self.record.extra.setdefault(key, []).append(float(metrics[f"oteacheck/{key}"]))
+            for key, value in metrics.items():
+                if key.startswith("oteacheck/mib_"):
+                    self.record.extra.setdefault(key[len("oteacheck/"):], []).append(float(value))
         for name, tier in stats.tiers.items():
             if tier.persisted_step != self.persisted.get(name, -1) and tier.persisted_step in self.step_end:
                 self.persisted[name] = tier.persisted_step
@@ -215,7 +223,7 @@ def _train_result(args: argparse.Namespace, trainer: Any, timer: Any, record: An
         "every_n_steps_history": record.every_n_steps_chosen,
         "persist_every_n_steps": args.persist_every_n_steps if args.method.startswith("oteacheck") else None,
         "steps_measured": len(times),
-        "warmup": args.warmup,
+        "warmup": timer.warmup,
         "stopped_early": timer.stopped_early,
         "iter_ms": times,
         "iter_ms_median": stats["median"],
@@ -236,6 +244,7 @@ def _train_result(args: argparse.Namespace, trainer: Any, timer: Any, record: An
         "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if accelerator == "cuda" else None,
         "extra_gpu_mib": None,
         "host_rss_mib": measure.peak_rss_mib(),
+        "method_metrics_median": {k: measure.summarize(v)["median"] for k, v in record.extra.items()},
         "errors": list(record.errors),
         "notes": list(record.notes),
         "failed_at_step": trainer.global_step,
@@ -357,13 +366,15 @@ def drive(args: argparse.Namespace, command: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     own_workdir = args.workdir is None
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="oteacheck-bench-")
-    shm = Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()) / f"oteacheck-bench-{uuid.uuid4().hex[:8]}"
+    # BENCH_SHM_ROOT: where the shared-memory slots go when /dev/shm is too small (a container's default 64 MB)
+    shm_root = os.environ.get("BENCH_SHM_ROOT") or ("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir())
+    shm = Path(shm_root) / f"oteacheck-bench-{uuid.uuid4().hex[:8]}"
     env = dict(os.environ)
     env.update(OTEACHECK_JOB_ID=f"bench-{uuid.uuid4().hex[:8]}", OTEACHECK_MEMORY_DIR=str(shm),
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")) if p))
     base = {"model": args.model, "method": args.method, "gpus": args.gpus, "every_n_steps": args.every_n_steps,
             "baseline_method": methods.baseline_of(args.method) if args.method in methods.METHODS else None,
-            "smoke": args.smoke, "command": command, "tag": args.tag}
+            "smoke": args.smoke, "command": command, "tag": args.tag, "memory_dir_root": shm_root}
     result_file = Path(args.workdir) / "train-result.json"
     try:
         if args.method not in methods.METHODS:

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The benchmark run for the GPU machine (no network; torch, lightning, transformers, torchvision in its image):
+# installs the wheels carried in .whl/ (deepspeed and its small dependencies, torchsnapshot), then runs, by
+# priority, as much as fits in BENCH_TOTAL_S seconds (default 540, i.e. a 10-minute window with room to spare):
+#
+#   1. issue 3: GPT-2 124M and 355M, one GPU: none, oteacheck-naive, oteacheck-eager, oteacheck (+ restart times
+#      of oteacheck on 124M);
+#   2. issue 5 on GPT-2 124M: sync-torch-save, sync-deepspeed, checkfreq, dcp-async, lightning-async, torchsnapshot
+#      (every iteration, measuring stopped after BENCH_RUN_S seconds, so a multi-second save still fits);
+#   3. restart times of the other methods on GPT-2 124M;
+#   4. the other models (BERT-large QA, ViT-B/16, ResNet-50): none, oteacheck, and the comparison;
+#   5. GPT-2 355M comparison; 6. each method's shortest interval within 5%; 7. 2 GPUs (if present).
+#
+# Results: $OUT/results/*.json, a report in $OUT/benchmarks.md and $OUT/plots/, the log in $OUT/gpu_run.log.
+# To publish: copy $OUT/results/*.json to docs/benchmarks/results/ and run python -m benchmarks.report.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+START=$(date +%s)
+TOTAL=${BENCH_TOTAL_S:-540}
+DEADLINE=$((START + TOTAL))
+RUN_S=${BENCH_RUN_S:-20}
+OUT=${OUT:-$PWD/bench-out}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT/results"
+exec > >(tee -a "$OUT/gpu_run.log") 2>&1
+
+echo "== installing wheels from .whl/ into /tmp/site"
+$PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || echo "!! wheel install failed"
+export PYTHONPATH=/tmp/site:$PWD/src:$PWD
+export TOKENIZERS_PARALLELISM=false
+
+echo "== preflight"
+$PY - <<'EOF'
+import importlib, inspect, shutil
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO GPU")
+for name in ("lightning", "deepspeed", "transformers", "torchvision", "torchdata", "xxhash", "torchsnapshot", "matplotlib"):
+    try:
+        mod = importlib.import_module(name)
+        print(f"  {name} {getattr(mod, '__version__', '?')}")
+    except Exception as err:
+        print(f"  {name} NOT importable: {type(err).__name__}: {err}")
+try:
+    from oteacheck_lightning import OTeaCheckpointIO
+    params = inspect.signature(OTeaCheckpointIO).parameters
+    print("  OTeaCheckpointIO(schedule=, staging_mib=):", "yes" if {"schedule", "staging_mib"} <= set(params) else "NO (ablations will fail)")
+except Exception as err:
+    print("  oteacheck_lightning NOT importable:", err)
+free = shutil.disk_usage("/dev/shm").free / 2**30
+print(f"  /dev/shm free: {free:.1f} GiB")
+EOF
+SHM_FREE_GIB=$($PY -c 'import shutil; print(int(shutil.disk_usage("/dev/shm").free / 2**30))' 2>/dev/null || echo 0)
+if [ "${SHM_FREE_GIB:-0}" -lt 20 ]; then
+    # the snapshot slots of GPT-2 355M take about 3 x 4.3 GB; a container's /dev/shm is often 64 MB
+    mkdir -p /tmp/bench-shm
+    export BENCH_SHM_ROOT=/tmp/bench-shm
+    echo "!! /dev/shm has only ${SHM_FREE_GIB} GiB free: snapshot slots go to $BENCH_SHM_ROOT (disk-backed; results say so)"
+fi
+GPUS=$($PY -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+
+TAG=gpu-$(date -u +%Y%m%d-%H%M%S)
+matrix() {
+    local left=$((DEADLINE - $(date +%s)))
+    if [ "$left" -lt 30 ]; then echo "== out of time, skipping: $*"; return; fi
+    echo "== matrix ($left s left): $*"
+    # BENCH_EXTRA_ARGS: e.g. "--smoke" to try this script's flow on a CPU machine
+    $PY -m benchmarks.matrix --out "$OUT/results" --tag "$TAG" --deadline "$DEADLINE" --first-run-estimate 35 "$@" ${BENCH_EXTRA_ARGS:-}
+}
+
+# 1. issue 3 (full measurement: 10 warm-up + 60 measured iterations)
+matrix --models gpt2-124m --methods none,oteacheck-naive,oteacheck-eager,oteacheck --recovery oteacheck
+matrix --models gpt2-355m --methods none,oteacheck-naive,oteacheck-eager,oteacheck
+# 2. issue 5 on GPT-2 124M, cheapest and most informative first
+matrix --models gpt2-124m --methods checkfreq,dcp-async,sync-deepspeed,sync-torch-save,lightning-async,torchsnapshot \
+    --run-seconds "$RUN_S" --steps 40 --warmup 5
+# 3. restart times of the other methods (reruns them with --recovery under a tag of their own)
+matrix --models gpt2-124m --methods sync-deepspeed,checkfreq,dcp-async,sync-torch-save --steps 10 --warmup 3 \
+    --run-seconds 10 --recovery all --no-baselines --tag "$TAG-recovery" --out "$OUT/results/recovery"
+# 4. the other models
+for model in bert-large-qa vit-b16 resnet50; do
+    matrix --models $model --methods none,oteacheck --steps 40 --warmup 5 --run-seconds "$RUN_S"
+done
+for model in bert-large-qa vit-b16 resnet50; do
+    matrix --models $model --methods checkfreq,dcp-async,sync-deepspeed,sync-torch-save,lightning-async,torchsnapshot \
+        --steps 40 --warmup 5 --run-seconds "$RUN_S"
+done
+# 5. GPT-2 355M comparison
+matrix --models gpt2-355m --methods checkfreq,dcp-async,sync-deepspeed,sync-torch-save,lightning-async,torchsnapshot \
+    --run-seconds "$RUN_S" --steps 40 --warmup 5
+# 6. shortest interval within 5% (reuses the every-iteration results of this tag)
+matrix --models gpt2-124m,gpt2-355m --methods oteacheck,checkfreq,dcp-async,sync-deepspeed,sync-torch-save,lightning-async,torchsnapshot \
+    --search-5pct --run-seconds 40 --steps 40 --warmup 5
+# 7. several GPUs (issue 3: at most 2% over no checkpointing on 2 and 4 GPUs)
+if [ "$GPUS" -ge 2 ]; then
+    matrix --gpus 2 --models gpt2-355m,gpt2-774m --methods none,oteacheck --steps 40 --warmup 5
+fi
+
+echo "== report"
+$PY -m benchmarks.report --results "$OUT/results" "$OUT/results/recovery" --markdown "$OUT/benchmarks.md" --plots "$OUT/plots" || true
+echo "== done in $(( $(date +%s) - START )) s; results in $OUT/results"
