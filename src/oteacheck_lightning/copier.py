@@ -16,12 +16,13 @@ out; ``fence`` before optimizer step *t+1*, which returns a :class:`FenceTicket`
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 import threading
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -193,12 +194,27 @@ class ThreadCopier:
 
 
 class HostMemoryRegistry:
-    """Page-locks host memory (the shared-memory slots) for CUDA with ``cudaHostRegister``, so copies into it are
-    asynchronous DMA transfers. Registration lasts until :meth:`unregister` (before the memory is unmapped)."""
+    """Page-locks host memory (the shared-memory slots) for CUDA, so copies into it are asynchronous DMA transfers.
+    Registration lasts until :meth:`unregister`, which must come before the memory is unmapped.
+
+    It calls the driver API (``cuMemHostRegister``) rather than the runtime's ``cudaHostRegister``: a refused
+    registration (memory that cannot be locked, such as a file on disk) then leaves no pending runtime error behind
+    for an unrelated later CUDA call to trip over.
+    """
 
     def __init__(self) -> None:
         self._registered: dict[int, int] = {}
         self._failed = False
+        self._driver: Any = None
+
+    def _lib(self) -> Any:
+        if self._driver is None:
+            self._driver = ctypes.CDLL("libcuda.so.1")
+            self._register = getattr(self._driver, "cuMemHostRegister_v2", None) or self._driver.cuMemHostRegister
+            self._register.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+            self._unregister = self._driver.cuMemHostUnregister
+            self._unregister.argtypes = [ctypes.c_void_p]
+        return self._driver
 
     def register(self, buffer: torch.Tensor) -> bool:
         ptr, size = buffer.data_ptr(), buffer.numel()
@@ -206,12 +222,18 @@ class HostMemoryRegistry:
             return True
         if ptr in self._registered:
             self.unregister(buffer)
-        err = torch.cuda.cudart().cudaHostRegister(ptr, size, 0)
-        if int(err) != 0:
+        try:
+            self._lib()
+            torch.cuda.init()  # the driver call needs the context that torch made current
+            err = self._register(ptr, size, 0)
+        except OSError as load_error:
+            err = f"no CUDA driver library: {load_error}"
+        if err != 0:
             if not self._failed:
                 log.warning(
-                    "could not page-lock the %d MiB snapshot slot for CUDA (error %s); snapshot copies will block. "
-                    "Raise the locked-memory limit (ulimit -l) or the shared-memory size.", size >> 20, err,
+                    "could not page-lock the %d MiB snapshot slot for CUDA (CUresult %s); snapshot copies will block "
+                    "the training thread. Put the slots on a tmpfs such as /dev/shm (memory_dir) and check the "
+                    "locked-memory limit (ulimit -l).", size >> 20, err,
                 )
                 self._failed = True
             return False
@@ -221,11 +243,11 @@ class HostMemoryRegistry:
     def unregister(self, buffer: torch.Tensor) -> None:
         ptr = buffer.data_ptr()
         if self._registered.pop(ptr, None) is not None:
-            torch.cuda.cudart().cudaHostUnregister(ptr)
+            self._unregister(ptr)
 
     def unregister_all(self) -> None:
         for ptr in list(self._registered):
-            torch.cuda.cudart().cudaHostUnregister(ptr)
+            self._unregister(ptr)
         self._registered.clear()
 
 

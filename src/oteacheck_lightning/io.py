@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,8 @@ class _Pending:
     rng_recorded: bool = False
     rng_doc: Any = None
     ticket: FenceTicket | None = None
+    bytes_by_phase: dict[str, int] = field(default_factory=dict)
+    copy_gbps: float = 0.0
 
 
 @dataclass
@@ -93,8 +96,9 @@ class OTeaCheckpointIO(CheckpointIO):
     """Checkpoint IO with every-iteration in-memory snapshots and background persistence.
 
     Args:
-        memory_slots: shared-memory snapshot slots per rank; default two plus one per persistent tier, so the
-            newest snapshot, the one being filled and one per tier being persisted never collide.
+        memory_slots: shared-memory snapshot slots per rank; default two plus two per persistent tier, so the
+            newest snapshot, the one being filled and, per tier, the one being persisted and the one due next
+            never collide.
         memory_dir: folder for the shared-memory slots (default ``/dev/shm``).
         job_id: names this job's shared memory, so a restarted run finds the snapshots of the crashed one; default
             the ``OTEACHECK_JOB_ID`` environment variable, else derived from the checkpoint folder.
@@ -141,7 +145,8 @@ class OTeaCheckpointIO(CheckpointIO):
         self._pool: SlotPool | None = None
         self._persister: Persister | None = None
         self._tiers: list[FsspecTier] = []
-        self._pending: _Pending | None = None
+        self._pending: _Pending | None = None  # captured, not fenced yet
+        self._landing: deque[_Pending] = deque()  # fenced, copies still in flight (GPU), sealed in order
         self._warned: set[str] = set()
         self._crashed = False
 
@@ -159,8 +164,10 @@ class OTeaCheckpointIO(CheckpointIO):
         if self.root is None:
             raise RuntimeError("OTeaCheckpointIO.configure() must run before attach(); add OTeaCheckpoint to the callbacks")
         self._state, self._module, self._rank, self._world_size = state, module, rank, world_size
-        self._tiers = [FsspecTier(s.url or self.root) for s in self.schedules]
-        slots = self.memory_slots or 2 + len(self._tiers)
+        self._tiers = [FsspecTier(s.url or self.root, storage_options=s.storage_options) for s in self.schedules]
+        # the newest snapshot, one whose copies are landing, the one being filled, and per tier one being written
+        # plus one due (pinned)
+        slots = self.memory_slots or 3 + 2 * len(self._tiers)
         self._pool = SlotPool(self.memory_dir / f"oteacheck-{self.job_id}" / f"rank-{rank:05d}", slots)
         self.engine = SnapshotEngine(
             state.device(),
@@ -204,12 +211,17 @@ class OTeaCheckpointIO(CheckpointIO):
         return document, self._state.tensors() + list(small.items()), rng_doc, list(rng_tensors.items())
 
     def capture(self, step: int, lightning_state: dict[str, Any]) -> bool:
-        """Takes the snapshot of optimizer step ``step``; returns False (and counts it) if no slot was free."""
+        """Takes the snapshot of optimizer step ``step``; returns False (and counts it) if no slot was free.
+
+        Never waits for the previous snapshot's copies unless two are still in flight (the GPU is more than an
+        iteration behind the host): blocking here would cost the host its lead over the GPU every iteration.
+        """
         assert self._state is not None and self._pool is not None and self.engine is not None
         started = time.perf_counter()
         if self._pending is not None:
-            self.seal_pending()
-            started = time.perf_counter()  # the previous snapshot's wait is already in its own stall
+            self._fence(self._pending)
+        self._seal_landed(keep=1)
+        started_capture = time.perf_counter()
         document, named, rng_doc, rng = self._collect(lightning_state)
         records, data_bytes = plan_layout(named + rng)
         slot = self._pool.acquire(data_bytes)
@@ -220,23 +232,21 @@ class OTeaCheckpointIO(CheckpointIO):
         boundary = [name.startswith(_BOUNDARY_PREFIXES) for name, _ in named]
         self.engine.start(slot.buffer, records[: len(named)], [t for _, t in named], boundary)
         self._pending = _Pending(step, slot, records[: len(named)], records[len(named) :], _shape_of(rng_doc), document, data_bytes, started)
-        self.stats.capture_ms = (time.perf_counter() - started) * 1e3
+        self.stats.capture_ms = (time.perf_counter() - started_capture) * 1e3
         return True
 
     def on_phase(self, event: PhaseEvent) -> None:
         """Drives the pending snapshot through iteration *t+1* (subscribed to the strategy's bubble bus)."""
         pending = self._pending
-        if pending is None:
-            return
-        assert self.engine is not None
-        if event.phase is Phase.ITERATION_START and not pending.rng_recorded:
-            self._record_rng(pending)
-        if pending.ticket is None:
+        if pending is not None:
+            if event.phase is Phase.ITERATION_START and not pending.rng_recorded:
+                self._record_rng(pending)
+            assert self.engine is not None
             self.engine.on_event(event)
             if event.phase is Phase.BEFORE_STEP:
-                pending.ticket = self.engine.fence()
-        if pending.ticket is not None and pending.ticket.done():
-            self.seal_pending()
+                self._fence(pending)
+        if self._landing:
+            self._seal_landed(keep=len(self._landing))
 
     def _record_rng(self, pending: _Pending) -> None:
         """The RNG states at the start of the iteration after step *t*: where a resumed run restores them."""
@@ -248,25 +258,36 @@ class OTeaCheckpointIO(CheckpointIO):
         pending.rng_doc = rng_doc
         pending.rng_recorded = True
 
-    def seal_pending(self) -> int | None:
-        """Completes the pending snapshot now (waiting for its copies if needed), writes its manifest last;
-        returns its step."""
-        pending = self._pending
-        if pending is None:
-            return None
-        assert self._pool is not None and self._persister is not None and self.engine is not None
-        started = time.perf_counter()
-        try:
-            if not pending.rng_recorded:
-                self._record_rng(pending)
-            if pending.ticket is None:
-                pending.ticket = self.engine.fence()
-            pending.ticket.wait()
-        except BaseException:
-            self._pending = None
-            self._pool.abandon(pending.slot)
-            raise
+    def _fence(self, pending: _Pending) -> None:
+        """The fence of ``pending`` (the optimizer step waits for its copies); it then waits to be sealed."""
+        assert self.engine is not None
+        if not pending.rng_recorded:
+            self._record_rng(pending)
+        pending.ticket = self.engine.fence()
+        pending.bytes_by_phase = dict(self.engine.stats.bytes_by_phase)
+        pending.copy_gbps = self.engine.stats.gbps
         self._pending = None
+        self._landing.append(pending)
+
+    def _seal_landed(self, keep: int) -> None:
+        """Seals, oldest first, every fenced snapshot whose copies landed; waits for all but the newest ``keep``."""
+        while self._landing:
+            head = self._landing[0]
+            if len(self._landing) <= keep and not head.ticket.done():
+                return
+            self._landing.popleft()
+            try:
+                head.ticket.wait()
+            except BaseException:
+                assert self._pool is not None
+                self._pool.abandon(head.slot)
+                raise
+            self._seal(head)
+
+    def _seal(self, pending: _Pending) -> None:
+        """Publishes a snapshot whose copies landed: the manifest is written last."""
+        assert self._pool is not None and self._persister is not None and pending.ticket is not None
+        started = time.perf_counter()
         manifest = Manifest(
             step=pending.step,
             rank=self._rank,
@@ -282,10 +303,16 @@ class OTeaCheckpointIO(CheckpointIO):
         s.fence_ms = pending.ticket.stall_ms()
         s.seal_ms = (time.perf_counter() - started) * 1e3
         s.stall_ms = s.fence_ms + s.capture_ms + s.seal_ms
-        s.bytes_by_phase = dict(self.engine.stats.bytes_by_phase)
-        s.copy_gbps = self.engine.stats.gbps
+        s.bytes_by_phase = pending.bytes_by_phase
+        s.copy_gbps = pending.copy_gbps
         self._persister.request(pending.step)
-        return pending.step
+
+    def seal_pending(self) -> int | None:
+        """Completes every snapshot taken so far now, waiting for its copies; returns the newest sealed step."""
+        if self._pending is not None:
+            self._fence(self._pending)
+        self._seal_landed(keep=0)
+        return self.stats.sealed_step if self.stats.sealed_step >= 0 else None
 
     def persist_now(self, wait: bool = True, timeout: float | None = None) -> bool:
         """Persists the newest sealed snapshot to every tier now (e.g. at the end of training)."""
@@ -332,7 +359,7 @@ class OTeaCheckpointIO(CheckpointIO):
 
     def teardown(self) -> None:
         """Drains the persister; removes the shared memory after a normal end, keeps it after a crash."""
-        if self._pending is not None:
+        if self._pending is not None or self._landing:
             if self._crashed:
                 self._drop_pending()
             else:
@@ -342,7 +369,7 @@ class OTeaCheckpointIO(CheckpointIO):
             not_persisted = self._persister.close(drain=True)
             self._persister = None
         if not_persisted:
-            log.warning("the newest snapshot was not persisted to %s before shutdown", ", ".join(not_persisted))
+            log.warning("not everything was persisted before shutdown: %s", "; ".join(not_persisted))
         if self._pool is not None:
             self._pool.close(remove=not self._crashed)
             self._pool = None
@@ -352,14 +379,18 @@ class OTeaCheckpointIO(CheckpointIO):
         self._pending = None
 
     def _drop_pending(self) -> None:
-        """Abandons the unsealed snapshot after its copies stopped touching the slot."""
-        pending, self._pending = self._pending, None
-        if pending is None or self._pool is None or self.engine is None:
-            return
-        try:
-            (pending.ticket or self.engine.fence()).wait()
-        finally:
-            self._pool.abandon(pending.slot)
+        """Abandons unsealed snapshots once their copies stopped touching their slots."""
+        if self._pending is not None and self.engine is not None:
+            self._pending.ticket = self.engine.fence()
+            self._landing.append(self._pending)
+        self._pending = None
+        while self._landing:
+            pending = self._landing.popleft()
+            try:
+                pending.ticket.wait()
+            finally:
+                if self._pool is not None:
+                    self._pool.abandon(pending.slot)
 
     def mark_crashed(self) -> None:
         """Training failed: keep the shared-memory snapshots for the restart."""
@@ -373,6 +404,21 @@ class OTeaCheckpointIO(CheckpointIO):
             return [FsspecTier(url)]
         tiers: list[Any] = [self.memory_tier] if self._pool is not None else []
         return tiers + list(self._tiers)
+
+    def discard_persisted_after(self, step: int) -> None:
+        """After resuming from ``step`` (training thread, before the next iteration): steps newer than it in this
+        job's persistent tiers belong to the abandoned run; they are taken out of sight (rank 0) and this rank's
+        files of them removed, so they can never be committed together with the resumed run's files. Every rank
+        does this before its first collective of the resumed run, so no rank writes a newer step before all
+        ranks cleaned up."""
+        for tier in self._tiers:
+            try:
+                removed = tier.discard_after(step, self._rank)
+            except Exception as err:  # a tier that is down now: its stale steps stay invisible or fail their digest
+                log.warning("could not remove steps after %d from %s: %s", step, tier.name, err)
+                continue
+            if removed:
+                log.info("removed this rank's files of steps %s from %s (newer than the resumed step)", removed, tier.name)
 
     def recover(self, gather: Gather, url: str | None = None) -> dict[str, Any] | None:
         """The freshest checkpoint complete on every rank (a collective); ``None`` if there is none."""
@@ -425,7 +471,9 @@ class OTeaCheckpointIO(CheckpointIO):
             out[f"oteacheck/mib_{phase}"] = nbytes / 2**20
         for i, (name, t) in enumerate(s.tiers.items()):
             out[f"oteacheck/tier{i}_persisted_step"] = float(t.persisted_step)
+            out[f"oteacheck/tier{i}_committed_step"] = float(t.committed_step)
             out[f"oteacheck/tier{i}_failures"] = float(t.failures)
+            out[f"oteacheck/tier{i}_outage_s"] = t.outage_seconds
             out[f"oteacheck/tier{i}_skipped"] = float(t.skipped)
             out[f"oteacheck/tier{i}_healthy"] = float(t.healthy)
         return out

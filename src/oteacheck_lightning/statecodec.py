@@ -32,6 +32,9 @@ class UnsupportedStateError(TypeError):
         )
 
 
+_PLAIN = (int, str, bool, type(None))
+
+
 class CorruptStateError(ValueError):
     """A stored state document does not have the expected structure."""
 
@@ -73,6 +76,8 @@ def encode(obj: Any, tensor_prefix: str = "state/") -> tuple[Any, dict[str, torc
         if isinstance(value, tuple):
             return {TAG: "tuple", "items": [enc(v, f"{path}[{i}]") for i, v in enumerate(value)]}
         if isinstance(value, list):
+            if all(type(v) in _PLAIN for v in value):
+                return list(value)  # long lists of plain scalars (RNG states) skip the recursion
             return [enc(v, f"{path}[{i}]") for i, v in enumerate(value)]
         if isinstance(value, Mapping):
             if all(isinstance(k, str) for k in value) and TAG not in value:

@@ -11,8 +11,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_cuda_kill_and_resume_is_bit_exact(tmp_path, stage):
-    env = harness.environment(f"gpu-{stage}-{tmp_path.name}", tmp_path / "shm")
+def test_cuda_kill_and_resume_is_bit_exact(tmp_path, shm_dir, stage):
+    env = harness.environment(f"gpu-{stage}-{tmp_path.name}", shm_dir)
     common = dict(stage=stage, devices=1, accelerator="cuda", max_steps=30, persist_every=10)
     harness.run(tmp_path / "ref-root", tmp_path / "ref", env, **common)
     kill_at = random.Random(stage).randint(5, 22)

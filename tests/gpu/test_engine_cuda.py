@@ -53,10 +53,10 @@ def iteration(engine, step, named, work, compute):
 
 
 @pytest.mark.parametrize("policy", ["bubbles", "eager", "naive"])
-def test_snapshot_t_equals_the_state_after_step_t_while_training_continues(tmp_path, policy):
+def test_snapshot_t_equals_the_state_after_step_t_while_training_continues(shm_dir, policy):
     named = make_state(32)
     records, size = plan_layout(named)
-    pool = SlotPool(tmp_path / "slots", 3)
+    pool = SlotPool(shm_dir / "slots", 3)
     engine = SnapshotEngine(torch.device("cuda"), policy, staging_bytes=16 * MiB, bucket_elements=5_000_000)
     pool.set_unmap_hook(engine.forget)
     boundary = [n.startswith("buffer/") for n, _ in named]
@@ -77,10 +77,10 @@ def test_snapshot_t_equals_the_state_after_step_t_while_training_continues(tmp_p
         engine.close()
 
 
-def test_gpu_memory_beyond_the_ring_does_not_grow_over_200_steps(tmp_path):
+def test_gpu_memory_beyond_the_ring_does_not_grow_over_200_steps(shm_dir):
     named = make_state(16)
     records, size = plan_layout(named)
-    pool = SlotPool(tmp_path / "slots", 3)
+    pool = SlotPool(shm_dir / "slots", 3)
     staging = 8 * MiB
     engine = SnapshotEngine(torch.device("cuda"), "bubbles", staging_bytes=staging)
     pool.set_unmap_hook(engine.forget)
@@ -104,10 +104,10 @@ def test_gpu_memory_beyond_the_ring_does_not_grow_over_200_steps(tmp_path):
     assert peaks[-1] == peaks[1], "GPU memory grew over 200 snapshots"
 
 
-def test_the_stall_accounting_adds_up(tmp_path):
+def test_the_stall_accounting_adds_up(shm_dir):
     named = make_state(64)
     records, size = plan_layout(named)
-    pool = SlotPool(tmp_path / "slots", 2)
+    pool = SlotPool(shm_dir / "slots", 2)
     engine = SnapshotEngine(torch.device("cuda"), "bubbles", staging_bytes=64 * MiB)
     pool.set_unmap_hook(engine.forget)
     boundary = [n.startswith("buffer/") for n, _ in named]
@@ -138,8 +138,8 @@ def test_the_stall_accounting_adds_up(tmp_path):
     assert results["long iteration"]["stall_ms"] <= 0.2 * results["long iteration"]["copy_ms"]
 
 
-def test_training_run_snapshots_match_the_live_state(tmp_path):
-    env = harness.environment(f"gpu-check-{tmp_path.name}", tmp_path / "shm")
+def test_training_run_snapshots_match_the_live_state(tmp_path, shm_dir):
+    env = harness.environment(f"gpu-check-{tmp_path.name}", shm_dir)
     harness.run(tmp_path / "root", tmp_path / "out", env, stage=2, devices=1, accelerator="cuda", max_steps=25,
                 persist_every=10, check_snapshots=True)
     check = json.loads((tmp_path / "out" / "snapshot-check-rank0.json").read_text())
