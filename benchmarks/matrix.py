@@ -210,8 +210,9 @@ class Matrix:
             if b is None:
                 other = "none-deepspeed" if wanted == "none" else "none"
                 b = base.get((d["model"], d["gpus"], other))
-                if b is not None:
-                    d.setdefault("notes", []).append(f"compared with {other}: no {wanted} run in this matrix")
+                note = f"compared with {other}: no {wanted} run in this matrix"
+                if b is not None and note not in d.setdefault("notes", []):
+                    d["notes"].append(note)
             if b is None:
                 continue
             d["baseline_iter_ms_median"] = b["iter_ms_median"]

@@ -36,6 +36,7 @@ class IterationTimer(pl.Callback):
         self._mark_steps: list[int] = []
         self.started = time.perf_counter()
         self.first_step_end_wall: float | None = None
+        self.fit_called_wall: float | None = None
         self.stopped_early = False
         self.extra_stats: dict[str, list[float]] = {}
         self.on_iteration_end: list[Any] = []  # callables (trainer, step) run at each batch end

@@ -315,7 +315,8 @@ class TorchSnapshotSaver(pl.Callback):
         self._finish()
         path = str(Path(self.args.workdir) / f"snapshot-{step}")
         tensors, _ = rank_state(trainer)
-        app_state = {f"rank{trainer.global_rank}": StateDict(**tensors)}
+        # torchsnapshot reads "/" in a key as a path
+        app_state = {f"rank{trainer.global_rank}": StateDict(**{k.replace("/", "."): v for k, v in tensors.items()})}
         pending = Snapshot.async_take(path, app_state=app_state)
         self.pending = (pending, step, start, path)
         self.record.stall_ms.append((time.perf_counter() - start) * 1e3)
@@ -440,8 +441,8 @@ class DCPAsyncSaver(pl.Callback):
 
 def expected_work_lost(every_n_steps: float, durable_lag_steps: float) -> float:
     """Steps of work lost on average by a failure at a random moment: half an interval, plus the steps between
-    a checkpoint's step and the moment it became durable (it cannot be resumed from before that), plus the
-    iteration in progress."""
+    a checkpoint's step and the moment it became usable (durable on disk, or sealed in memory one iteration
+    later), plus the iteration in progress."""
     return (every_n_steps - 1) / 2 + max(durable_lag_steps, 0.0) + 1
 
 

@@ -86,8 +86,10 @@ AdamW moments, buffers); `sync-deepspeed` saves DeepSpeed's format and `lightnin
 * **durable s**: median time from the end of a checkpoint's step until it is complete on disk.
 * **recovery s (memory / disk)**: restart of the training process to the end of its first step, resuming from the
   in-memory tier (a process crash; the node survives) or from disk (a node loss); **start s** is the same for a
-  fresh start with no checkpoint. **lost steps**: steps lost at the simulated failure (a crash mid-iteration,
-  after the measured steps).
+  fresh start with no checkpoint; **in fit s**: the same from the `trainer.fit` call on, i.e. without process
+  start-up and imports (engine set-up, finding and loading the checkpoint, first iteration). **lost steps**: steps
+  lost at the simulated failure (the process dies at the start of the iteration after the measured ones, before
+  anything of that iteration ran; in-flight background writes are lost with it).
 """
 
 
@@ -119,8 +121,9 @@ def _f(value: Any, fmt: str = "{:.1f}") -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("| model | GPUs | method | every n | iter ms (median / p90) | overhead | ovh. median | stall ms | ckpt/h "
-            "| extra GPU MiB | host RSS MiB | durable s | recovery s (memory / disk) | start s | lost steps | note |")
-    lines = [head, "|" + "|".join([" --- "] * 16) + "|"]
+            "| extra GPU MiB | host RSS MiB | durable s | recovery s (memory / disk) | start s "
+            "| in fit s (memory / disk / fresh) | lost steps | note |")
+    lines = [head, "|" + "|".join([" --- "] * 17) + "|"]
     order = {m: i for i, m in enumerate(["none", "oteacheck-naive", "oteacheck-eager", "oteacheck", "none-deepspeed",
                                          "sync-torch-save", "sync-deepspeed", "checkfreq", "torchsnapshot", "dcp-async",
                                          "lightning-async"])}
@@ -144,6 +147,8 @@ def table(rows: list[dict]) -> str:
             _f(r.get("stall_ms_median")), _f(r.get("checkpoints_per_hour"), "{:.0f}"), _f(r.get("extra_gpu_mib"), "{:.0f}"),
             _f(r.get("host_rss_mib"), "{:.0f}"), _f(r.get("durable_s"), "{:.2f}"),
             f"{_f(r.get('recovery_s_memory'))} / {_f(r.get('recovery_s_disk'))}", _f(r.get("start_s")),
+            f"{_f(r.get('recovery_fit_to_first_step_s_memory'))} / {_f(r.get('recovery_fit_to_first_step_s_disk'))}"
+            f" / {_f(r.get('fit_to_first_step_s'))}",
             _f(r.get("work_lost_steps"), "{}"), note]) + " |")
     return "\n".join(lines)
 

@@ -179,6 +179,7 @@ def train_child(args: argparse.Namespace) -> None:
     trainer, module = _build(args, accelerator, record, timer, [Failure()], args.warmup + args.steps + 1)
     if accelerator == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    timer.fit_called_wall = time.time()
     trainer.fit(module)
     finish(trainer, crash=False)
 
@@ -203,6 +204,7 @@ def _train_result(args: argparse.Namespace, trainer: Any, timer: Any, record: An
     if record.every_n_steps_chosen:
         every = record.every_n_steps_chosen[-1]
     iter_s = (stats["mean"] or 0) / 1e3
+    disk_every = args.persist_every_n_steps if args.method in methods.OTEACHECK_METHODS else every
     lag_steps = (durable["median"] / iter_s) if durable["median"] is not None and iter_s > 0 else None
     return {
         "status": "ok",
@@ -239,8 +241,12 @@ def _train_result(args: argparse.Namespace, trainer: Any, timer: Any, record: An
         "durable_s": durable["median"],
         "durable_s_p90": durable["p90"],
         "durable_count": len(record.durable_s),
-        "work_lost_steps_expected": (methods.expected_work_lost(every, lag_steps)
-                                     if lag_steps is not None and args.method not in ("none", "none-deepspeed") else None),
+        # a failure at a random moment, on average: losing the process (memory tier survives, OTeaCheck only),
+        # losing the node (only what is durable on disk counts)
+        "work_lost_steps_expected_memory": (methods.expected_work_lost(every, 1.0)
+                                            if args.method in methods.OTEACHECK_METHODS and args.method != "none" else None),
+        "work_lost_steps_expected_disk": (methods.expected_work_lost(disk_every, lag_steps)
+                                          if lag_steps is not None and args.method not in ("none", "none-deepspeed") else None),
         "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if accelerator == "cuda" else None,
         "extra_gpu_mib": None,
         "host_rss_mib": measure.peak_rss_mib(),
@@ -249,6 +255,9 @@ def _train_result(args: argparse.Namespace, trainer: Any, timer: Any, record: An
         "notes": list(record.notes),
         "failed_at_step": trainer.global_step,
         "first_step_end_wall": timer.first_step_end_wall,
+        # without process start-up and imports: set-up (engine, model on the device) and the first iteration
+        "fit_to_first_step_s": (timer.first_step_end_wall - timer.fit_called_wall
+                                if timer.first_step_end_wall and getattr(timer, "fit_called_wall", None) else None),
         "versions": measure.versions(),
     }
 
@@ -300,7 +309,9 @@ def recover_child(args: argparse.Namespace) -> None:
     def first_step(trainer: pl.Trainer, step: int) -> None:
         if trainer.global_rank == 0:
             resumed = getattr(trainer.strategy, "resumed_from", None) or {}
-            out = {"first_step_end_wall": time.time(), "resumed_step": loaded.get("step", resumed.get("step")),
+            now = time.time()
+            out = {"first_step_end_wall": now, "fit_to_first_step_s": now - fit_called[0],
+                   "resumed_step": loaded.get("step", resumed.get("step")),
                    "source": resumed.get("source", args.recover_from)}
             if args.method == "sync-deepspeed":
                 out["resumed_step"] = json.loads(latest_file.read_text())["step"]
@@ -314,6 +325,7 @@ def recover_child(args: argparse.Namespace) -> None:
         ckpt_path = "last"
     elif args.method == "sync-deepspeed":
         ckpt_path = json.loads(latest_file.read_text())["location"]
+    fit_called = [time.time()]
     trainer.fit(module, ckpt_path=ckpt_path)
 
 
@@ -415,6 +427,8 @@ def _recover(args: argparse.Namespace, env: dict[str, str], source: str, shm: Pa
         return
     got = json.loads(file.read_text())
     result[f"recovery_s_{source}"] = got["first_step_end_wall"] - launched
+    # the same without process start-up and imports (includes finding and loading the checkpoint)
+    result[f"recovery_fit_to_first_step_s_{source}"] = got.get("fit_to_first_step_s")
     result["recovered_step"][source] = {"step": got["resumed_step"], "source": got.get("source")}
     if got.get("resumed_step") is not None:
         lost = result["failed_at_step"] - int(got["resumed_step"])

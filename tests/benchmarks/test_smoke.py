@@ -33,7 +33,7 @@ def smoke_results(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
     cmd = [sys.executable, "-m", "benchmarks.matrix", "--smoke", "--models", "gpt2-124m",
            "--methods", "none,oteacheck,sync-torch-save", "--steps", "4", "--warmup", "1",
            "--persist-every-n-steps", "2", "--recovery", "oteacheck", "--out", str(out), "--budget-s", "170",
-           "--tag", "smoke-test"]
+           "--tag", "smoke-test", "--no-baselines"]  # saves a process: sync-torch-save falls back to `none`
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = {}
@@ -45,7 +45,7 @@ def smoke_results(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
 
 def test_every_method_ran_with_its_baselines(smoke_results):
     out, results = smoke_results
-    assert set(results) == {"none", "none-deepspeed", "oteacheck", "sync-torch-save"}, (
+    assert set(results) == {"none", "oteacheck", "sync-torch-save"}, (
         (out / "matrix-log.jsonl").read_text() if (out / "matrix-log.jsonl").exists() else "no log")
     for method, r in results.items():
         assert r["status"] == "ok", f"{method}: {r.get('error')}\n{r.get('log_tail', '')}"
@@ -67,11 +67,12 @@ def test_fields_are_present_and_sane(smoke_results):
         assert r["command"].startswith("python -m benchmarks.run ") and f"--method {method}" in r["command"]
         assert {"torch", "lightning", "deepspeed", "cuda", "python"} <= set(r["versions"])
         assert r["versions"]["deepspeed"] and r["versions"]["lightning"]
-    for base in ("none", "none-deepspeed"):
-        assert results[base]["overhead"] == pytest.approx(1.0)
-        assert results[base]["checkpoints"] == 0 and results[base]["stall_ms_median"] is None
+    assert results["none"]["overhead"] == pytest.approx(1.0)
+    assert results["none"]["checkpoints"] == 0 and results["none"]["stall_ms_median"] is None
     assert results["oteacheck"]["baseline_method"] == "none"
+    # its own baseline (Lightning's DeepSpeedStrategy) was not run: compared with `none`, and the result says so
     assert results["sync-torch-save"]["baseline_method"] == "none-deepspeed"
+    assert any("compared with none" in n for n in results["sync-torch-save"]["notes"])
 
 
 def test_checkpoint_metrics(smoke_results):
