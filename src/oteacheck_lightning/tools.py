@@ -62,6 +62,34 @@ class ToolError(Exception):
 
 # --- finding checkpoints -----------------------------------------------------------------------------------
 
+# fsspec options for the filesystem of every URL the tools open (``--storage-option KEY=VALUE``, e.g. hdfs-native
+# client settings); set by :func:`main` for one command
+_storage_options: dict[str, Any] = {}
+
+
+def _dir(url: str) -> CheckpointDir:
+    return CheckpointDir.from_url(url, **_storage_options) if _storage_options else CheckpointDir.from_url(url)
+
+
+def _tier(url: str) -> FsspecTier:
+    return FsspecTier(url, storage_options=dict(_storage_options)) if _storage_options else FsspecTier(url)
+
+
+def _read_commit(directory: CheckpointDir) -> tuple[bool, dict[str, Any] | None]:
+    """Whether this layout publishes a step with a ``COMMIT`` marker, and the parsed marker (``None``: absent or
+    torn). Layouts without step markers treat every rank's manifest as the commit."""
+    read = getattr(directory, "read_commit", None)
+    if read is None:
+        return False, None
+    return True, read()
+
+
+def _read_manifest(directory: CheckpointDir, rank: int, commit: dict[str, Any] | None) -> Manifest:
+    if commit is not None:
+        # the marker names each rank's manifest by digest: a manifest rewritten after the commit reads as corrupt
+        return directory.read_manifest(rank, commit)
+    return directory.read_manifest(rank)
+
 
 @dataclass
 class RankInfo:
@@ -80,12 +108,15 @@ class CheckpointInfo:
     world_size: int
     ranks: list[RankInfo] = field(default_factory=list)
     verified: bool | None = None  # None: not checked
+    commit_marker: bool | None = None  # None: a layout without step markers
 
     @property
     def committed(self) -> bool:
-        """Every rank's manifest is there (the commit), and every manifest could be read."""
+        """Published (the step's ``COMMIT`` marker, where the layout has one) with every rank's manifest there and
+        readable: only such checkpoints are ever resumed from."""
         present = {r.rank for r in self.ranks if r.error is None or r.error.startswith("data:")}
-        return self.world_size > 0 and present == set(range(self.world_size))
+        complete = self.world_size > 0 and present == set(range(self.world_size))
+        return complete and self.commit_marker is not False
 
     @property
     def size(self) -> int:
@@ -98,21 +129,24 @@ class CheckpointInfo:
 
 
 def _is_checkpoint_dir(directory: CheckpointDir) -> bool:
-    return bool(directory.committed_ranks())
+    return bool(directory.committed_ranks()) or _read_commit(directory)[1] is not None
 
 
 def _describe(directory: CheckpointDir, url: str, step_hint: int | None = None) -> CheckpointInfo:
     ranks, world_size, step = [], 0, step_hint if step_hint is not None else -1
+    uses_marker, commit = _read_commit(directory)
+    if commit is not None:
+        world_size = int(commit["world_size"])
     for rank in directory.committed_ranks():
         try:
-            manifest = directory.read_manifest(rank)
+            manifest = _read_manifest(directory, rank, commit)
         except (CheckpointFormatError, OSError) as err:
             ranks.append(RankInfo(rank, 0, False, f"manifest: {err}"))
             continue
         world_size = max(world_size, manifest.world_size)
         step = manifest.step if step_hint is None else step
         ranks.append(RankInfo(rank, manifest.data_bytes, manifest.verified))
-    return CheckpointInfo(url, step, world_size, ranks)
+    return CheckpointInfo(url, step, world_size, ranks, commit_marker=(commit is not None) if uses_marker else None)
 
 
 def _join(url: str, name: str) -> str:
@@ -121,10 +155,10 @@ def _join(url: str, name: str) -> str:
 
 def find_checkpoints(url: str) -> list[CheckpointInfo]:
     """Every checkpoint at ``url`` (a tier or one checkpoint folder), oldest first. Raises NOT_FOUND."""
-    directory = CheckpointDir.from_url(url)
+    directory = _dir(url)
     if _is_checkpoint_dir(directory):
         return [_describe(directory, url)]
-    tier = FsspecTier(url)
+    tier = _tier(url)
     try:
         exists = tier.fs.exists(tier.root)
     except OSError as err:
@@ -183,9 +217,9 @@ def _read_record(f: Any, record: TensorRecord, bar: Any, out: bytearray | None =
     return hasher.hexdigest()
 
 
-def verify_rank(directory: CheckpointDir, rank: int, bar: Any) -> Manifest:
+def verify_rank(directory: CheckpointDir, rank: int, bar: Any, commit: dict[str, Any] | None = None) -> Manifest:
     """Reads one rank's data object tensor by tensor and checks every checksum (bounded memory)."""
-    manifest = directory.read_manifest(rank)
+    manifest = _read_manifest(directory, rank, commit)
     if not manifest.verified:
         raise CheckpointFormatError("manifest carries no checksums")
     try:
@@ -200,13 +234,14 @@ def verify_rank(directory: CheckpointDir, rank: int, bar: Any) -> Manifest:
 
 
 def verify_checkpoint(info: CheckpointInfo, progress: bool | None = None) -> CheckpointInfo:
-    directory = CheckpointDir.from_url(info.url)
+    directory = _dir(info.url)
+    commit = _read_commit(directory)[1]
     with _progress(info.size, f"verify step {info.step}", progress) as bar:
         for r in info.ranks:
             if r.error is not None:
                 continue
             try:
-                verify_rank(directory, r.rank, bar)
+                verify_rank(directory, r.rank, bar, commit)
             except (CheckpointFormatError, OSError) as err:
                 r.error = f"data: {err}"
     info.verified = info.committed and all(r.error is None for r in info.ranks)
@@ -244,8 +279,9 @@ def _param_map(manifest: Manifest, where: str) -> tuple[int, dict[str, Any]]:
 def consolidate(info: CheckpointInfo, progress: bool | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The full fp32 weights (and persistent buffers) of a checkpoint, named as in the LightningModule's
     ``state_dict()``; and metadata about where they came from."""
-    directory = CheckpointDir.from_url(info.url)
-    manifests = {r: directory.read_manifest(r) for r in range(info.world_size)}
+    directory = _dir(info.url)
+    commit = _read_commit(directory)[1]
+    manifests = {r: _read_manifest(directory, r, commit) for r in range(info.world_size)}
     full: dict[str, torch.Tensor] = {}
     filled: dict[str, int] = {}
     stage, pmap0 = _param_map(manifests[0], directory.manifest_path(0))
@@ -352,8 +388,8 @@ def gc(url: str, keep: int, dry_run: bool = False) -> list[int]:
     if keep < 1:
         raise ToolError(Exit.USAGE, f"--keep must be at least 1 (got {keep})")
     found = find_checkpoints(url)
-    tier = FsspecTier(url)
-    if len(found) == 1 and found[0].url == url and _is_checkpoint_dir(CheckpointDir.from_url(url)):
+    tier = _tier(url)
+    if len(found) == 1 and found[0].url == url and _is_checkpoint_dir(_dir(url)):
         raise ToolError(Exit.USAGE, f"{url} is one checkpoint, not a tier of step-* checkpoints")
     complete = [c.step for c in found if c.committed]
     kept = set(complete[-keep:])
@@ -363,7 +399,12 @@ def gc(url: str, keep: int, dry_run: bool = False) -> list[int]:
         return removed
     for step in removed:
         directory = tier.checkpoint(step)
-        # manifests first, so a checkpoint being removed is never seen as committed with missing data
+        # the step's commit marker first, then the manifests: a checkpoint being removed is never seen as
+        # committed with missing data
+        try:
+            directory.fs.rm(f"{directory.path}/COMMIT")
+        except FileNotFoundError:
+            pass
         for rank in directory.committed_ranks():
             directory.fs.rm(directory.manifest_path(rank))
         directory.fs.rm(directory.path, recursive=True)
@@ -457,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--json", action="store_true", help="machine-readable output on stdout")
         q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bars on stderr (default: only on a terminal)")
+        q.add_argument("-o", "--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="an fsspec option for the URL's filesystem (repeatable), e.g. hdfs-native settings")
 
     q = sub.add_parser("ls", help="list the checkpoints of a tier")
     q.add_argument("url", help="a tier (folder of step-* checkpoints) or one checkpoint folder")
@@ -492,7 +535,16 @@ TOOLS = ("ls", "verify", "export", "gc")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    options = {}
+    for item in args.storage_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--storage-option takes KEY=VALUE, got {item!r}")
+        options[key] = value
+    _storage_options.clear()
+    _storage_options.update(options)
     try:
         return int(args.func(args))
     except ToolError as err:
@@ -504,4 +556,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"oteacheck {args.tool}: error: not found: {err}", file=sys.stderr)
         return int(Exit.NOT_FOUND)
+    finally:
+        _storage_options.clear()
 

@@ -43,14 +43,26 @@ def write_rank(directory: CheckpointDir, step: int, rank: int, param_map: bool =
     directory.write_rank(manifest, view)
 
 
+def commit(directory: CheckpointDir, step: int) -> None:
+    """Publishes the step where the layout has a step-level commit marker (written by the coordinator)."""
+    try_commit = getattr(directory, "try_commit", None)
+    if try_commit is not None:
+        assert try_commit(step, 2) == []
+
+
+def write_step(tier: FsspecTier, step: int, param_map: bool = True) -> None:
+    for rank in (0, 1):
+        write_rank(tier.checkpoint(step), step, rank, param_map)
+    commit(tier.checkpoint(step), step)
+
+
 @pytest.fixture
 def tier(tmp_path):
     root = tmp_path / "tier"
     t = FsspecTier(str(root))
     for step in (10, 20, 30):
-        for rank in (0, 1):
-            write_rank(t.checkpoint(step), step, rank)
-    write_rank(t.checkpoint(40), 40, 0)  # rank 1 has not committed step 40 (yet)
+        write_step(t, step)
+    write_rank(t.checkpoint(40), 40, 0)  # rank 1 has not written step 40 (yet): not committed
     return root
 
 
@@ -122,14 +134,10 @@ def test_export_consolidates_partitions_from_every_rank(tier, tmp_path, capsys):
 
 
 def test_export_refuses_a_corrupt_master_and_a_checkpoint_without_a_map(tmp_path, capsys):
-    root = FsspecTier(str(tmp_path / "old"))
-    for rank in (0, 1):
-        write_rank(root.checkpoint(5), 5, rank, param_map=False)
+    write_step(FsspecTier(str(tmp_path / "old")), 5, param_map=False)
     code, _, err = run(capsys, "export", str(tmp_path / "old"), str(tmp_path / "w.safetensors"))
     assert code == tools.Exit.UNSUPPORTED == 5 and "no parameter map" in err
-    good = FsspecTier(str(tmp_path / "good"))
-    for rank in (0, 1):
-        write_rank(good.checkpoint(5), 5, rank)
+    write_step(FsspecTier(str(tmp_path / "good")), 5)
     data = tmp_path / "good" / "step-000000005" / "rank-00000.data"
     raw = bytearray(data.read_bytes())
     raw[0] ^= 1
