@@ -80,10 +80,13 @@ AdamW moments, buffers); `sync-deepspeed` saves DeepSpeed's format and `lightnin
 * **overhead**: mean iteration time over the baseline's (same model, GPU count and matrix run): the throughput
   cost, which also counts the iterations between checkpoints; **ovh. median**: the same with medians.
 * **stall ms**: per checkpoint, how long the training thread was held (OTeaCheck: its `oteacheck/stall_ms`).
-* **ckpt/h**: checkpoints completed per hour of training at the measured speed.
+* **ckpt/h**: checkpoints taken per hour of training at the measured speed (OTeaCheck: snapshots sealed in
+  memory; the others: saves begun).
 * **extra GPU MiB**: peak allocated GPU memory over the baseline's (`torch.cuda.max_memory_allocated`).
 * **host RSS MiB**: peak resident memory of the rank-0 process (shared-memory slots it touched included).
-* **durable s**: median time from the end of a checkpoint's step until it is complete on disk.
+* **durable s**: median time from the end of a checkpoint's step until it is complete on disk (fsynced by
+  OTeaCheck's persister, `sync-torch-save`, `checkfreq` and DCP's writer; `sync-deepspeed`, `lightning-async` and
+  `torchsnapshot` write the way those libraries do).
 * **recovery s (memory / disk)**: restart of the training process to the end of its first step, resuming from the
   in-memory tier (a process crash; the node survives) or from disk (a node loss); **start s** is the same for a
   fresh start with no checkpoint; **in fit s**: the same from the `trainer.fit` call on, i.e. without process
