@@ -211,7 +211,19 @@ class OTeaCheckCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
             # constructors of the strategy, the plugin and the schedules check their arguments too
-            raise ConfigError(f"invalid configuration: {err}") from err
+            raise ConfigError(f"invalid configuration: {_root_cause(str(err))}") from err
+
+
+def _root_cause(message: str) -> str:
+    """The constructor's own words from jsonargparse's nested union report (which tries every type of a
+    ``Strategy | str`` or ``OTeaCheckpointIO | None`` and lists each failure)."""
+    generic = ("Expected a ", "Does not validate", "Given value", "Subtypes:", "Errors:")
+    causes = []
+    for line in message.splitlines():
+        text = line.strip().removeprefix("- ").strip()
+        if text and not text.startswith(generic) and text not in causes:
+            causes.append(text)
+    return "; ".join(causes) if causes and len(causes) < len(message.splitlines()) else message
 
 
 def _usage() -> str:

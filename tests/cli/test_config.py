@@ -33,6 +33,9 @@ def fit(capsys, *overrides):
         (["--checkpoint.persist=[{every_n_steps: null, every_n_seconds: null}]"], "checkpoint.persist[0]: set every_n_steps or every_n_seconds"),
         (["--checkpoint.persist=[{every_n_steps: 10, keep_last: 0}]"], "checkpoint.persist[0].keep_last is 0; use an integer >= 1, or null to keep all"),
         (["--checkpoint.persist=[{url: 'nosuchfs://x/y'}]"], "checkpoint.persist[0].url: unknown storage protocol 'nosuchfs'"),
+        # checked by the constructors themselves, reported in their words
+        (["--trainer.strategy.init_args.checkpoint_io.init_args.staging_mib=0"], "invalid configuration: staging_mib must be at least 1 (MiB), got 0.0"),
+        (["--trainer.strategy.init_args.checkpoint_io.init_args.schedule=sometimes"], "invalid configuration: schedule must be one of"),
     ],
 )
 def test_a_bad_setting_fails_at_setup_naming_the_key_and_the_fix(capsys, overrides, message):
