@@ -18,10 +18,21 @@ def on_config(config, **kwargs):
     for title, page in OPTIONAL_PAGES:
         if (DOCS / page).exists() and not any(page in str(item) for item in target):
             target.append({title: page})
-    for extra in sorted(DOCS.glob("benchmarks?*.md")):
-        if not any(extra.name in str(item) for item in target):
-            target.append({f"Benchmarks: {extra.stem.removeprefix('benchmarks').strip('-_ ')}": extra.name})
+    # any other page someone added (benchmark results, ...) joins the guides under its first heading
+    listed = str(nav)
+    for page in sorted(DOCS.rglob("*.md")):
+        name = page.relative_to(DOCS).as_posix()
+        if name.startswith("hooks/") or f"'{name}'" in listed or name in str(target):
+            continue
+        target.append({_title(page): name})
     return config
+
+
+def _title(page: Path) -> str:
+    for line in page.read_text(errors="replace").splitlines():
+        if line.startswith("# "):
+            return line[2:].strip()
+    return page.stem.replace("-", " ").replace("_", " ").capitalize()
 
 
 def on_page_markdown(markdown, page, **kwargs):
