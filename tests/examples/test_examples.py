@@ -59,6 +59,17 @@ def test_cpu_sized_model_trains_a_step_on_its_synthetic_data(example, monkeypatc
     assert all(torch.equal(a, b) for a, b in zip(batch, again))
 
 
+@pytest.mark.parametrize("arch, module", [("torchvision:resnet18", "ResNetModule"), ("torchvision:vit_b_16", "ViTModule")])
+def test_vision_examples_take_torchvision_models_with_random_weights(arch, module, monkeypatch):
+    pytest.importorskip("torchvision")
+    monkeypatch.syspath_prepend(str(support.ROOT))
+    from examples import vision
+
+    model = getattr(vision, module)(arch=arch, num_classes=10)
+    size = 224 if "vit" in arch else 32
+    assert model.net(torch.randn(2, 3, size, size)).shape == (2, 10)
+
+
 def _fresh(data):
     import copy
 
