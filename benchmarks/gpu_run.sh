@@ -69,8 +69,8 @@ matrix() {
 }
 
 # 1. issue 3 (full measurement: 10 warm-up + 60 measured iterations)
-matrix --models gpt2-124m --methods none,oteacheck-naive,oteacheck-eager,oteacheck --recovery oteacheck
-matrix --models gpt2-355m --methods none,oteacheck-naive,oteacheck-eager,oteacheck
+matrix --models gpt2-124m --methods none,oteacheck,oteacheck-eager,oteacheck-naive --recovery oteacheck
+matrix --models gpt2-355m --methods none,oteacheck,oteacheck-eager,oteacheck-naive
 # 2. issue 5 on GPT-2 124M, cheapest and most informative first
 matrix --models gpt2-124m --methods checkfreq,dcp-async,sync-deepspeed,sync-torch-save,lightning-async,torchsnapshot \
     --run-seconds "$RUN_S" --steps 40 --warmup 5

@@ -245,7 +245,7 @@ class Matrix:
                 continue
             base_ms = d["baseline_iter_ms_mean"]
             cost = d.get("cost_ms_per_checkpoint") or (d["iter_ms_mean"] - base_ms)
-            n = max(2, math.ceil(cost / (BUDGET * base_ms)))
+            n = max(2, math.ceil(round(cost / (BUDGET * base_ms), 6)))
             for attempt in range(2):
                 steps = max(self.args.steps, 3 * n)
                 fits = steps * base_ms / 1e3 < 0.5 * max(self.remaining(), 0) and steps <= 600
@@ -257,7 +257,7 @@ class Matrix:
                 got = self.existing(model, method, gpus, n) if got is not None else None
                 if got is None or got.get("overhead") is None or got["overhead"] <= 1 + BUDGET:
                     break
-                n = math.ceil(n * (got["overhead"] - 1) / BUDGET)
+                n = math.ceil(round(n * (got["overhead"] - 1) / BUDGET, 6))
 
     def _estimate(self, d: dict, n: int, cost_ms: float, base_ms: float) -> None:
         est = {k: d.get(k) for k in ("card", "gpus", "model", "method", "baseline_method", "smoke", "versions", "tag",

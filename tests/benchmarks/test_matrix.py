@@ -1,0 +1,78 @@
+"""The matrix's bookkeeping without training: ratios to the right baseline, and the search for the shortest
+interval within 5% (runs replaced by recorded answers)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks import matrix as matrix_mod
+from benchmarks.run import result_name
+
+
+def _result(out: Path, tag: str, method: str, every: int, mean: float, checkpoints: int, steps: int = 10) -> None:
+    data = {"tag": tag, "model": "m", "method": method, "gpus": 1, "every_n_steps": every, "every_n_steps_requested": every,
+            "status": "ok", "iter_ms_mean": mean, "iter_ms_median": mean, "steps_measured": steps,
+            "checkpoints": checkpoints, "peak_gpu_mib": 1000.0 + (0 if method.startswith("none") else 64),
+            "baseline_method": "none" if method in ("none", "oteacheck") else "none-deepspeed", "notes": []}
+    (out / result_name("m", method, 1, every)).write_text(json.dumps(data))
+
+
+def _matrix(out: Path, tag: str, budget: float | None = None) -> matrix_mod.Matrix:
+    argv = ["--models", "m", "--methods", "sync-torch-save", "--out", str(out), "--tag", tag, "--steps", "10"]
+    if budget is not None:
+        argv += ["--budget-s", str(budget)]
+    return matrix_mod.Matrix(matrix_mod.parser().parse_args(argv))
+
+
+def test_ratios_use_the_baseline_of_the_same_strategy(tmp_path):
+    _result(tmp_path, "t", "none", 1, 90.0, 0)
+    _result(tmp_path, "t", "none-deepspeed", 1, 100.0, 0)
+    _result(tmp_path, "t", "oteacheck", 1, 91.8, 10)
+    _result(tmp_path, "t", "sync-torch-save", 1, 300.0, 10)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    _result(other, "other-tag", "none-deepspeed", 1, 1.0, 0)  # another matrix run: never a baseline here
+    (tmp_path / "old-run.json").write_text((other / result_name("m", "none-deepspeed", 1, 1)).read_text())
+    _matrix(tmp_path, "t").fill()
+    got = {p.name.split("__")[1]: json.loads(p.read_text()) for p in tmp_path.glob("m__*.json")}
+    assert got["oteacheck"]["overhead"] == pytest.approx(1.02)
+    assert got["sync-torch-save"]["overhead"] == pytest.approx(3.0)
+    assert got["sync-torch-save"]["cost_ms_per_checkpoint"] == pytest.approx(200.0)
+    assert got["sync-torch-save"]["extra_gpu_mib"] == pytest.approx(64.0)
+
+
+def test_search_runs_the_computed_interval_and_widens_it_once(tmp_path, monkeypatch):
+    _result(tmp_path, "t", "none-deepspeed", 1, 100.0, 0)
+    _result(tmp_path, "t", "sync-torch-save", 1, 300.0, 10)
+    m = _matrix(tmp_path, "t")
+    asked = []
+
+    def fake_run(model, method, gpus, every, steps=None):
+        asked.append((every, steps))
+        # 200 ms per checkpoint, as measured; a little more in the longer run, so the first guess misses
+        _result(tmp_path, "t", method, every, 100.0 + 240.0 / every, steps // every, steps)
+        return json.loads((tmp_path / result_name(model, method, gpus, every)).read_text())
+
+    monkeypatch.setattr(m, "run", fake_run)
+    m.fill()
+    m.search()
+    assert asked[0] == (40, 120)  # 200 ms / (5% of 100 ms)
+    assert asked[1][0] == 48  # 6% measured at 40: widened to 40 * 6 / 5
+    assert len(asked) == 2
+
+
+def test_search_estimates_when_the_run_does_not_fit(tmp_path, monkeypatch):
+    _result(tmp_path, "t", "none-deepspeed", 1, 100.0, 0)
+    _result(tmp_path, "t", "sync-torch-save", 1, 300.0, 10)
+    m = _matrix(tmp_path, "t", budget=1.0)
+    monkeypatch.setattr(m, "run", lambda *a, **k: pytest.fail("no time for a run"))
+    m.fill()
+    time.sleep(0.01)
+    m.search()
+    est = json.loads((tmp_path / result_name("m", "sync-torch-save", 1, 40)).read_text())
+    assert est["status"] == "estimated" and est["overhead"] == pytest.approx(1.05)
+    assert est["iter_ms_median"] is None and "not measured" in est["notes"][0]
