@@ -1,18 +1,38 @@
-"""Background persistence of sealed in-memory snapshots to the persistent tiers.
+"""Background persistence of sealed in-memory snapshots to the persistent tiers, and their global commit.
 
-One daemon thread per rank. The training thread only *marks* a target as due (:meth:`Persister.request`); it
-never waits on storage (DESIGN invariant 5). The thread, for each due target, pins the newest sealed slot (so it
-cannot be reused, invariant 3), computes the checksums, writes the rank's objects and prunes old steps.
+One daemon thread per rank writes to every tier of that rank. The training thread only *marks* a target as due
+(:meth:`Persister.request`): it pins the snapshot of the requested step (a lock and a counter, no I/O) so the slot
+cannot be reused (DESIGN invariant 3), and never waits on storage (invariant 5).
 
-State of one target::
+State of one target (one tier with its schedule)::
 
-    idle --request--> due --thread picks newest sealed slot--> writing --ok--> idle
-                                                                   \\--error--> retry with backoff (newest slot)
-                                                                               \\--gave up--> idle, unhealthy
+    idle --request: pin slot of step s--> due(s) --thread takes it--> writing(s) --ok--> written(s) --> idle
+           ^   \\--request(s') while due: unpin s, pin s', skipped += 1    \\--error--> retry with backoff
+           |                                                                    (same slot; a newer request wins)
+           +---- written(s) on rank 0: commit pending(s) --all manifests there--> COMMIT(s), retention
+                                                         \\--commit timeout / newer step committed--> dropped
 
-When storage is slower than the schedule, requests that arrive while a write is running collapse into one, which
-takes the newest snapshot then; the collapsed ones are counted in ``skipped``. A failing tier warns once with the
-cause, counts ``failures`` and keeps ``healthy=False`` until a write succeeds again. Training goes on (invariant 9).
+Commit protocol of a periodic checkpoint of step *s* in one tier (see :mod:`.tiers.fsspec_tier` for the layout):
+
+1. the training thread of every rank seals snapshot *s* and requests it; with a step schedule every rank requests
+   the same steps, and pinning at request time makes every rank persist exactly those steps;
+2. every rank's persister thread writes its data object, then its manifest (durable before the manifest);
+3. the coordinator, rank 0's persister thread, keeps *s* as a pending commit and polls the step folder every
+   ``poll_seconds`` (without blocking its other work) until all ``world_size`` manifests of *s* are there;
+4. the coordinator writes the ``COMMIT`` marker (atomically: rename, or a commit file that only parses once
+   complete); from then on readers see *s*; then it applies retention, making old steps invisible first;
+5. the other ranks remove their files of steps the coordinator took out of sight, at their next retention pass.
+
+Coordinating through storage keeps torch.distributed on the training thread only (invariant 8) and keeps the
+training thread free of storage waits (invariant 5). A step that some rank never writes (its tier failed, or a
+time-based schedule fired at different steps on different ranks) is never committed: the coordinator drops it when
+a newer step commits or after ``commit_timeout_seconds``, and retention removes its files.
+
+When storage is slower than the schedule, a request that arrives while the previous one is still due replaces it
+(the newest sealed snapshot wins) and is counted in ``skipped``; at most two slots per tier are pinned (one being
+written, one due), so host memory stays bounded. A failing tier warns once with the cause, counts ``failures``,
+keeps ``healthy=False`` and ``failing_since`` until a write succeeds again, then logs that it recovered. Training
+goes on (invariant 9). :meth:`Persister.close` drains, or returns what was not persisted.
 
 Do not use any collectives in this module: it runs off the training thread (invariant 8).
 """
@@ -23,7 +43,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from .format import Manifest, add_checksums
 from .slots import Slot, SlotPool
@@ -36,7 +56,9 @@ class PersistentTier(Protocol):
 
     def write(self, manifest: Manifest, data: memoryview) -> None: ...
 
-    def prune(self, rank: int, keep_last: int) -> list[int]: ...
+    def try_commit(self, step: int, world_size: int) -> list[int]: ...
+
+    def prune(self, rank: int, keep_last: int, coordinator: bool | None = None) -> list[int]: ...
 
 
 @dataclass
@@ -44,17 +66,23 @@ class PersistSchedule:
     """When to persist to one tier, and how many checkpoints to keep there.
 
     Args:
-        url: where (a local path, ``file://``, ``hdfs://``, ``webhdfs://``, ``memory://``); ``None`` means the
-            checkpoint callback's ``dirpath``.
-        every_n_steps: persist the newest snapshot when the global step is a multiple of this.
-        every_n_seconds: persist the newest snapshot when this much time passed since the last persist began.
+        url: where (a local path, ``file://``, ``hdfs://``, ``webhdfs://user@host:port/path``, ``memory://``);
+            ``None`` means the checkpoint callback's ``dirpath``.
+        every_n_steps: persist the snapshot of every step that is a multiple of this (the same steps on every
+            rank, so each of them can be committed).
+        every_n_seconds: persist the newest snapshot when this much time passed since the last request. Measured
+            per rank, so with several ranks prefer ``every_n_steps``: only steps every rank wrote are committed.
         keep_last: number of committed checkpoints kept in this tier (older ones are removed); ``None`` keeps all.
+        storage_options: passed to the fsspec filesystem (for ``hdfs://``: hdfs-native client settings).
+        commit_timeout_seconds: how long rank 0 waits for the other ranks' files of a step before giving it up.
     """
 
     url: str | None = None
     every_n_steps: int | None = 50
     every_n_seconds: float | None = None
     keep_last: int | None = 3
+    storage_options: dict[str, Any] | None = None
+    commit_timeout_seconds: float = 120.0
 
     def __post_init__(self) -> None:
         if self.every_n_steps is None and self.every_n_seconds is None:
@@ -65,6 +93,21 @@ class PersistSchedule:
             raise ValueError(f"every_n_seconds must be > 0, got {self.every_n_seconds}")
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None, got {self.keep_last}")
+        if self.commit_timeout_seconds <= 0:
+            raise ValueError(f"commit_timeout_seconds must be > 0, got {self.commit_timeout_seconds}")
+
+    @classmethod
+    def parse(cls, spec: str, **kwargs: Any) -> PersistSchedule:
+        """``URL:EVERY:KEEP``, e.g. ``/ckpt:50:3``, ``hdfs://nn:8020/ckpt:500:10``, ``file:///ckpt:30s:all``
+        (``EVERY`` in steps, or seconds with an ``s`` suffix; ``KEEP`` a count or ``all``)."""
+        try:
+            url, every, keep = spec.rsplit(":", 2)
+        except ValueError:
+            raise ValueError(f"a persist spec is URL:EVERY:KEEP, got {spec!r}") from None
+        if not url or not every or not keep:
+            raise ValueError(f"a persist spec is URL:EVERY:KEEP, got {spec!r}")
+        timing = {"every_n_steps": None, "every_n_seconds": float(every[:-1])} if every.endswith("s") else {"every_n_steps": int(every)}
+        return cls(url=url, keep_last=None if keep == "all" else int(keep), **timing, **kwargs)
 
     def is_due(self, step: int, seconds_since_last: float) -> bool:
         by_steps = self.every_n_steps is not None and step % self.every_n_steps == 0
@@ -74,14 +117,25 @@ class PersistSchedule:
 
 @dataclass
 class TargetStats:
-    """Metrics of one persistent tier; read by the training thread, written by the persister thread."""
+    """Metrics of one persistent tier; written by the persister thread, read by the training thread.
+
+    ``persisted_step`` is the newest step this rank wrote (durable); ``committed_step`` the newest step globally
+    committed, known on the coordinator (rank 0) only. ``failing_since`` is a ``time.monotonic()`` value while the
+    tier fails (``None`` when healthy); ``outages`` counts healthy->failing transitions."""
 
     persisted_step: int = -1
     persisted: int = 0
+    committed_step: int = -1
+    committed: int = 0
     skipped: int = 0
     failures: int = 0
+    outages: int = 0
     healthy: bool = True
+    failing_since: float | None = None
     last_error: str | None = None
+    failed_step: int = -1
+    uncommitted: int = 0
+    commit_timeouts: int = 0
     last_seconds: float = 0.0
     last_bytes: int = 0
 
@@ -89,19 +143,25 @@ class TargetStats:
     def last_gbps(self) -> float:
         return self.last_bytes / self.last_seconds / 1e9 if self.last_seconds > 0 else 0.0
 
+    @property
+    def outage_seconds(self) -> float:
+        return time.monotonic() - self.failing_since if self.failing_since is not None else 0.0
+
 
 @dataclass(eq=False)
 class _Target:
     tier: PersistentTier
     schedule: PersistSchedule
     stats: TargetStats = field(default_factory=TargetStats)
-    due: bool = False
-    last_start: float = field(default_factory=time.monotonic)
+    pending: Slot | None = None  # pinned by request(), owned by the target until the thread takes it
+    last_request: float = field(default_factory=time.monotonic)
     warned: bool = False
+    # coordinator only: step -> (world size, monotonic deadline)
+    commits: dict[int, tuple[int, float]] = field(default_factory=dict)
 
 
 class Persister:
-    """Writes the newest sealed snapshot of one rank to each persistent tier on its schedule."""
+    """Writes the snapshots of one rank to each persistent tier on its schedule; on rank 0, also commits them."""
 
     def __init__(
         self,
@@ -109,11 +169,13 @@ class Persister:
         targets: list[tuple[PersistentTier, PersistSchedule]],
         retries: int = 3,
         backoff_seconds: float = 0.5,
+        poll_seconds: float = 0.05,
     ) -> None:
         self.pool = pool
         self.targets = [_Target(tier, schedule) for tier, schedule in targets]
         self.retries = retries
         self.backoff_seconds = backoff_seconds
+        self.poll_seconds = poll_seconds
         self._cond = threading.Condition()
         self._busy = False
         self._closed = False
@@ -123,24 +185,35 @@ class Persister:
     # --- training thread ---------------------------------------------------------------------------------
 
     def request(self, step: int, force: bool = False) -> None:
-        """Marks each target whose schedule is due at ``step`` (all targets with ``force``). Never blocks on I/O."""
+        """Marks every target whose schedule is due at ``step`` (or all, with ``force``) and pins the newest
+        sealed snapshot for it. Never blocks on I/O."""
         now = time.monotonic()
         with self._cond:
+            if self._closed:
+                return
             for t in self.targets:
-                if force or t.schedule.is_due(step, now - t.last_start):
-                    if t.due:
-                        t.stats.skipped += 1
-                    t.due = True
+                if not (force or t.schedule.is_due(step, now - t.last_request)):
+                    continue
+                slot = self.pool.pin_newest()
+                if slot is None:
+                    continue
+                if t.pending is not None:
+                    self.pool.unpin(t.pending)
+                    t.stats.skipped += 1
+                t.pending, t.last_request = slot, now
             self._cond.notify_all()
 
     def stats(self) -> dict[str, TargetStats]:
         return {t.tier.name: t.stats for t in self.targets}
 
+    def _idle(self) -> bool:
+        return not self._busy and all(t.pending is None and not t.commits for t in self.targets)
+
     def drain(self, timeout: float | None = None) -> bool:
-        """Waits until nothing is due or being written; returns False on timeout."""
+        """Waits until nothing is due, being written or (on rank 0) waiting to be committed; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while any(t.due for t in self.targets) or self._busy:
+            while not self._idle():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -148,62 +221,125 @@ class Persister:
         return True
 
     def close(self, drain: bool, timeout: float | None = 600.0) -> list[str]:
-        """Stops the thread (after draining, if asked); returns the names of tiers left with unwritten work."""
+        """Stops the thread (after draining, if asked); returns one line per tier describing what was not
+        persisted (empty when everything requested is durable and committed)."""
         if drain:
             self.drain(timeout)
+        report = []
         with self._cond:
             self._closed = True
-            pending = [t.tier.name for t in self.targets if t.due]
+            for t in self.targets:
+                if t.pending is not None:
+                    report.append(f"{t.tier.name}: step {t.pending.step} was never written")
+                    self.pool.unpin(t.pending)
+                    t.pending = None
+                for step in sorted(t.commits):
+                    report.append(f"{t.tier.name}: step {step} was written but not every rank's files arrived, so it is not committed")
+                if t.stats.failed_step > t.stats.persisted_step:
+                    report.append(f"{t.tier.name}: step {t.stats.failed_step} failed ({t.stats.last_error})")
             self._cond.notify_all()
         self._thread.join(timeout=60)
-        return pending
+        return report
 
-    # --- persister thread --------------------------------------------------------------------------------
+    # --- persister thread: do not use any collectives below ------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and not any(t.due for t in self.targets):
-                    self._cond.wait()
                 if self._closed:
                     return
-                target = next(t for t in self.targets if t.due)
-                target.due = False
-                target.last_start = time.monotonic()
+                target = next((t for t in self.targets if t.pending is not None), None)
+                if target is None:
+                    waiting = any(t.commits for t in self.targets)
+                    self._cond.wait(self.poll_seconds if waiting else None)
+                    if self._closed:
+                        return
+                    target = next((t for t in self.targets if t.pending is not None), None)
+                slot = None
+                if target is not None:
+                    slot, target.pending = target.pending, None
                 self._busy = True
             try:
-                self._persist(target)
+                if target is not None and slot is not None:
+                    self._persist(target, slot)
+                self._advance_commits()
+            except Exception:  # a bug here must not kill the thread silently
+                log.exception("the persister failed unexpectedly")
             finally:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
 
-    def _persist(self, target: _Target) -> None:
-        for attempt in range(self.retries + 1):
-            slot = self.pool.pin_newest()
-            if slot is None:
-                return
-            try:
-                started = time.monotonic()
-                manifest = self._checksummed_manifest(slot)
-                target.tier.write(manifest, slot.memoryview(manifest.data_bytes))
-                if target.schedule.keep_last is not None:
-                    target.tier.prune(manifest.rank, target.schedule.keep_last)
-            except Exception as err:  # any storage error degrades persistence, never training
-                self._record_failure(target, err, attempt)
-                if attempt < self.retries and not self._closed:
-                    time.sleep(self.backoff_seconds * 2**attempt)
-                    continue
-                return
-            finally:
-                self.pool.unpin(slot)
-            stats = target.stats
-            stats.persisted_step, stats.persisted = manifest.step, stats.persisted + 1
-            stats.last_seconds, stats.last_bytes = time.monotonic() - started, manifest.data_bytes
-            if not stats.healthy:
-                log.warning("persistence to %s recovered at step %d", target.tier.name, manifest.step)
-            stats.healthy, target.warned = True, False
-            return
+    def _persist(self, target: _Target, slot: Slot) -> None:
+        try:
+            for attempt in range(self.retries + 1):
+                manifest = slot.manifest
+                try:
+                    started = time.monotonic()
+                    manifest = self._checksummed_manifest(slot)
+                    target.tier.write(manifest, slot.memoryview(manifest.data_bytes))
+                except Exception as err:  # any storage error degrades persistence, never training
+                    step = manifest.step if manifest is not None else slot.step
+                    self._record_failure(target, err, step, attempt)
+                    if attempt < self.retries and self._backoff(target, self.backoff_seconds * 2**attempt):
+                        continue
+                    return
+                self._record_success(target, manifest, time.monotonic() - started)
+                break
+        finally:
+            self.pool.unpin(slot)
+        if manifest.rank == 0:
+            deadline = time.monotonic() + target.schedule.commit_timeout_seconds
+            target.commits[manifest.step] = (manifest.world_size, deadline)
+            target.stats.uncommitted = len(target.commits)
+        elif target.schedule.keep_last is not None:
+            self._prune(target, manifest.rank)
+
+    def _backoff(self, target: _Target, seconds: float) -> bool:
+        """Sleeps before a retry; False when the retry is pointless (closing, or a newer snapshot is due)."""
+        deadline = time.monotonic() + seconds
+        with self._cond:
+            while not self._closed and target.pending is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return True
+                self._cond.wait(remaining)
+            return False
+
+    def _advance_commits(self) -> None:
+        """Coordinator: commits every pending step whose ranks all wrote their files."""
+        for target in self.targets:
+            for step in sorted(target.commits):
+                if step not in target.commits:
+                    continue  # dropped below as superseded
+                world_size, deadline = target.commits[step]
+                try:
+                    missing = target.tier.try_commit(step, world_size)
+                except Exception as err:
+                    self._record_failure(target, err, step, 0)
+                    break
+                if not missing:
+                    del target.commits[step]
+                    stats = target.stats
+                    stats.committed_step, stats.committed = max(stats.committed_step, step), stats.committed + 1
+                    for older in [s for s in target.commits if s < step]:
+                        del target.commits[older]  # a newer step is visible; retention removes the older files
+                    if target.schedule.keep_last is not None:
+                        self._prune(target, 0)
+                elif time.monotonic() > deadline:
+                    del target.commits[step]
+                    target.stats.commit_timeouts += 1
+                    log.warning(
+                        "step %d is not committed to %s: rank(s) %s did not write it within %.0f s",
+                        step, target.tier.name, missing, target.schedule.commit_timeout_seconds,
+                    )
+            target.stats.uncommitted = len(target.commits)
+
+    def _prune(self, target: _Target, rank: int) -> None:
+        try:
+            target.tier.prune(rank, target.schedule.keep_last, coordinator=rank == 0)
+        except Exception as err:
+            self._record_failure(target, err, target.stats.persisted_step, 0, what="applying retention to")
 
     def _checksummed_manifest(self, slot: Slot) -> Manifest:
         manifest = slot.manifest
@@ -214,17 +350,29 @@ class Persister:
             add_checksums(manifest, slot.memoryview(manifest.data_bytes))
         return manifest
 
-    def _record_failure(self, target: _Target, err: Exception, attempt: int) -> None:
+    def _record_success(self, target: _Target, manifest: Manifest, seconds: float) -> None:
+        stats = target.stats
+        stats.persisted_step, stats.persisted = manifest.step, stats.persisted + 1
+        stats.last_seconds, stats.last_bytes = seconds, manifest.data_bytes
+        if not stats.healthy:
+            log.warning(
+                "persistence to %s recovered at step %d after %d failure(s) over %.1f s",
+                target.tier.name, manifest.step, stats.failures, stats.outage_seconds,
+            )
+        stats.healthy, stats.failing_since, target.warned = True, None, False
+
+    def _record_failure(self, target: _Target, err: Exception, step: int, attempt: int, what: str = "persisting to") -> None:
         stats = target.stats
         stats.failures += 1
-        stats.healthy = False
+        stats.failed_step = max(stats.failed_step, step)
         stats.last_error = f"{type(err).__name__}: {err}"
+        if stats.healthy:
+            stats.healthy, stats.failing_since, stats.outages = False, time.monotonic(), stats.outages + 1
         if not target.warned:
             target.warned = True
             log.warning(
-                "persisting to %s failed (%s); training continues, snapshots stay in memory, retrying",
-                target.tier.name,
-                stats.last_error,
+                "%s %s failed at step %d (%s); training continues, snapshots stay in memory, retrying with backoff",
+                what, target.tier.name, step, stats.last_error,
             )
         else:
-            log.debug("persisting to %s failed again (attempt %d): %s", target.tier.name, attempt + 1, stats.last_error)
+            log.debug("%s %s failed again at step %d (attempt %d): %s", what, target.tier.name, step, attempt + 1, stats.last_error)

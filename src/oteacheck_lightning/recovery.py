@@ -2,8 +2,9 @@
 
 Commit protocol as recovery reads it:
 
-1. every rank lists the steps its own checkpoint is committed for, in each tier it can reach (memory: sealed
-   slots; persistent tiers: rank manifests);
+1. every rank lists the steps it holds, in each tier it can reach (memory: its sealed slots; persistent tiers:
+   steps whose global ``COMMIT`` marker is complete, see :mod:`.tiers.fsspec_tier`; a tier that cannot be listed
+   holds nothing);
 2. the ranks exchange those lists (a collective on the training thread) and take the newest step that every rank
    holds somewhere;
 3. each rank reads that step from its fastest tier that holds it and verifies the checksums, falling back to the
@@ -11,7 +12,9 @@ Commit protocol as recovery reads it:
 4. the ranks exchange success; if any rank could not load the step, every rank drops it and goes back to 2.
 
 So all ranks resume from the same step (DESIGN invariant 4), and a corrupt or partial checkpoint is skipped for
-the previous good one.
+the previous good one. Every skip is reported with the step, the rank, the tier's URL and the reason (for a
+checksum mismatch, the tensor's name). Only this module's callers run on the training thread: the collectives here
+never run in a background thread (invariant 8).
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .format import CheckpointFormatError
 from .tiers.base import LoadedRankCheckpoint, Tier
 
 log = logging.getLogger(__name__)
@@ -79,9 +81,12 @@ def recover(tiers: Sequence[Tier], rank: int, gather: Gather) -> RecoveryResult 
             try:
                 loaded = tier.read(step, rank)
                 break
-            except (CheckpointFormatError, OSError) as err:
-                log.warning("checkpoint of step %d in %s is unusable (%s); trying the next copy", step, tier.name, err)
-                skipped.append((step, f"{tier.name}: {err}"))
+            except Exception as err:  # corrupt (CheckpointFormatError) or unreachable (OSError, client errors)
+                log.warning(
+                    "checkpoint of step %d, rank %d in %s is unusable (%s: %s); trying the next copy",
+                    step, rank, tier.name, type(err).__name__, err,
+                )
+                skipped.append((step, f"rank {rank} in {tier.name}: {err}"))
         ok = gather(torch.tensor([1 if loaded is not None else 0], dtype=torch.int64))
         if loaded is not None and bool(ok.min().item()):
             return RecoveryResult(step, loaded, skipped)

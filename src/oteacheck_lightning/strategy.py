@@ -264,7 +264,7 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         io = self.checkpoint_io
         if os.path.normpath(path) in {os.path.normpath(a) for a in anchors}:
             checkpoint = io.recover(self._gather)
-        elif CheckpointDir.from_url(path).committed_ranks():
+        elif CheckpointDir.from_url(path).is_committed():  # one checkpoint folder (explicit, or one persisted step)
             checkpoint = io.load_checkpoint(path)
         else:
             checkpoint = io.recover(self._gather, url=path)
@@ -277,6 +277,7 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         self._ds_state.restore(private["engine"], private["deepspeed"])
         self._restore_at_next_iteration = (private["rng"], private["metrics"])
         io.discard_snapshots_after(private["step"])
+        io.discard_persisted_after(private["step"])
         self.resumed_from = {"step": private["step"], "source": private["source"]}
         log.warning("resuming from step %d (%s)", private["step"], private["source"])
         return checkpoint

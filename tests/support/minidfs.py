@@ -456,6 +456,11 @@ class MiniDFSCluster:
             f"{time.strftime('%Y-%m-%d %H:%M:%S')} =====\n{' '.join(cmd)}\n".encode()
         )
         self._log_file.flush()
+        # Prefer setpriv to set the parent-death signal: a preexec_fn runs Python in the forked child, which can
+        # deadlock when the parent has other threads (a persister thread, hdfs-native's runtime) mid-allocation.
+        setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+        if setpriv is not None:
+            cmd = [setpriv, "--pdeathsig", "KILL", "--", *cmd]
         self._proc = subprocess.Popen(
             cmd,
             cwd=self.base_dir,
@@ -464,7 +469,7 @@ class MiniDFSCluster:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # own process group: Ctrl-C in pytest does not hit it
-            preexec_fn=_pdeathsig_preexec(),
+            preexec_fn=None if setpriv is not None else _pdeathsig_preexec(),
         )
         _LIVE.add(self)
         self.starts += 1

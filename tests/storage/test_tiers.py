@@ -1,0 +1,283 @@
+"""Persistent tiers on real stores (local disk, a real HDFS through ``hdfs://`` and ``webhdfs://``, fsspec's
+``memory://``): the global commit, retention, integrity and the persister's behaviour when the NameNode dies.
+
+No mocks: faults wrap a real tier (the NameNode is really killed, the bytes are really flipped on HDFS) and the
+tests assert the invariants (nothing torn is visible, the previous checkpoint is used, training never waits)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.parse
+import uuid
+
+import pytest
+import torch
+
+from oteacheck_lightning.format import CheckpointFormatError, Manifest, add_checksums, byte_view, plan_layout
+from oteacheck_lightning.persist import Persister, PersistSchedule
+from oteacheck_lightning.recovery import recover
+from oteacheck_lightning.slots import SlotPool
+from oteacheck_lightning.tiers import FsspecTier
+from oteacheck_lightning.tiers.fsspec_tier import COMMIT_MARKER
+
+# hdfs-native gives up on a dead NameNode after ~0.3 s instead of Hadoop's default ~3 minutes of failover retries
+FAST_FAIL = {
+    "dfs.client.failover.max.attempts": "1",
+    "dfs.client.failover.sleep.base.millis": "100",
+    "dfs.client.failover.sleep.max.millis": "200",
+}
+
+
+def webhdfs_url(cluster, hdfs_url: str) -> str:
+    return f"webhdfs://{cluster.user}@{cluster.host}:{cluster.http_port}{urllib.parse.urlparse(hdfs_url).path}"
+
+
+@pytest.fixture(params=["local", "hdfs", "webhdfs", "memory"])
+def tier_url(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "tier")
+    if request.param == "memory":
+        return f"memory://oteacheck-{uuid.uuid4().hex}"
+    cluster = request.getfixturevalue("hdfs_cluster")
+    root = request.getfixturevalue("hdfs_root")
+    return root if request.param == "hdfs" else webhdfs_url(cluster, root)
+
+
+def rank_checkpoint(step: int, rank: int, world_size: int = 2, numel: int = 3000) -> tuple[Manifest, memoryview]:
+    g = torch.Generator().manual_seed(step * 100 + rank)
+    tensors = [("weight", torch.randn(numel, generator=g)), ("exp_avg", torch.randn(numel // 3, generator=g))]
+    records, size = plan_layout(tensors)
+    buffer = torch.zeros(size, dtype=torch.uint8)
+    for record, (_, t) in zip(records, tensors):
+        byte_view(buffer, record).copy_(t)
+    manifest = Manifest(step=step, rank=rank, world_size=world_size, data_bytes=size, tensors=records, state={"s": step})
+    view = memoryview(buffer.numpy())
+    add_checksums(manifest, view)
+    return manifest, view
+
+
+def single_rank_gather(t: torch.Tensor) -> torch.Tensor:
+    return t.unsqueeze(0)
+
+
+# ------------------------------------------------------------------------------------------ global commit
+
+
+def test_a_step_is_visible_only_after_every_rank_wrote_and_the_coordinator_committed(tier_url):
+    tier = FsspecTier(tier_url)
+    written = {r: rank_checkpoint(10, r) for r in range(2)}
+    tier.write(*written[0])
+    assert tier.try_commit(10, 2) == [1]  # rank 1's files are not there: no marker
+    assert tier.committed_steps(0) == [] and tier.steps() == [10]
+    assert not tier.checkpoint(10).fs.exists(tier.checkpoint(10).commit_path)
+    with pytest.raises(CheckpointFormatError, match="not committed"):
+        tier.read(10, 0)
+    tier.write(*written[1])
+    assert tier.try_commit(10, 2) == []
+    # a fresh client (another process, a restarted job) sees the committed step and reads it back verified
+    fresh = FsspecTier(tier_url)
+    assert fresh.committed_steps(0) == fresh.committed_steps(1) == [10]
+    for rank in range(2):
+        loaded = fresh.read(10, rank)
+        assert loaded.manifest.step == 10 and loaded.manifest.verified
+        assert bytes(loaded.buffer.numpy()[: written[rank][0].data_bytes]) == bytes(written[rank][1])
+    commit = fresh.checkpoint(10).read_commit()
+    assert commit["step"] == 10 and commit["world_size"] == 2 and set(commit["manifests"]) == {"0", "1"}
+
+
+def test_retention_keeps_the_newest_committed_steps_and_old_steps_vanish_before_their_files(tier_url):
+    tier = FsspecTier(tier_url)
+    for step in (5, 10, 15, 20):
+        for rank in range(2):
+            tier.write(*rank_checkpoint(step, rank))
+        assert tier.try_commit(step, 2) == []
+    tier.write(*rank_checkpoint(25, 0))  # a torn newer step (rank 1 never wrote it) is left alone
+    assert tier.prune(1, keep_last=2) == []  # rank 1 waits until the coordinator took old steps out of sight
+    assert tier.committed_steps(0) == [5, 10, 15, 20]
+    assert tier.prune(0, keep_last=2) == [5, 10]
+    assert tier.committed_steps(0) == [15, 20]  # invisible first ...
+    assert tier.prune(1, keep_last=2) == [5, 10]  # ... then every rank removes its files
+    assert tier.steps() == [15, 20, 25]
+    assert tier.committed_steps(1) == [15, 20]
+
+
+def test_a_rank_rewriting_a_committed_step_reads_as_corrupt_never_as_a_mix(tier_url):
+    tier = FsspecTier(tier_url)
+    for rank in range(2):
+        tier.write(*rank_checkpoint(7, rank))
+    assert tier.try_commit(7, 2) == []
+    manifest, data = rank_checkpoint(7, 1, numel=2000)  # another run's rank 1 rewrites step 7
+    tier.write(manifest, data)
+    with pytest.raises(CheckpointFormatError, match="rank 1's manifest is not the one the commit marker names"):
+        tier.read(7, 1)
+    assert tier.try_commit(7, 2) == []  # the coordinator re-commits what is there now
+    assert tier.read(7, 1).manifest.data_bytes == manifest.data_bytes
+
+
+def test_the_explicit_checkpoint_marker_is_the_same_commit_concept(tmp_path):
+    # strategy.save_checkpoint writes COMMIT with the step and the world size; readers accept it as committed
+    tier = FsspecTier(str(tmp_path))
+    tier.write(*rank_checkpoint(3, 0, world_size=1))
+    directory = tier.checkpoint(3)
+    assert not directory.is_committed()
+    directory.write_marker(COMMIT_MARKER, b'{"step": 3, "world_size": 1}')
+    assert tier.committed_steps(0) == [3] and tier.read(3, 0).manifest.step == 3
+    directory.write_marker(COMMIT_MARKER, b'{"step": 3, "wor')  # a torn commit file (no atomic rename) is invisible
+    assert tier.committed_steps(0) == []
+
+
+# ------------------------------------------------------------------------------------------------ integrity
+
+
+@pytest.mark.parametrize("protocol", ["hdfs", "webhdfs"])
+def test_a_flipped_bit_on_hdfs_is_reported_by_name_and_the_previous_step_is_used(hdfs_cluster, hdfs_root, protocol, caplog):
+    url = hdfs_root if protocol == "hdfs" else webhdfs_url(hdfs_cluster, hdfs_root)
+    tier = FsspecTier(url)
+    for step in (4, 8):
+        tier.write(*rank_checkpoint(step, 0, world_size=1))
+        assert tier.try_commit(step, 1) == []
+    # flip one bit of the exp_avg tensor of step 8, in place on HDFS (through the other client)
+    fs = hdfs_cluster.hdfs_fs()
+    path = f"{urllib.parse.urlparse(hdfs_root).path}/step-000000008/rank-00000.data"
+    manifest = tier.read(8, 0).manifest
+    offset = next(r.offset for r in manifest.tensors if r.name == "exp_avg") + 5
+    raw = bytearray(fs.cat_file(path))
+    raw[offset] ^= 0x10
+    fs.rm(path)
+    fs.pipe_file(path, bytes(raw))
+    with pytest.raises(CheckpointFormatError) as err:
+        tier.read(8, 0)
+    for name in ("step 8", "rank 0", "'exp_avg'", urllib.parse.urlparse(hdfs_root).path):
+        assert name in str(err.value)
+    with caplog.at_level(logging.WARNING):
+        result = recover([tier], 0, single_rank_gather)
+    assert result is not None and result.step == 4
+    assert [step for step, _ in result.skipped] == [8] and "exp_avg" in result.skipped[0][1]
+    assert any("step 8, rank 0" in r.message and url in r.message for r in caplog.records)
+
+
+# ------------------------------------------------------------------------------------ persister, 2 "ranks"
+
+
+def seal(pool: SlotPool, step: int, rank: int, world_size: int, numel: int = 4000) -> None:
+    manifest, view = rank_checkpoint(step, rank, world_size, numel)
+    for r in manifest.tensors:
+        r.checksum = None  # the persister computes them, off the training thread
+    slot = pool.acquire(manifest.data_bytes)
+    assert slot is not None, "training would have had to skip a snapshot"
+    slot.memoryview(manifest.data_bytes)[:] = view
+    pool.seal(slot, manifest)
+
+
+class HeldTier(FsspecTier):
+    """A real tier whose writes wait until released (a slow rank)."""
+
+    def __init__(self, url):
+        super().__init__(url)
+        self.release = threading.Event()
+
+    def write(self, manifest, data):
+        assert self.release.wait(60)
+        super().write(manifest, data)
+
+
+def test_the_coordinator_commits_on_hdfs_only_after_every_rank_persisted(hdfs_root, tmp_path):
+    pools = [SlotPool(tmp_path / f"shm{r}", 4) for r in range(2)]
+    tiers = [FsspecTier(hdfs_root), HeldTier(hdfs_root)]
+    persisters = [Persister(pools[r], [(tiers[r], PersistSchedule(every_n_steps=2, keep_last=2))]) for r in range(2)]
+    try:
+        for step in (1, 2):
+            for r in range(2):
+                seal(pools[r], step, r, 2)
+                persisters[r].request(step)
+        deadline = time.monotonic() + 30
+        while persisters[0].stats()[hdfs_root].persisted_step != 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)  # several polls of the coordinator
+        assert tiers[0].steps() == [2] and tiers[0].committed_steps(0) == []  # rank 1 has not written: invisible
+        assert persisters[0].stats()[hdfs_root].uncommitted == 1
+        tiers[1].release.set()
+        for p in persisters[::-1]:
+            assert p.drain(60)
+        assert FsspecTier(hdfs_root).committed_steps(1) == [2]
+        stats = persisters[0].stats()[hdfs_root]
+        assert stats.committed_step == 2 and stats.uncommitted == 0
+    finally:
+        tiers[1].release.set()
+        for r in range(2):
+            assert persisters[r].close(drain=True, timeout=60) == []
+            pools[r].close(remove=True)
+
+
+class NameNodeDiesMidWrite(FsspecTier):
+    """A real HDFS tier; while writing the data object of the first step from ``step`` on, after the first half,
+    the NameNode (and its DataNode: one JVM) is SIGKILLed."""
+
+    def __init__(self, url, cluster, step):
+        super().__init__(url, storage_options=FAST_FAIL)
+        self.cluster, self.step = cluster, step
+        self.killed = threading.Event()
+
+    def write(self, manifest, data):
+        if manifest.step >= self.step and not self.killed.is_set():
+            self.torn_step = manifest.step
+            directory = self.checkpoint(manifest.step)
+            directory.makedirs()
+            half = manifest.data_bytes // 2
+
+            def chunks():
+                yield data[:half]
+                self.cluster.kill()
+                self.killed.set()
+                yield data[half : manifest.data_bytes]
+
+            directory._put(directory.data_path(manifest.rank), chunks())
+        super().write(manifest, data)
+
+
+def test_namenode_killed_mid_persist_then_restarted(hdfs_cluster, hdfs_root, tmp_path, caplog):
+    pool = SlotPool(tmp_path / "shm", 4)
+    tier = NameNodeDiesMidWrite(hdfs_root, hdfs_cluster, step=4)
+    persister = Persister(pool, [(tier, PersistSchedule(every_n_steps=2, keep_last=3))], retries=2, backoff_seconds=0.2)
+    slowest_request = 0.0
+    try:
+        with caplog.at_level(logging.WARNING):
+            step = 0
+
+            def train_until(done, limit=60):
+                nonlocal step, slowest_request
+                deadline = time.monotonic() + limit
+                while not done():
+                    assert time.monotonic() < deadline, f"stuck at step {step}: {persister.stats()}"
+                    step += 1
+                    seal(pool, step, 0, 1, numel=200_000)  # ~1 MiB per rank
+                    started = time.perf_counter()
+                    persister.request(step)
+                    slowest_request = max(slowest_request, time.perf_counter() - started)
+                    time.sleep(0.02)
+
+            stats = persister.stats()[tier.name]
+            train_until(lambda: tier.killed.is_set() and stats.failures >= 2)
+            assert not stats.healthy and stats.failed_step >= tier.torn_step and stats.last_error
+            hdfs_cluster.start()
+            train_until(lambda: stats.healthy and stats.committed_step > tier.torn_step)
+            assert persister.drain(60)
+        fresh = FsspecTier(hdfs_root)
+        committed = fresh.committed_steps(0)
+        assert tier.torn_step not in committed and committed[-1] == stats.committed_step  # the torn step: invisible
+        assert not fresh.checkpoint(tier.torn_step).is_committed()
+        fresh.read(committed[-1], 0)  # and what is visible is complete
+        assert slowest_request < 0.05  # training never waited for the outage
+        assert stats.outages == 1 and stats.failures >= 2
+        warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+        assert sum("failed at step" in m for m in warnings) == 1, warnings  # warned once, with the cause
+        assert any(tier.name in m and "Error" in m for m in warnings if "failed at step" in m)  # names the cause
+        assert any("recovered" in m for m in warnings)
+    finally:
+        if not hdfs_cluster.running:
+            hdfs_cluster.start()
+        persister.close(drain=False)
+        pool.close(remove=True)
