@@ -12,6 +12,9 @@ def install(spec: str) -> None:
     name, _, arg = spec.partition(":")
     if name == "kill-during-persist":
         _kill_during_persist(int(arg))
+    elif name == "stall-remote-persist":
+        step, _, folder = arg.partition(":")
+        _stall_remote_persist(int(step), folder)
     else:
         raise ValueError(f"unknown fault {spec!r}")
 
@@ -29,5 +32,40 @@ def _kill_during_persist(step: int) -> None:
                 os.killpg(os.getpgid(0), signal.SIGKILL)
             return original(self, path, half())
         return original(self, path, chunks)
+
+    fsspec_tier.CheckpointDir._put = put
+
+
+def _stall_remote_persist(step: int, folder: str) -> None:
+    """Rank 0's persister, writing the data object of the first step >= ``step`` to a remote (non-local) tier,
+    writes its first half, creates ``folder/stalled`` and waits for ``folder/go`` before writing the rest: the test
+    kills the NameNode in between, so the write is really cut in the middle by the outage."""
+    import time
+    from pathlib import Path
+
+    original = fsspec_tier.CheckpointDir._put
+    fired = []
+
+    def put(self, path, chunks):
+        name = path.rsplit("/", 1)[-1]
+        this = int(path.rsplit("/", 2)[-2].removeprefix(fsspec_tier.STEP_PREFIX) or -1) if "/step-" in path else -1
+        if self.local or fired or name != "rank-00000.data" or this < step:
+            return original(self, path, chunks)
+        fired.append(this)
+
+        def stalled():
+            for i, chunk in enumerate(chunks):
+                if i:
+                    yield chunk
+                    continue
+                half = max(1, len(chunk) // 2)
+                yield chunk[:half]
+                Path(folder, "stalled").write_text(str(this))
+                deadline = time.monotonic() + 300
+                while not Path(folder, "go").exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                yield chunk[half:]
+
+        return original(self, path, stalled())
 
     fsspec_tier.CheckpointDir._put = put

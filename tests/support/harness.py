@@ -19,7 +19,10 @@ SCRIPT = ROOT / "tests" / "support" / "train_tiny.py"
 def command(root: Path, out: Path, **options) -> list[str]:
     cmd = [sys.executable, str(SCRIPT), "--root", str(root), "--out", str(out)]
     for key, value in options.items():
-        if value is True:
+        if isinstance(value, (list, tuple)):  # a repeatable option
+            for item in value:
+                cmd += [f"--{key.replace('_', '-')}", str(item)]
+        elif value is True:
             cmd.append(f"--{key.replace('_', '-')}")
         elif value is not None and value is not False:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
@@ -32,10 +35,19 @@ def environment(job_id: str, memory_dir: Path) -> dict[str, str]:
     return env
 
 
-def run(root: Path, out: Path, env: dict[str, str], timeout: float = 600, **options) -> subprocess.CompletedProcess:
+def in_small_tmpfs(folder: Path, size: str) -> list[str]:
+    """A command prefix that runs the training in its own user and mount namespace with a real, size-limited tmpfs
+    mounted on ``folder`` (no root needed where unprivileged user namespaces are allowed; the mount disappears
+    with the process tree)."""
+    return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+            f'mount -t tmpfs -o size={size},mode=0700 tmpfs "{folder}" && exec "$@"', "sh"]
+
+
+def run(root: Path, out: Path, env: dict[str, str], timeout: float = 600, prefix: list[str] | None = None,
+        **options) -> subprocess.CompletedProcess:
     # its own session: a fault that kills the run's process group must not take the test runner with it
-    proc = subprocess.run(command(root, out, **options), env=env, capture_output=True, text=True, timeout=timeout,
-                          start_new_session=True)
+    proc = subprocess.run((prefix or []) + command(root, out, **options), env=env, capture_output=True, text=True,
+                          timeout=timeout, start_new_session=True)
     if proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -54,19 +66,25 @@ def steps_logged(out: Path, rank: int = 0) -> list[dict]:
     return lines
 
 
-def run_and_kill(root: Path, out: Path, env: dict[str, str], kill_after_step: int, timeout: float = 600, **options) -> int:
+def run_and_kill(root: Path, out: Path, env: dict[str, str], kill_after_step: int, timeout: float = 600,
+                 during=None, **options) -> int:
     """Starts training, waits until rank 0 logged ``kill_after_step``, SIGKILLs every process of the run; returns
-    the highest step rank 0 logged."""
-    proc = subprocess.Popen(command(root, out, **options), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    the highest step rank 0 logged. ``during()``, if given, is called while the run is going (every 20 ms); when it
+    returns True the run is killed at once. The run's stderr is kept in ``out/stderr.txt``."""
+    out.mkdir(parents=True, exist_ok=True)
+    stderr = open(out / "stderr.txt", "a")
+    proc = subprocess.Popen(command(root, out, **options), env=env, stdout=subprocess.DEVNULL, stderr=stderr,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
         while True:
+            if during is not None and during():
+                break
             logged = steps_logged(out)
             if logged and logged[-1]["step"] >= kill_after_step:
                 break
             if proc.poll() is not None:
-                raise AssertionError(f"training ended before the kill:\n{proc.stderr.read()[-6000:]}")
+                raise AssertionError(f"training ended before the kill:\n{(out / 'stderr.txt').read_text()[-6000:]}")
             if time.monotonic() > deadline:
                 raise AssertionError("training did not reach the kill step in time")
             time.sleep(0.02)
@@ -76,6 +94,7 @@ def run_and_kill(root: Path, out: Path, env: dict[str, str], kill_after_step: in
         except ProcessLookupError:
             pass
         proc.wait()
+        stderr.close()
     return max(d["step"] for d in steps_logged(out))
 
 

@@ -41,7 +41,22 @@ class Recorder(pl.Callback):
         if self.sleep:
             time.sleep(self.sleep)  # makes room for an external kill in the middle of an iteration
 
+    def _dump_persist_stats(self, trainer):
+        """Each tier's persister metrics (``persist-rank{r}.json``), rewritten every step so that they survive a
+        SIGKILL: failures, health, outage, persisted and committed steps."""
+        import dataclasses
+
+        stats = {name: dataclasses.asdict(t) | {"outage_seconds": t.outage_seconds}
+                 for name, t in trainer.strategy.checkpoint_io.stats.tiers.items()}
+        tmp = self.out / f".persist-rank{trainer.global_rank}.json"
+        tmp.write_text(json.dumps({"step": trainer.global_step, "tiers": stats}))
+        os.replace(tmp, self.out / f"persist-rank{trainer.global_rank}.json")
+
+    def on_fit_end(self, trainer, pl_module):
+        self._dump_persist_stats(trainer)  # after the final persist of OTeaCheckpoint.on_train_end
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._dump_persist_stats(trainer)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.file.write(json.dumps({"step": trainer.global_step, "loss": loss.item().hex(), "batch_idx": batch_idx}) + "\n")
         self.file.flush()
@@ -124,6 +139,12 @@ def main() -> None:
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--check-snapshots", action="store_true")
     p.add_argument("--fault", default=None, help="name of a fault from tests.support.faults to install")
+    p.add_argument("--persist", action="append", default=None, metavar="URL:EVERY:KEEP",
+                   help="a persistent tier (repeatable; replaces --persist-every/--keep-last), e.g. "
+                        "/ckpt:5:3 or hdfs://127.0.0.1:8020/ckpt:10:2 (EVERY in steps, or seconds with an s suffix)")
+    p.add_argument("--commit-timeout", type=float, default=None, help="seconds rank 0 waits for a step's files")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an fsspec storage option for every --persist tier that is not local (repeatable)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +157,15 @@ def main() -> None:
         from tests.support import faults
 
         faults.install(args.fault)
-    persist = [PersistSchedule(every_n_steps=args.persist_every, keep_last=args.keep_last)] if args.persist_every else []
+    if args.persist is not None:
+        options = dict(o.split("=", 1) for o in args.storage_option)
+        extra = {"commit_timeout_seconds": args.commit_timeout} if args.commit_timeout else {}
+        persist = [PersistSchedule.parse(spec, **extra) for spec in args.persist]
+        for schedule in persist:
+            if "://" in schedule.url and not schedule.url.startswith("file://") and options:
+                schedule.storage_options = options
+    else:
+        persist = [PersistSchedule(every_n_steps=args.persist_every, keep_last=args.keep_last)] if args.persist_every else []
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,

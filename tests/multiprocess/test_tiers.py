@@ -1,0 +1,134 @@
+"""Persistent tiers in real training runs: 2 processes (DeepSpeed ZeRO 2 on CPU, gloo), a real HDFS
+(MiniDFSCluster) whose NameNode is killed in the middle of a persist, and a real size-limited filesystem that
+fills up. Few and short on purpose: each run costs ~30 s on a 2-core CI machine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import urllib.parse
+
+import pytest
+
+from oteacheck_lightning.tiers import FsspecTier
+from tests.support import harness
+
+pytestmark = pytest.mark.multiprocess
+
+MAX_STEPS = 24
+# hdfs-native gives up on a dead NameNode after ~0.3 s instead of Hadoop's default ~3 minutes of failover retries
+FAST_FAIL = ["dfs.client.failover.max.attempts=1", "dfs.client.failover.sleep.base.millis=100",
+             "dfs.client.failover.sleep.max.millis=200"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tiers-reference")
+    env = harness.environment(f"tiersref-{base.name}", base / "shm")
+    harness.run(base / "root", base / "out", env, stage=2, devices=2, max_steps=MAX_STEPS, persist_every=5)
+    return base / "out"
+
+
+def tier_stats(out, rank, url):
+    try:
+        return json.loads((out / f"persist-rank{rank}.json").read_text())["tiers"][url]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+
+
+def test_namenode_killed_mid_persist_then_resume_from_hdfs_alone(tmp_path, reference, hdfs_cluster, hdfs_root):
+    """Local every 5 keeping 3 and HDFS every 4 keeping 2. Rank 0's HDFS write of step 4 is cut in the middle by
+    SIGKILLing the NameNode; training goes on, the failure is warned about and counted, the NameNode restarts and
+    persistence resumes; the run is then SIGKILLed. With local disk and shared memory gone, the run resumes from
+    HDFS alone, skipping the newest HDFS step (one flipped bit) for the previous one, and ends bit-identical to an
+    uninterrupted run."""
+    ctl, out, env = tmp_path / "ctl", tmp_path / "out", harness.environment(f"hdfs-{tmp_path.name}", tmp_path / "shm")
+    ctl.mkdir()
+    local = tmp_path / "root"
+    options = dict(stage=2, devices=2, max_steps=MAX_STEPS, sleep=0.3, persist=[f"{local}:5:3", f"{hdfs_root}:4:2"],
+                   storage_option=FAST_FAIL, commit_timeout=20)
+    seen = {"phase": "persisting"}
+
+    def outage():
+        if seen["phase"] == "persisting" and (ctl / "stalled").exists():
+            hdfs_cluster.kill()  # rank 0's data object of the torn step is half written now
+            (ctl / "go").touch()
+            seen.update(phase="down", torn=int((ctl / "stalled").read_text()), killed_at=harness.steps_logged(out)[-1]["step"])
+        elif seen["phase"] == "down":
+            stats = tier_stats(out, 0, hdfs_root)
+            if stats and stats["failures"] >= 1 and not stats["healthy"]:
+                seen.update(phase="restarting", failed_at=harness.steps_logged(out)[-1]["step"])
+                hdfs_cluster.start()
+                seen.update(phase="up", restarted_at=harness.steps_logged(out)[-1]["step"])
+        elif seen["phase"] == "up":
+            stats = tier_stats(out, 0, hdfs_root)
+            return bool(stats and stats["committed"] >= 2 and stats["committed_step"] > seen["torn"])
+        return False
+
+    try:
+        logged = harness.run_and_kill(local, out, env, MAX_STEPS - 1, during=outage,
+                                      fault=f"stall-remote-persist:4:{ctl}", **options)
+    finally:
+        if not hdfs_cluster.running:
+            hdfs_cluster.start()
+    assert seen["phase"] == "up", seen
+    # training never stopped: steps went on while HDFS was down and while it restarted
+    steps = [d["step"] for d in harness.steps_logged(out)]
+    assert steps == list(range(1, logged + 1))
+    assert seen["restarted_at"] > seen["failed_at"] >= seen["killed_at"] >= seen["torn"]
+    # the outage shows in the metric and in one warning naming the tier and the cause; then it recovered
+    stats = tier_stats(out, 0, hdfs_root)
+    assert stats["outages"] == 1 and stats["failures"] >= 1 and stats["healthy"] and stats["last_error"]
+    log = (out / "stderr.txt").read_text()
+    assert 1 <= log.count(f"persisting to {hdfs_root} failed at step") <= 2  # once per rank at most
+    assert f"persistence to {hdfs_root} recovered" in log
+    # nothing partial is visible: the torn step has no commit marker, every committed step reads back verified
+    tier = FsspecTier(hdfs_root)
+    committed = tier.committed_steps(0)
+    assert not tier.checkpoint(seen["torn"]).is_committed() and seen["torn"] not in committed
+    assert len(committed) == 2 and all(s > seen["torn"] for s in committed), committed
+    for step in committed:
+        for rank in range(2):
+            tier.read(step, rank)
+
+    # a flipped bit in rank 1's copy of the newest HDFS step
+    fs = hdfs_cluster.hdfs_fs()
+    path = f"{urllib.parse.urlparse(hdfs_root).path}/step-{committed[-1]:09d}/rank-00001.data"
+    raw = bytearray(fs.cat_file(path))
+    raw[len(raw) // 3] ^= 0x04
+    fs.rm(path)
+    fs.pipe_file(path, bytes(raw))
+    # the node is lost: no shared memory, no local disk; resume from HDFS alone
+    shutil.rmtree(tmp_path / "shm", ignore_errors=True)
+    shutil.rmtree(local)
+    proc = harness.run(tmp_path / "fresh-root", out, env, ckpt_path=hdfs_root, **options)
+    resumed = [harness.resumed_from(out, r) for r in range(2)]
+    assert resumed[0] == resumed[1] == {"step": committed[0], "source": hdfs_root}
+    assert f"checkpoint of step {committed[-1]}, rank 1 in {hdfs_root} is unusable" in proc.stderr
+    assert "checksum mismatch in tensor" in proc.stderr
+    harness.assert_bit_identical(reference, out, ranks=2)
+
+
+def test_a_full_local_disk_warns_and_training_goes_on(tmp_path, reference):
+    """The local tier is a real 160 KiB tmpfs (mounted in the run's own user and mount namespace, so no root is
+    needed); it fills up after a few steps. Training runs to the end, bit-identical to the reference, with one
+    clear warning per rank naming the tier and ENOSPC, and the failures in the metrics."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    prefix = harness.in_small_tmpfs(disk, "160k")
+    probe = __import__("subprocess").run(prefix + ["true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs in a user namespace here: {probe.stderr.strip()}")
+    out, env = tmp_path / "out", harness.environment(f"full-{tmp_path.name}", tmp_path / "shm")
+    started = time.monotonic()
+    proc = harness.run(tmp_path / "root", out, env, prefix=prefix, stage=2, devices=2, max_steps=MAX_STEPS,
+                       persist=[f"{disk}:2:2"], commit_timeout=3)
+    assert time.monotonic() - started < 120
+    assert "No space left on device" in proc.stderr
+    assert f"persisting to {disk} failed at step" in proc.stderr
+    for rank in range(2):
+        stats = tier_stats(out, rank, str(disk))
+        assert stats["failures"] >= 1 and stats["outages"] >= 1 and "No space left" in stats["last_error"]
+    assert tier_stats(out, 0, str(disk))["persisted"] >= 1  # it did write until the disk was full
+    harness.assert_bit_identical(reference, out, ranks=2)
