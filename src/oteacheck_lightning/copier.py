@@ -21,6 +21,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -224,7 +225,7 @@ class HostMemoryRegistry:
             self.unregister(buffer)
         try:
             self._lib()
-            torch.cuda.init()  # the driver call needs the context that torch made current
+            torch.cuda.synchronize()  # the driver call needs torch's CUDA context created and current
             err = self._register(ptr, size, 0)
         except OSError as load_error:
             err = f"no CUDA driver library: {load_error}"
@@ -252,8 +253,8 @@ class HostMemoryRegistry:
 
 
 class _CudaFenceTicket:
-    def __init__(self, copies_done: torch.cuda.Event, before: torch.cuda.Event, after: torch.cuda.Event, host: FenceTicket) -> None:
-        self.copies_done, self.before, self.after, self.host = copies_done, before, after, host
+    def __init__(self, copies_done: torch.cuda.Event, before: torch.cuda.Event, after: torch.cuda.Event, host_wait_ms: float, host: FenceTicket) -> None:
+        self.copies_done, self.before, self.after, self.host_wait_ms, self.host = copies_done, before, after, host_wait_ms, host
 
     def done(self) -> bool:
         return self.copies_done.query() and self.after.query()
@@ -262,26 +263,38 @@ class _CudaFenceTicket:
         self.after.synchronize()
 
     def stall_ms(self) -> float:
-        # the compute stream sat between these two events only while the copy stream was still busy
-        return self.before.elapsed_time(self.after) + self.host.stall_ms()
+        # the host waited for the pump to issue the last partitions; the compute stream sat between before and
+        # after only while the copy stream was still busy
+        return self.host_wait_ms + self.before.elapsed_time(self.after) + self.host.stall_ms()
 
 
 class CudaCopier:
     """GPU -> host copies on a dedicated stream, through a fixed staging ring, into page-locked shared memory.
+
+    Why a pump thread: a GPU has one copy engine per direction in practice, and it serves transfers in order. If the
+    whole snapshot were queued at once, any small device-to-host copy the training code makes (``loss.item()``, a
+    mask check) would wait behind hundreds of MiB of snapshot: the host stalls for the whole snapshot. So partitions
+    released by the scheduler are fed to the copy stream by a thread that keeps at most ``inflight`` of them queued
+    on the GPU; a training-side transfer then waits for one partition at most. The thread only issues copies and
+    waits on events; it runs no collectives.
 
     Args:
         device: the training GPU.
         staging_bytes: the ring's size, the only extra GPU memory the engine uses.
         segment_bytes: the largest single transfer (the plan's ``max_bytes``); the ring holds
             ``staging_bytes // segment_bytes`` segments used round-robin.
+        inflight: partitions queued on the copy stream at any time.
     """
 
-    def __init__(self, device: torch.device, staging_bytes: int, segment_bytes: int) -> None:
+    def __init__(self, device: torch.device, staging_bytes: int, segment_bytes: int, inflight: int = 2) -> None:
         if segment_bytes > staging_bytes:
             raise ValueError(f"a partition ({segment_bytes} bytes) must fit the staging ring ({staging_bytes} bytes)")
+        if inflight < 1:
+            raise ValueError(f"inflight must be at least 1, got {inflight}")
         self.device = device
         self.staging_bytes = staging_bytes
         self.segment_bytes = segment_bytes
+        self.inflight = inflight
         self.stream = torch.cuda.Stream(device=device)
         self.registry = HostMemoryRegistry()
         self._ring: torch.Tensor | None = None
@@ -291,9 +304,16 @@ class CudaCopier:
         self._tensors: Sequence[torch.Tensor] = ()
         self._marks: list[tuple[WindowKey, torch.cuda.Event]] = []
         self._previous_marks: tuple[list[tuple[WindowKey, torch.cuda.Event]], torch.cuda.Event] | None = None
-        self._batches: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []
+        self._done_copies: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []
         self._windows: dict[WindowKey, float] = {}
         self._bandwidth = _EMA()
+        # the pump: (partition, gate event) in issue order; owned by the pump thread once queued
+        self._feed: queue.Queue[tuple[Partition, torch.cuda.Event | None, torch.Tensor, Sequence[torch.Tensor]] | None] = queue.Queue()
+        self._idle = threading.Condition()
+        self._unissued = 0
+        self._error: BaseException | None = None
+        self._pump = threading.Thread(target=self._run_pump, name="oteacheck-copy-pump", daemon=True)
+        self._pump.start()
 
     @property
     def ring(self) -> torch.Tensor:
@@ -306,6 +326,7 @@ class CudaCopier:
         self.registry.register(buffer)
         self._buffer, self._tensors = buffer, tensors
         self._host.begin(buffer, tensors)
+        self.ring  # allocated on the training thread, before the pump uses it
         self._learn()
         self._marks = []
         # the copy stream may read the state only once optimizer step t (queued on the compute stream) is done
@@ -318,46 +339,79 @@ class CudaCopier:
         event.record(torch.cuda.current_stream(self.device))
         self._marks.append((key, event))
 
-    @torch.no_grad()
     def issue(self, partitions: Sequence[Partition]) -> None:
         assert self._buffer is not None
         on_gpu = [p for p in partitions if self._tensors[p.pieces[0].tensor].is_cuda]
         on_host = [p for p in partitions if not self._tensors[p.pieces[0].tensor].is_cuda]
         if on_host:
             self._host.issue(on_host)
-        if not on_gpu:
-            return
-        if self._marks:
-            # copies of this window start on the GPU when the window does, not when the host got here
-            self.stream.wait_event(self._marks[-1][1])
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(self.stream):
-            start.record(self.stream)
-            for partition in on_gpu:
-                self._copy(partition)
-            end.record(self.stream)
-        self._batches.append((start, end, sum(p.span for p in on_gpu)))
+        # copies of this window start on the GPU when the window does, not when the host got here
+        gate = self._marks[-1][1] if self._marks else None
+        with self._idle:
+            self._unissued += len(on_gpu)
+        for partition in on_gpu:
+            self._feed.put((partition, gate, self._buffer, self._tensors))
 
-    def _copy(self, partition: Partition) -> None:
-        assert self._buffer is not None
-        dst = self._buffer[partition.dst_offset : partition.dst_offset + partition.span]
+    def _run_pump(self) -> None:
+        # do not use any collectives in this thread
+        torch.cuda.set_device(self.device)
+        queued: deque[torch.cuda.Event] = deque()
+        last_gate: torch.cuda.Event | None = None
+        while True:
+            item = self._feed.get()
+            if item is None:
+                return
+            partition, gate, buffer, tensors = item
+            try:
+                while len(queued) >= self.inflight:
+                    queued.popleft().synchronize()  # releases the GIL while the GPU copies
+                if gate is not None and gate is not last_gate:
+                    self.stream.wait_event(gate)
+                    last_gate = gate
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                with torch.no_grad(), torch.cuda.stream(self.stream):
+                    start.record(self.stream)
+                    self._copy(partition, buffer, tensors)
+                    end.record(self.stream)
+                queued.append(end)
+                with self._idle:
+                    self._done_copies.append((start, end, partition.span))
+            except BaseException as err:  # reported at the fence, on the training thread
+                self._error = self._error or err
+            finally:
+                with self._idle:
+                    self._unissued -= 1
+                    if not self._unissued:
+                        self._idle.notify_all()
+
+    def _copy(self, partition: Partition, buffer: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+        dst = buffer[partition.dst_offset : partition.dst_offset + partition.span]
         if not partition.packed:
             piece = partition.pieces[0]
-            dst.copy_(source_bytes(self._tensors[piece.tensor])[piece.src_offset : piece.src_offset + piece.nbytes], non_blocking=True)
+            dst.copy_(source_bytes(tensors[piece.tensor])[piece.src_offset : piece.src_offset + piece.nbytes], non_blocking=True)
             return
-        segments = self.ring.numel() // self.segment_bytes
+        ring = self.ring
+        segments = ring.numel() // self.segment_bytes
         base = self._next_segment * self.segment_bytes
         self._next_segment = (self._next_segment + 1) % segments
         # same stream: a segment is refilled only after its previous transfer left it
-        staged = self.ring[base : base + partition.span]
+        staged = ring[base : base + partition.span]
         for piece in partition.pieces:
             at = piece.dst_offset - partition.dst_offset
             staged[at : at + piece.nbytes].copy_(
-                source_bytes(self._tensors[piece.tensor])[piece.src_offset : piece.src_offset + piece.nbytes], non_blocking=True
+                source_bytes(tensors[piece.tensor])[piece.src_offset : piece.src_offset + piece.nbytes], non_blocking=True
             )
         dst.copy_(staged, non_blocking=True)
 
     def fence(self) -> FenceTicket:
+        started = time.perf_counter()
+        with self._idle:
+            while self._unissued:
+                self._idle.wait()
+            error, self._error = self._error, None
+        host_wait_ms = (time.perf_counter() - started) * 1e3
+        if error is not None:
+            raise RuntimeError("copying a snapshot failed") from error
         copies_done = torch.cuda.Event()
         copies_done.record(self.stream)
         compute = torch.cuda.current_stream(self.device)
@@ -367,7 +421,7 @@ class CudaCopier:
         after.record(compute)
         self._previous_marks = (self._marks, before)
         self._marks = []
-        return _CudaFenceTicket(copies_done, before, after, self._host.fence())
+        return _CudaFenceTicket(copies_done, before, after, host_wait_ms, self._host.fence())
 
     def _learn(self) -> None:
         """Window durations and copy bandwidth from events that completed (never waits)."""
@@ -379,15 +433,19 @@ class CudaCopier:
                     windows[key] = windows.get(key, 0.0) + e0.elapsed_time(e1)
                 self._windows = windows
                 self._previous_marks = None
-        keep = []
-        for start, end_event, nbytes in self._batches:
+        with self._idle:
+            copies, self._done_copies = self._done_copies, []
+        keep, nbytes, ms = [], 0, 0.0
+        for start, end_event, size in copies:
             if end_event.query():
-                ms = start.elapsed_time(end_event)
-                if ms > 0:
-                    self._bandwidth.add(nbytes / ms)
+                nbytes += size
+                ms += start.elapsed_time(end_event)
             else:
-                keep.append((start, end_event, nbytes))
-        self._batches = keep
+                keep.append((start, end_event, size))
+        if ms > 0:
+            self._bandwidth.add(nbytes / ms)
+        with self._idle:
+            self._done_copies = keep + self._done_copies
 
     def window_ms(self) -> dict[WindowKey, float]:
         return dict(self._windows)
@@ -401,6 +459,9 @@ class CudaCopier:
         self.registry.unregister(buffer)
 
     def close(self) -> None:
+        if self._pump.is_alive():
+            self._feed.put(None)
+            self._pump.join(timeout=60)
         self.stream.synchronize()
         self._host.close()
         self.registry.unregister_all()

@@ -24,8 +24,12 @@ from .plan import MiB, Partition, Piece, per_tensor_partitions, plan_partitions
 from .scheduler import BUBBLE_PHASES, BubbleScheduler, SchedulePolicy, window_key
 
 DEFAULT_STAGING_MIB = 64
-# a ring of four segments keeps a transfer in flight while the next one is packed
+# the ring's segments; a segment is the largest transfer, and what a training-side copy may wait behind
 RING_SEGMENTS = 4
+# partitions queued on the copy stream at once. One: a training-side device-to-host copy then waits for at most one
+# partition (16 MiB, about 0.3 ms). GPT-2 124M on an H200 ran 30% slower with two 8 MiB partitions in flight and at
+# the speed of no checkpointing with one 16 MiB partition (scratch measurement, 40 steps each).
+DEFAULT_INFLIGHT = 1
 
 
 @dataclass
@@ -59,15 +63,17 @@ class SnapshotEngine:
         staging_bytes: int = DEFAULT_STAGING_MIB * MiB,
         bucket_elements: int | None = None,
         avoid_allreduce: bool = False,
+        inflight: int = DEFAULT_INFLIGHT,
+        ring_segments: int = RING_SEGMENTS,
     ) -> None:
         self.device = device
         self.policy = SchedulePolicy(policy)
         self.staging_bytes = staging_bytes
-        self.segment_bytes = max(4096, staging_bytes // RING_SEGMENTS)
+        self.segment_bytes = max(4096, staging_bytes // ring_segments)
         self.bucket_elements = bucket_elements
         self.scheduler = BubbleScheduler(self.policy, avoid_allreduce=avoid_allreduce)
         self.copier: Copier = (
-            CudaCopier(device, staging_bytes, self.segment_bytes) if device.type == "cuda" else ThreadCopier()
+            CudaCopier(device, staging_bytes, self.segment_bytes, inflight) if device.type == "cuda" else ThreadCopier()
         )
         self.stats = EngineStats()
         self._plan_key: tuple | None = None
