@@ -291,11 +291,12 @@ class CudaCopier:
             raise ValueError(f"a partition ({segment_bytes} bytes) must fit the staging ring ({staging_bytes} bytes)")
         if inflight < 1:
             raise ValueError(f"inflight must be at least 1, got {inflight}")
-        self.device = device
+        # the pump thread selects this device by index
+        self.device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
         self.staging_bytes = staging_bytes
         self.segment_bytes = segment_bytes
         self.inflight = inflight
-        self.stream = torch.cuda.Stream(device=device)
+        self.stream = torch.cuda.Stream(device=self.device)
         self.registry = HostMemoryRegistry()
         self._ring: torch.Tensor | None = None
         self._next_segment = 0
@@ -354,7 +355,10 @@ class CudaCopier:
 
     def _run_pump(self) -> None:
         # do not use any collectives in this thread
-        torch.cuda.set_device(self.device)
+        try:
+            torch.cuda.set_device(self.device)
+        except BaseException as err:  # every partition then fails, and the fence reports why
+            self._error = err
         queued: deque[torch.cuda.Event] = deque()
         last_gate: torch.cuda.Event | None = None
         while True:
@@ -363,6 +367,8 @@ class CudaCopier:
                 return
             partition, gate, buffer, tensors = item
             try:
+                if self._error is not None:
+                    continue  # the snapshot failed already; the fence raises
                 while len(queued) >= self.inflight:
                     queued.popleft().synchronize()  # releases the GIL while the GPU copies
                 if gate is not None and gate is not last_gate:
@@ -407,7 +413,8 @@ class CudaCopier:
         started = time.perf_counter()
         with self._idle:
             while self._unissued:
-                self._idle.wait()
+                if not self._idle.wait(timeout=5.0) and not self._pump.is_alive():
+                    raise RuntimeError("the snapshot copy thread died; the snapshot is incomplete")
             error, self._error = self._error, None
         host_wait_ms = (time.perf_counter() - started) * 1e3
         if error is not None:
