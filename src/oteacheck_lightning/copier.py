@@ -312,6 +312,7 @@ class CudaCopier:
         self._feed: queue.Queue[tuple[Partition, torch.cuda.Event | None, torch.Tensor, Sequence[torch.Tensor]] | None] = queue.Queue()
         self._idle = threading.Condition()
         self._unissued = 0
+        self._flush = False
         self._error: BaseException | None = None
         self._pump = threading.Thread(target=self._run_pump, name="oteacheck-copy-pump", daemon=True)
         self._pump.start()
@@ -326,6 +327,8 @@ class CudaCopier:
     def begin(self, buffer: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
         self.registry.register(buffer)
         self._buffer, self._tensors = buffer, tensors
+        with self._idle:
+            self._flush = False
         self._host.begin(buffer, tensors)
         self.ring  # allocated on the training thread, before the pump uses it
         self._learn()
@@ -369,7 +372,7 @@ class CudaCopier:
             try:
                 if self._error is not None:
                     continue  # the snapshot failed already; the fence raises
-                while len(queued) >= self.inflight:
+                while len(queued) >= self.inflight and not self._flush:
                     queued.popleft().synchronize()  # releases the GIL while the GPU copies
                 if gate is not None and gate is not last_gate:
                     self.stream.wait_event(gate)
@@ -412,6 +415,8 @@ class CudaCopier:
     def fence(self) -> FenceTicket:
         started = time.perf_counter()
         with self._idle:
+            # past the last bubble: queue the rest at once, so the host waits for the issuing, not for the copies
+            self._flush = True
             while self._unissued:
                 if not self._idle.wait(timeout=5.0) and not self._pump.is_alive():
                     raise RuntimeError("the snapshot copy thread died; the snapshot is incomplete")
