@@ -283,7 +283,8 @@ def consolidate(info: CheckpointInfo, progress: bool | None = None) -> tuple[dic
     commit = _read_commit(directory)[1]
     manifests = {r: _read_manifest(directory, r, commit) for r in range(info.world_size)}
     full: dict[str, torch.Tensor] = {}
-    filled: dict[str, int] = {}
+    # which elements some rank supplied: ZeRO 1-3 split parameters between ranks, stage 0 replicates them
+    covered: dict[str, torch.Tensor] = {}
     stage, pmap0 = _param_map(manifests[0], directory.manifest_path(0))
 
     def place(entry: dict[str, Any], master: torch.Tensor) -> None:
@@ -294,13 +295,13 @@ def consolidate(info: CheckpointInfo, progress: bool | None = None) -> tuple[dic
         target = full.get(name)
         if target is None:
             target = full[name] = torch.zeros(shape, dtype=master.dtype)
-            filled[name] = 0
+            covered[name] = torch.zeros(numel, dtype=torch.bool)
         flat = target.view(-1)
         for start, offset, length in entry["segments"]:
             if start < 0 or offset < 0 or start + length > numel or offset + length > master.numel():
                 raise ToolError(Exit.CORRUPT, f"{info.url}: the parameter map of {name!r} does not fit its master")
             flat[start : start + length] = master.view(-1)[offset : offset + length]
-            filled[name] += length
+            covered[name][start : start + length] = True
 
     with _progress(info.size, f"export step {info.step}", progress) as bar:
         for rank, manifest in manifests.items():
@@ -329,8 +330,7 @@ def consolidate(info: CheckpointInfo, progress: bool | None = None) -> tuple[dic
                 if rank == 0:
                     for name in pmap["buffers"]:
                         full[name] = _read_tensor(f, records[f"buffer/{name}"], bar, where).clone()
-                        filled[name] = full[name].numel()
-    incomplete = [n for n, t in full.items() if filled[n] != t.numel()]
+    incomplete = [n for n, mask in covered.items() if not bool(mask.all())]
     if incomplete:
         raise ToolError(Exit.CORRUPT, f"{info.url}: the ranks do not cover every element of {incomplete[:3]}")
     for alias, canonical in pmap0["aliases"].items():

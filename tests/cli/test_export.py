@@ -1,4 +1,4 @@
-"""``oteacheck export`` of real 2-process runs: the consolidated weights equal the model's full state_dict."""
+"""``oteacheck export`` of real 2-process runs, ZeRO 0 to 3: the consolidated weights equal the model's full state_dict."""
 
 import json
 
@@ -14,7 +14,7 @@ STEPS = "--trainer.max_steps=6"
 PERSIST = "--checkpoint.persist=[{every_n_steps: 3, keep_last: 2}]"
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_export_of_a_two_process_run_equals_the_full_state_dict(tmp_path, stage):
     extra = support.write_extra_config(tmp_path / "extra.yaml", tmp_path / "final")
     support.fit(tmp_path, "run", STEPS, PERSIST, f"--trainer.strategy.init_args.stage={stage}", extra=extra)
