@@ -39,6 +39,20 @@ log = logging.getLogger(__name__)
 COMMIT_MARKER = "COMMIT"
 
 
+def _resume_last_batch_as_mid_epoch(checkpoint: dict[str, Any]) -> None:
+    """A checkpoint taken after the last batch of an epoch, before the epoch's end hooks ran, resumes one epoch
+    late in Lightning (2.6): the restarted epoch counts as completed twice, so the sampler of the next epoch is
+    seeded with the wrong epoch and the data order changes. Marking the batch as not the last makes Lightning
+    resume mid-epoch instead: it finds the loader exhausted and ends the epoch once, as the interrupted run did."""
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    batches, epochs = fit_loop.get("epoch_loop.batch_progress"), fit_loop.get("epoch_progress")
+    if not isinstance(batches, dict) or not isinstance(epochs, dict):
+        return
+    current = epochs.get("current", {})
+    if batches.get("is_last_batch") and current.get("processed", 0) < current.get("started", 0):
+        batches["is_last_batch"] = False
+
+
 class _NoCheckpoint(dict):
     """What ``load_checkpoint`` returns when there is nothing to resume from: Lightning's loader needs the version
     key, and skips every restore step for a falsy checkpoint, so training starts fresh."""
@@ -273,6 +287,7 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
             trainer._checkpoint_connector._ckpt_path = None  # so Lightning does not report a restore
             return _NoCheckpoint({"pytorch-lightning_version": pl.__version__})
         private = checkpoint.pop(PRIVATE_KEY)
+        _resume_last_batch_as_mid_epoch(checkpoint)
         assert self._ds_state is not None
         self._ds_state.restore(private["engine"], private["deepspeed"])
         self._restore_at_next_iteration = (private["rng"], private["metrics"])

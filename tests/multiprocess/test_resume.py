@@ -46,6 +46,18 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_exact(tmp_path, references,
     harness.assert_bit_identical(reference, tmp_path / "out", ranks=2)
 
 
+def test_resume_from_the_last_step_of_an_epoch_keeps_the_next_epochs_data_order(tmp_path, references):
+    # 16 steps per epoch: each rank kills itself after step 17, so step 16 (the epoch's last) is the newest sealed
+    # snapshot. Lightning alone would resume one epoch late and shuffle the next epoch differently.
+    reference = references(1)
+    env = harness.environment(f"epoch-end-{tmp_path.name}", tmp_path / "shm")
+    with pytest.raises(AssertionError, match="training failed"):
+        harness.run(tmp_path / "root", tmp_path / "out", env, stage=1, kill_at=17, **COMMON)
+    harness.run(tmp_path / "root", tmp_path / "out", env, stage=1, ckpt_path="last", **COMMON)
+    assert [harness.resumed_from(tmp_path / "out", r)["step"] for r in range(2)] == [16, 16]
+    harness.assert_bit_identical(reference, tmp_path / "out", ranks=2)
+
+
 def test_every_sealed_snapshot_equals_the_state_after_its_step(references):
     # invariant 2, checked in the reference run of ZeRO 2 at every step
     for rank in range(2):
