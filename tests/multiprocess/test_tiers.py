@@ -83,11 +83,13 @@ def test_namenode_killed_mid_persist_then_resume_from_hdfs_alone(tmp_path, refer
     log = (out / "stderr.txt").read_text()
     assert 1 <= log.count(f"persisting to {hdfs_root} failed at step") <= 2  # once per rank at most
     assert f"persistence to {hdfs_root} recovered" in log
-    # nothing partial is visible: the torn step has no commit marker, every committed step reads back verified
+    # nothing partial is visible: every committed step reads back verified on every rank. The torn step is either
+    # uncommitted, or committed because rank 0's retry rewrote it whole once the NameNode was back (the retry races
+    # with the next due step); it never appears half written.
     tier = FsspecTier(hdfs_root)
     committed = tier.committed_steps(0)
-    assert not tier.checkpoint(seen["torn"]).is_committed() and seen["torn"] not in committed
-    assert len(committed) == 2 and all(s > seen["torn"] for s in committed), committed
+    assert len(committed) == 2 and committed[-1] > seen["torn"], committed
+    assert tier.checkpoint(seen["torn"]).is_committed() == (seen["torn"] in committed)
     for step in committed:
         for rank in range(2):
             tier.read(step, rank)
