@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from .statecodec import Verbatim
+
 SUPPORTED_STAGES = (0, 1, 2, 3)
 
 
@@ -29,13 +31,18 @@ class UnsupportedEngineError(RuntimeError):
     """The DeepSpeed configuration is one that OTeaCheck cannot snapshot (yet)."""
 
 
-def _persistent_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+def _persistent_buffer_slots(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:
+    """Where the persistent buffers live: (full name, owning module, attribute)."""
     out = []
     for prefix, sub in module.named_modules():
         for name, buf in sub._buffers.items():
             if buf is not None and name not in sub._non_persistent_buffers_set:
-                out.append((f"{prefix}.{name}" if prefix else name, buf))
+                out.append((f"{prefix}.{name}" if prefix else name, sub, name))
     return out
+
+
+def _persistent_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(full, sub._buffers[name]) for full, sub, name in _persistent_buffer_slots(module)]
 
 
 def _group_rank(group: Any) -> int:
@@ -89,7 +96,10 @@ class DeepSpeedState:
         return [(f"param/{n}", p) for n, p in self.module.named_parameters() if p.requires_grad]
 
     def _frozen(self) -> list[tuple[str, torch.Tensor]]:
-        frozen = [(n, p) for n, p in self.module.named_parameters() if not p.requires_grad]
+        # the module's structure is fixed once DeepSpeed wrapped it: walk it once, not at every snapshot
+        if getattr(self, "_frozen_params", None) is None:
+            self._frozen_params = [(n, p) for n, p in self.module.named_parameters() if not p.requires_grad]
+        frozen = self._frozen_params
         if self.stage == 3:
             return [(f"frozen/{n}", p.ds_tensor) for n, p in frozen if hasattr(p, "ds_tensor")]
         return [(f"frozen/{n}", p.data) for n, p in frozen]
@@ -102,7 +112,7 @@ class DeepSpeedState:
                 if isinstance(value, torch.Tensor):
                     out.append((f"optim/{name}/{key}", value))
         out += self._frozen()
-        out += [(f"buffer/{n}", b) for n, b in _persistent_buffers(self.module)]
+        out += self.step_boundary_tensors()
         return out
 
     def bucket_elements(self) -> int | None:
@@ -122,7 +132,10 @@ class DeepSpeedState:
     def step_boundary_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """Tensors that change during forward (BatchNorm statistics and other buffers): captured at the step
         boundary, never ahead."""
-        return [(f"buffer/{n}", b) for n, b in _persistent_buffers(self.module)]
+        if getattr(self, "_buffer_slots", None) is None:
+            self._buffer_slots = _persistent_buffer_slots(self.module)
+        # looked up each time: a module may assign a new tensor to a buffer attribute
+        return [(f"buffer/{full}", sub._buffers[name]) for full, sub, name in self._buffer_slots]
 
     def param_map(self) -> dict[str, Any]:
         """Where each parameter's values lie in this rank's masters, so that the fp32 weights can be rebuilt
@@ -198,10 +211,10 @@ class DeepSpeedState:
         return {"groups": groups, "frozen": frozen, "aliases": aliases,
                 "buffers": [n for n, _ in _persistent_buffers(self.module)]}
 
-    def _cached_param_map(self) -> dict[str, Any]:
+    def _cached_param_map(self) -> Verbatim:
         # fixed once the engine exists; meta() runs at every snapshot
         if getattr(self, "_param_map", None) is None:
-            self._param_map = self.param_map()
+            self._param_map = Verbatim(self.param_map())
         return self._param_map
 
     def meta(self) -> dict[str, Any]:

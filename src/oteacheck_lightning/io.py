@@ -46,7 +46,7 @@ from .recovery import Gather, recover
 from .scheduler import SchedulePolicy
 from .slots import DEFAULT_SHM_ROOT, Slot, SlotPool
 from .tiers import CheckpointDir, FsspecTier, LoadedRankCheckpoint, MemoryTier
-from .training_state import collect_metrics, collect_rng
+from .training_state import collect_metrics, collect_rng, find_metrics
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,7 @@ class OTeaCheckpointIO(CheckpointIO):
         self.stats = SnapshotStats()
         self._state: DeepSpeedState | None = None
         self._module: torch.nn.Module | None = None
+        self._metric_modules: dict[str, Any] | None = None
         self._rank = 0
         self._world_size = 1
         self._pool: SlotPool | None = None
@@ -164,6 +165,8 @@ class OTeaCheckpointIO(CheckpointIO):
         if self.root is None:
             raise RuntimeError("OTeaCheckpointIO.configure() must run before attach(); add OTeaCheckpoint to the callbacks")
         self._state, self._module, self._rank, self._world_size = state, module, rank, world_size
+        # metrics are modules of the LightningModule, created before fit; found once, not at every snapshot
+        self._metric_modules = find_metrics(module)
         self._tiers = [FsspecTier(s.url or self.root, storage_options=s.storage_options) for s in self.schedules]
         # the newest snapshot, one whose copies are landing, the one being filled, and per tier one being written
         # plus one due (pinned)
@@ -198,7 +201,7 @@ class OTeaCheckpointIO(CheckpointIO):
                     self._warn_once(key, f"left {key!r} out of the checkpoint: {err}")
         assert self._state is not None and self._module is not None
         return statecodec.encode(
-            {"lightning": state, "deepspeed": self._state.meta(), "metrics": collect_metrics(self._module)},
+            {"lightning": state, "deepspeed": self._state.meta(), "metrics": collect_metrics(self._module, self._metric_modules)},
             tensor_prefix="state/",
         )
 

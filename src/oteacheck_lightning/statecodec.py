@@ -35,6 +35,16 @@ class UnsupportedStateError(TypeError):
 _PLAIN = (int, str, bool, type(None))
 
 
+class Verbatim:
+    """A part of the state that does not change between snapshots (for example the parameter map): encoded once
+    here, then placed into every document as is, so a snapshot does not pay for walking it again."""
+
+    def __init__(self, value: Any) -> None:
+        self.document, tensors = encode(value, tensor_prefix="verbatim/")
+        if tensors:
+            raise UnsupportedStateError("verbatim", "a value with tensors")
+
+
 class CorruptStateError(ValueError):
     """A stored state document does not have the expected structure."""
 
@@ -51,6 +61,8 @@ def encode(obj: Any, tensor_prefix: str = "state/") -> tuple[Any, dict[str, torc
     def enc(value: Any, path: str) -> Any:
         if value is None or isinstance(value, bool):
             return value
+        if isinstance(value, Verbatim):
+            return value.document
         if isinstance(value, enum.Enum) and not isinstance(value, (str, int)):
             raise UnsupportedStateError(path, value)
         if isinstance(value, str):

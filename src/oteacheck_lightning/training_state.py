@@ -39,21 +39,24 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"].clone())
 
 
-def _metrics(module: torch.nn.Module) -> dict[str, Metric]:
+def find_metrics(module: torch.nn.Module) -> dict[str, Metric]:
+    """The torchmetrics metrics of ``module``, by their module path."""
     return {name or "<root>": m for name, m in module.named_modules() if isinstance(m, Metric)}
 
 
-def collect_metrics(module: torch.nn.Module) -> dict[str, Any]:
-    """Every torchmetrics state of ``module`` (accumulators, not yet synchronized across ranks)."""
+
+def collect_metrics(module: torch.nn.Module, metrics: dict[str, Metric] | None = None) -> dict[str, Any]:
+    """Every torchmetrics state of ``module`` (accumulators, not yet synchronized across ranks). ``metrics``: the
+    result of :func:`find_metrics`, found once, so a snapshot does not walk the module tree."""
     out = {}
-    for name, metric in _metrics(module).items():
+    for name, metric in (metrics if metrics is not None else find_metrics(module)).items():
         states = {attr: getattr(metric, attr) for attr in metric._defaults}
         out[name] = {"states": states, "update_count": metric._update_count}
     return out
 
 
 def restore_metrics(module: torch.nn.Module, saved: dict[str, Any]) -> None:
-    live = _metrics(module)
+    live = find_metrics(module)
     missing = sorted(set(saved) - set(live))
     if missing:
         raise KeyError(f"checkpoint has metric states for {missing}, which this model does not have")

@@ -65,3 +65,15 @@ def test_decoding_unknown_tags_never_runs_code():
         statecodec.decode({statecodec.TAG: "tensor", "ref": "missing"}, {})
     with pytest.raises(statecodec.CorruptStateError):
         statecodec.decode({statecodec.TAG: "dtype", "name": "__class__"}, {})
+
+
+def test_a_verbatim_part_is_encoded_once_and_round_trips():
+    static = {"layout": [("fp32/0", 3, (0, 12))], "names": ["a", "b"], 7: "int key"}
+    verbatim = statecodec.Verbatim(static)
+    static["names"].append("changed later")  # the verbatim copy was taken when it was made
+    document, tensors = statecodec.encode({"step": 1, "map": verbatim})
+    assert tensors == {}
+    assert document["map"] == statecodec.encode({"layout": [("fp32/0", 3, (0, 12))], "names": ["a", "b"], 7: "int key"})[0]
+    assert statecodec.decode(document, {})["map"] == {"layout": [("fp32/0", 3, (0, 12))], "names": ["a", "b"], 7: "int key"}
+    with pytest.raises(statecodec.UnsupportedStateError):
+        statecodec.Verbatim({"t": torch.zeros(1)})
