@@ -40,7 +40,6 @@ class EngineStats:
     fence_bytes: int = 0
     boundary_bytes: int = 0
     planned_bytes: int = 0
-    partitions: int = 0
     gbps: float = 0.0
 
 
@@ -112,9 +111,7 @@ class SnapshotEngine:
         self.copier.begin(buffer, tensors)
         self.scheduler.learn(self.copier.window_ms(), self.copier.bytes_per_ms())
         self.scheduler.begin(partitions)
-        self.stats = EngineStats(
-            boundary_bytes=boundary_bytes, planned_bytes=sum(p.span for p in partitions), partitions=len(partitions)
-        )
+        self.stats = EngineStats(boundary_bytes=boundary_bytes, planned_bytes=sum(p.span for p in partitions))
 
     def on_event(self, event: PhaseEvent) -> None:
         if not self.scheduler.armed or event.phase not in BUBBLE_PHASES:
@@ -134,10 +131,6 @@ class SnapshotEngine:
         self.stats.fence_bytes = self.scheduler.fence_bytes
         self.stats.gbps = self.copier.bytes_per_ms() / 1e6
         return ticket
-
-    @property
-    def armed(self) -> bool:
-        return self.scheduler.armed
 
     def forget(self, buffer: torch.Tensor) -> None:
         """Called before a slot's memory is unmapped."""

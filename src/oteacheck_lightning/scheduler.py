@@ -86,10 +86,6 @@ class BubbleScheduler:
     def armed(self) -> bool:
         return self._armed
 
-    @property
-    def pending_bytes(self) -> int:
-        return sum(p.span for p in self._queue)
-
     def begin(self, partitions: Sequence[Partition]) -> None:
         if self._armed:
             raise RuntimeError("begin() while a snapshot is still being scheduled; fence() it first")
