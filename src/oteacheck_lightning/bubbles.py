@@ -4,10 +4,15 @@ The strategy emits a :class:`PhaseEvent` at each phase boundary of an iteration.
 engine, metrics, user code) use them to place work into the *bubbles* of the iteration: the stretches where the
 host link is idle, such as the forward pass or the gaps between gradient-bucket reductions.
 
-Order of events in one optimizer step (``k`` counts the gradient buckets reduced during backward)::
+Order of events in one optimizer step (``i`` counts the model's repeated blocks, such as transformer layers, ``k``
+the gradient buckets reduced during backward)::
 
-    ITERATION_START -> FORWARD_START -> FORWARD_END -> BUCKET_REDUCED(k)... -> BACKWARD_END
+    ITERATION_START -> FORWARD_START -> FORWARD_BLOCK(i)... -> FORWARD_END
+                    -> BACKWARD_BLOCK(i)... and BUCKET_REDUCED(k)..., interleaved -> BACKWARD_END
                     -> BEFORE_STEP -> AFTER_STEP
+
+The block events cut forward and backward into windows of a few milliseconds each, so copies can be paced along
+the GPU timeline (see :func:`install_block_hooks`).
 
 With gradient accumulation, the forward/backward events repeat once per micro-batch and BEFORE_STEP/AFTER_STEP
 come once per optimizer step. Subscribers run synchronously on the training thread, so they must be quick; work
@@ -19,15 +24,19 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 
 class Phase(enum.Enum):
     ITERATION_START = "iteration_start"
     FORWARD_START = "forward_start"
+    FORWARD_BLOCK = "forward_block"
     FORWARD_END = "forward_end"
+    BACKWARD_BLOCK = "backward_block"
     BUCKET_REDUCED = "bucket_reduced"
     BACKWARD_END = "backward_end"
     BEFORE_STEP = "before_step"
@@ -37,13 +46,15 @@ class Phase(enum.Enum):
 @dataclass(frozen=True)
 class PhaseEvent:
     """One phase boundary. ``step`` is the optimizer step the iteration is working towards (the global step
-    before the update), ``time_ns`` a ``time.perf_counter_ns`` timestamp."""
+    before the update), ``time_ns`` a ``time.perf_counter_ns`` timestamp, ``bucket`` the gradient bucket of a
+    BUCKET_REDUCED event, ``block`` the model block of a FORWARD_BLOCK or BACKWARD_BLOCK event."""
 
     phase: Phase
     step: int
     time_ns: int
     bucket: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    block: int | None = None
 
 
 Subscriber = Callable[[PhaseEvent], None]
@@ -73,8 +84,8 @@ class BubbleBus:
         with self._lock:
             self._subscribers = [s for s in self._subscribers if s[0] != handle]
 
-    def emit(self, phase: Phase, step: int, bucket: int | None = None, **info: Any) -> PhaseEvent:
-        event = PhaseEvent(phase=phase, step=step, time_ns=time.perf_counter_ns(), bucket=bucket, info=info)
+    def emit(self, phase: Phase, step: int, bucket: int | None = None, block: int | None = None, **info: Any) -> PhaseEvent:
+        event = PhaseEvent(phase=phase, step=step, time_ns=time.perf_counter_ns(), bucket=bucket, info=info, block=block)
         for _, callback, phases in list(self._subscribers):
             if phases is None or phase in phases:
                 callback(event)
@@ -106,3 +117,70 @@ class PhaseTimer:
             self._iteration_start_ns = event.time_ns
             self._current = {}
         self._last = event
+
+
+def find_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks (transformer layers, residual blocks), in registration order.
+
+    They are the instances of the composite module class (one with submodules, containers aside) that occurs most
+    often, ties going to the class that holds more parameters: a transformer layer rather than its attention or MLP
+    part. Leaves (linear layers, norms, activations) never count. Empty if no composite class repeats.
+    """
+    by_class: dict[type, list[torch.nn.Module]] = {}
+    for sub in module.modules():
+        # containers repeat by construction; a block has parameters of its own below it
+        if sub is module or isinstance(sub, (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.Sequential)):
+            continue
+        if next(sub.children(), None) is None:
+            continue
+        by_class.setdefault(type(sub), []).append(sub)
+    best: list[torch.nn.Module] = []
+    best_key = (0, 0)
+    for instances in by_class.values():
+        params = sum(p.numel() for m in instances for p in m.parameters())
+        if len(instances) < 2:
+            continue
+        key = (len(instances), params)
+        if key > best_key:
+            best, best_key = instances, key
+    return best
+
+
+def install_block_hooks(blocks: Sequence[torch.nn.Module], on_forward: Callable[[int], None], on_backward: Callable[[int], None], active: Callable[[], bool]) -> list[Any]:
+    """Calls ``on_forward(i)`` when block ``i`` starts its forward pass and ``on_backward(i)`` when its backward pass
+    starts (the gradient of its output arrives), while ``active()`` is true. Returns the hook handles.
+
+    The backward side is a hook on the block's output tensor rather than a module backward hook: it leaves the
+    autograd graph as it is (module backward hooks wrap inputs and outputs and reject in-place updates of them).
+    A block run again inside backward (activation checkpointing) announces nothing, since ``active()`` is then false.
+    """
+    handles = []
+    for index, block in enumerate(blocks):
+
+        def before(_module: torch.nn.Module, _inputs: Any, index: int = index) -> None:
+            if active():
+                on_forward(index)
+
+        def after(_module: torch.nn.Module, _inputs: Any, output: Any, index: int = index) -> None:
+            if not active() or not torch.is_grad_enabled():
+                return
+            tensor = _first_tensor_needing_grad(output)
+            if tensor is not None:
+                tensor.register_hook(lambda _grad, index=index: on_backward(index) and None)  # None: grad unchanged
+
+        handles.append(block.register_forward_pre_hook(before))
+        handles.append(block.register_forward_hook(after))
+    return handles
+
+
+def _first_tensor_needing_grad(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output if output.requires_grad else None
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        for item in output:
+            found = _first_tensor_needing_grad(item)
+            if found is not None:
+                return found
+    return None

@@ -21,14 +21,13 @@ from .bubbles import PhaseEvent
 from .copier import Copier, CudaCopier, FenceTicket, ThreadCopier
 from .format import TensorRecord, byte_view
 from .plan import MiB, Partition, Piece, per_tensor_partitions, plan_partitions
-from .scheduler import BUBBLE_PHASES, BubbleScheduler, SchedulePolicy, window_key
+from .scheduler import BLOCK_PHASES, BUBBLE_PHASES, BubbleScheduler, SchedulePolicy, window_key
 
 DEFAULT_STAGING_MIB = 64
 # the ring's segments; a segment is the largest transfer, and what a training-side copy may wait behind
 RING_SEGMENTS = 4
-# partitions queued on the copy stream at once. One: a training-side device-to-host copy then waits for at most one
-# partition (16 MiB, about 0.3 ms). GPT-2 124M on an H200 ran 30% slower with two 8 MiB partitions in flight and at
-# the speed of no checkpointing with one 16 MiB partition (scratch measurement, 40 steps each).
+# with the optional pump thread: partitions queued on the copy stream at once (one 16 MiB partition is about 0.3 ms
+# of copy engine a training-side transfer may wait behind; two 8 MiB partitions in flight cost 30% on GPT-2 124M)
 DEFAULT_INFLIGHT = 1
 
 
@@ -53,6 +52,9 @@ class SnapshotEngine:
         staging_bytes: the GPU staging ring (the engine's only extra GPU memory).
         bucket_elements: DeepSpeed's ``reduce_bucket_size``; partitions are cut on its boundaries.
         avoid_allreduce: keep copies out of the backward pass, where gradient buckets are reduced.
+        pump: on a GPU, feed the copy stream from a thread a partition at a time (see :class:`CudaCopier`);
+            ``False`` queues each window's copies from the training thread.
+        pace_by_blocks: use the model-block events as windows (fine pacing); ``False`` uses the coarse phases only.
     """
 
     def __init__(
@@ -64,6 +66,8 @@ class SnapshotEngine:
         avoid_allreduce: bool = False,
         inflight: int = DEFAULT_INFLIGHT,
         ring_segments: int = RING_SEGMENTS,
+        pump: bool = False,
+        pace_by_blocks: bool = True,
     ) -> None:
         self.device = device
         self.policy = SchedulePolicy(policy)
@@ -72,11 +76,19 @@ class SnapshotEngine:
         self.bucket_elements = bucket_elements
         self.scheduler = BubbleScheduler(self.policy, avoid_allreduce=avoid_allreduce)
         self.copier: Copier = (
-            CudaCopier(device, staging_bytes, self.segment_bytes, inflight) if device.type == "cuda" else ThreadCopier()
+            CudaCopier(device, staging_bytes, self.segment_bytes, inflight, pump) if device.type == "cuda" else ThreadCopier()
         )
+        self.pace_by_blocks = pace_by_blocks
         self.stats = EngineStats()
         self._plan_key: tuple | None = None
         self._plan: list[Partition] = []
+
+    def set_policy(self, policy: SchedulePolicy | str) -> None:
+        """Switches the policy for the next snapshot (the benchmark interleaves policies in one run)."""
+        if self.scheduler.armed:
+            raise RuntimeError("set_policy() while a snapshot is being copied; call it between fence and start")
+        self.policy = self.scheduler.policy = SchedulePolicy(policy)
+        self._plan_key = None
 
     def plan(self, records: Sequence[TensorRecord], ahead: Sequence[int]) -> list[Partition]:
         """The partitions of the tensors at indices ``ahead`` (cached while the layout stays the same)."""
@@ -115,6 +127,8 @@ class SnapshotEngine:
 
     def on_event(self, event: PhaseEvent) -> None:
         if not self.scheduler.armed or event.phase not in BUBBLE_PHASES:
+            return
+        if not self.pace_by_blocks and event.phase in BLOCK_PHASES:
             return
         self.copier.mark(window_key(event))
         issued = self.scheduler.on_event(event)

@@ -7,7 +7,10 @@ State machine (one snapshot at a time; the training thread drives every transiti
       +--------------------- fence() ----------------------+   (fence hands back all that is not issued yet)
 
 * ``begin`` (end of optimizer step *t*): the plan of snapshot *t* becomes the queue; the per-phase budgets are
-  learned from the previous iteration (:meth:`learn`).
+  learned from earlier iterations (:meth:`learn`). A window's duration is the shortest of its recent measurements:
+  anything in a window that waits for the copy engine (a device-wide synchronize, a ``.item()``) stretches that
+  window by the copies queued before it, and learning the stretched length would hand the window a still larger
+  budget next time.
 * at each bubble event of iteration *t+1* (``on_event``), the scheduler returns the next partitions that fit the
   budget of the window that the event opens: ``window ms x measured copy bandwidth x safety``, minus what is still
   in flight from earlier windows (an expected "copy clock"). With ``avoid_allreduce`` the backward windows, where
@@ -16,8 +19,9 @@ State machine (one snapshot at a time; the training thread drives every transiti
   wait is the only stall.
 
 Policies (the engine's ablation rows): ``naive`` and ``eager`` issue the whole plan at ITERATION_START (``naive``
-with a per-tensor plan); ``bubbles`` spreads it over the bubbles by budget, and before it has measured an iteration
-issues everything at FORWARD_START.
+with a per-tensor plan); ``bubbles`` spreads it over the bubbles by budget. Before it has measured an iteration,
+``bubbles`` leaves everything to the fence: that one snapshot stalls for its whole copy, and the windows are learned
+from an iteration no copy disturbed.
 """
 
 from __future__ import annotations
@@ -31,10 +35,20 @@ from .plan import Partition
 
 # events that open a window in which copies may run, in iteration order
 BUBBLE_PHASES = frozenset(
-    {Phase.ITERATION_START, Phase.FORWARD_START, Phase.FORWARD_END, Phase.BUCKET_REDUCED, Phase.BACKWARD_END}
+    {
+        Phase.ITERATION_START,
+        Phase.FORWARD_START,
+        Phase.FORWARD_BLOCK,
+        Phase.FORWARD_END,
+        Phase.BACKWARD_BLOCK,
+        Phase.BUCKET_REDUCED,
+        Phase.BACKWARD_END,
+    }
 )
+# windows of one model block each (see bubbles.install_block_hooks)
+BLOCK_PHASES = frozenset({Phase.FORWARD_BLOCK, Phase.BACKWARD_BLOCK})
 # windows in which DeepSpeed reduces gradients (ZeRO 2/3 overlap reduction with backward)
-_ALLREDUCE_PHASES = frozenset({Phase.FORWARD_END, Phase.BUCKET_REDUCED})
+_ALLREDUCE_PHASES = frozenset({Phase.FORWARD_END, Phase.BACKWARD_BLOCK, Phase.BUCKET_REDUCED})
 
 WindowKey = tuple[Phase, int | None]
 
@@ -46,13 +60,13 @@ class SchedulePolicy(str, enum.Enum):
 
 
 def window_key(event: PhaseEvent) -> WindowKey:
-    return (event.phase, event.bucket)
+    return (event.phase, event.bucket if event.bucket is not None else event.block)
 
 
 class BubbleScheduler:
     """Issues a snapshot's partitions into the bubbles of the next iteration, within learned byte budgets."""
 
-    def __init__(self, policy: SchedulePolicy | str = SchedulePolicy.BUBBLES, avoid_allreduce: bool = False, safety: float = 0.8) -> None:
+    def __init__(self, policy: SchedulePolicy | str = SchedulePolicy.BUBBLES, avoid_allreduce: bool = False, safety: float = 0.8, history: int = 8) -> None:
         self.policy = SchedulePolicy(policy)
         if not 0 < safety <= 1:
             raise ValueError(f"safety must be in (0, 1], got {safety}")
@@ -61,6 +75,8 @@ class BubbleScheduler:
         self._queue: deque[Partition] = deque()
         self._armed = False
         self._window_ms: dict[WindowKey, float] = {}
+        self._history: dict[WindowKey, deque[float]] = {}
+        self._history_len = history
         self._bytes_per_ms = 0.0
         self._clock_ms = 0.0  # expected time since the first window of this iteration opened
         self._busy_until_ms = 0.0  # expected time the copies issued so far are done
@@ -72,7 +88,10 @@ class BubbleScheduler:
     def learn(self, window_ms: Mapping[WindowKey, float], bytes_per_ms: float) -> None:
         """Durations of the windows of the last measured iteration, and the copy bandwidth achieved."""
         if window_ms:
-            self._window_ms = dict(window_ms)
+            for key, ms in window_ms.items():
+                self._history.setdefault(key, deque(maxlen=self._history_len)).append(ms)
+            # windows of the last iteration only (a model's blocks can change); each at its shortest recent length
+            self._window_ms = {key: min(self._history[key]) for key in window_ms}
         if bytes_per_ms > 0:
             self._bytes_per_ms = bytes_per_ms
 
@@ -102,7 +121,7 @@ class BubbleScheduler:
         if self.policy is not SchedulePolicy.BUBBLES:
             return self._take_all(event) if event.phase is Phase.ITERATION_START else []
         if not self.has_budgets:
-            return self._take_all(event) if event.phase is Phase.FORWARD_START else []
+            return []
         key = window_key(event)
         window = self._window_ms.get(key, 0.0)
         start, self._clock_ms = self._clock_ms, self._clock_ms + window

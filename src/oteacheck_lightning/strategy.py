@@ -28,7 +28,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, StrategyRegistry
 from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from torch.optim import Optimizer
 
-from .bubbles import BubbleBus, Phase, PhaseTimer
+from .bubbles import BubbleBus, Phase, PhaseTimer, find_blocks, install_block_hooks
 from .deepspeed_state import DeepSpeedState, install_bucket_hook
 from .io import PRIVATE_KEY, OTeaCheckpointIO
 from .tiers import CheckpointDir
@@ -111,6 +111,8 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         self._ds_state: DeepSpeedState | None = None
         self._restore_at_next_iteration: tuple[dict, dict] | None = None
         self.resumed_from: dict[str, Any] | None = None
+        self._in_training_forward = False
+        self._block_hooks: list[Any] = []
 
     # --- the checkpoint IO ---------------------------------------------------------------------------------
 
@@ -163,8 +165,25 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         else:
             super().setup_distributed()
 
+    def _without_device_synchronize(self) -> None:
+        """DeepSpeed's throughput timer synchronizes the whole device at every forward and step by default. A
+        device-wide synchronize also waits for the snapshot copy stream, so it would turn every copy into a stall
+        (measured on an H200, GPT-2 355M: the forward waited 75 ms for the snapshot). The timer then measures host
+        time instead; a configuration that asks for synchronized timers keeps them, with a warning."""
+        timers = self.config.setdefault("timers", {}).setdefault("throughput", {})
+        if timers.get("synchronized") is True or self.config.get("wall_clock_breakdown") is True:
+            pl.utilities.rank_zero_warn(
+                "the DeepSpeed configuration synchronizes the device for its timers (timers.throughput.synchronized "
+                "or wall_clock_breakdown); every such synchronize waits for the snapshot copies and stalls training. "
+                "Remove these settings unless you are profiling."
+            )
+        else:
+            timers["synchronized"] = False
+
     def _setup_model_and_optimizer(self, model: torch.nn.Module, optimizer: Optimizer | None, lr_scheduler: Any = None) -> tuple[Any, Any]:
         import deepspeed
+
+        self._without_device_synchronize()
 
         device_rank = self.root_device.index if self.root_device.index is not None else self.local_rank
         engine, ds_optimizer, _, _ = deepspeed.initialize(
@@ -186,6 +205,12 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         self.checkpoint_io.attach(self._ds_state, self.lightning_module, self.global_rank, self.world_size)
         self.bus.subscribe(self.checkpoint_io.on_phase)
         install_bucket_hook(self.deepspeed_engine, lambda k: self.bus.emit(Phase.BUCKET_REDUCED, self._step(), bucket=k))
+        self._block_hooks = install_block_hooks(
+            find_blocks(self.lightning_module),
+            on_forward=lambda i: self.bus.emit(Phase.FORWARD_BLOCK, self._step(), block=i),
+            on_backward=lambda i: self.bus.emit(Phase.BACKWARD_BLOCK, self._step(), block=i),
+            active=lambda: self._in_training_forward,
+        )
 
     def _step(self) -> int:
         return self.lightning_module.trainer.global_step if self.lightning_module is not None else 0
@@ -203,7 +228,11 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         self.bus.emit(Phase.FORWARD_START, self._step())
-        out = super().training_step(*args, **kwargs)
+        self._in_training_forward = True
+        try:
+            out = super().training_step(*args, **kwargs)
+        finally:
+            self._in_training_forward = False
         self.bus.emit(Phase.FORWARD_END, self._step())
         return out
 
@@ -304,6 +333,9 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         super().on_exception(exception)
 
     def teardown(self) -> None:
+        for handle in self._block_hooks:
+            handle.remove()
+        self._block_hooks = []
         self.checkpoint_io.teardown()
         super().teardown()
 

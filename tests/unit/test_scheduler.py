@@ -37,11 +37,24 @@ def test_naive_and_eager_issue_everything_at_iteration_start(policy):
     assert s.bytes_by_phase == {"iteration_start": 50}
 
 
-def test_before_any_measurement_bubbles_issues_all_at_forward_start():
+def test_before_any_measurement_bubbles_leaves_everything_to_the_fence():
     s = BubbleScheduler()
     s.begin(parts(4, 10))
     issued, rest = run_iteration(s)
-    assert len(issued[(Phase.FORWARD_START, None)]) == 4 and rest == []
+    assert all(got == [] for got in issued.values()) and len(rest) == 4
+
+
+def test_a_window_counts_at_its_shortest_recent_length():
+    # a window stretched by a wait for the copies it was given must not earn a larger budget
+    s = BubbleScheduler(safety=1.0, history=3)
+    for forward_ms in (100.0, 400.0, 400.0):
+        s.learn({(Phase.FORWARD_START, None): forward_ms}, 1.0)
+    s.begin(parts(10, 50))
+    assert len(s.on_event(ev(Phase.FORWARD_START))) == 2  # 100 ms, not 400
+    s.fence()
+    s.learn({(Phase.FORWARD_START, None): 400.0}, 1.0)  # the 100 ms measurement has left the history
+    s.begin(parts(10, 50))
+    assert len(s.on_event(ev(Phase.FORWARD_START))) == 8
 
 
 def test_budgets_follow_windows_and_bandwidth_and_the_rest_goes_to_the_fence():

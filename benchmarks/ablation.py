@@ -1,0 +1,220 @@
+"""The engine's ablation: snapshot policies interleaved in one training run, against no checkpointing in that run.
+
+    python -m benchmarks.ablation --model gpt2-124m --gpus 1 --out docs/benchmarks/results
+
+One process trains one model and switches, every ``--block`` iterations, between variants: ``none`` (no snapshot),
+``naive`` (per-tensor copies at iteration start), ``eager`` (bucket partitions at iteration start) and ``bubbles``
+(the engine), in a different order each round. Every variant so sees the same GPU clocks, memory layout and
+process, which separate runs do not (the iteration time of one configuration moved by 15% between processes on the
+same card). The first ``--skip`` iterations of each block are left out (the scheduler learns the windows there), and so is
+the last (the next variant's first snapshot is taken at its end).
+
+Modifiers for diagnosis, joined with ``+``: ``pump`` (feed the copy stream from a thread), ``coarse`` (no per-block
+windows), ``dry`` (plan and schedule, copy nothing: the training thread's share of the cost).
+
+Per variant it writes ``ablation__<model>__<variant>__g<gpus>.json`` with the fields of the engine issue (``card``,
+``gpus``, ``model``, ``method``, ``iter_ms_median``, ``overhead``, ``stall_ms_median``, ``extra_gpu_mib``,
+``versions``, ``command``) plus GPU time of forward, backward and optimizer step, and the bytes copied per phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from . import measure, models
+
+DEFAULT_VARIANTS = "none,naive,eager,bubbles"
+_TIMED = ("iteration_start", "forward_start", "forward_end", "backward_end", "before_step", "after_step")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ablation", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="gpt2-124m")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--variants", default=DEFAULT_VARIANTS)
+    p.add_argument("--block", type=int, default=12, help="iterations per variant block")
+    p.add_argument("--skip", type=int, default=3, help="iterations left out at the start of each block")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=16, help="iterations before measuring (half with snapshots)")
+    p.add_argument("--staging-mib", type=int, default=64)
+    p.add_argument("--out", required=True, help="results folder")
+    p.add_argument("--smoke", action="store_true", help="tiny model on CPU (checks the harness, measures nothing)")
+    return p
+
+
+class _Timeline:
+    """Host time and, on a GPU, an event on the compute stream at each timed phase of each iteration."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.marks: dict[int, dict[str, tuple[Any, float]]] = {}
+        self.variant_of: dict[int, str] = {}
+
+    def mark(self, phase: str, step: int) -> None:
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        self.marks.setdefault(step, {})[phase] = (event, time.perf_counter())
+
+    def span_ms(self, a: tuple[Any, float], b: tuple[Any, float]) -> float:
+        return a[0].elapsed_time(b[0]) if self.cuda else (b[1] - a[1]) * 1e3
+
+    def rows(self) -> list[dict[str, Any]]:
+        out = []
+        for step in sorted(self.marks):
+            cur, nxt = self.marks[step], self.marks.get(step + 1)
+            if not nxt or "iteration_start" not in cur or "iteration_start" not in nxt:
+                continue
+            row: dict[str, Any] = {"step": step, "variant": self.variant_of.get(step, "none"),
+                                   "iter_ms": self.span_ms(cur["iteration_start"], nxt["iteration_start"])}
+            for name, a, b in (("forward_ms", "forward_start", "forward_end"), ("backward_ms", "forward_end", "backward_end"),
+                               ("fence_wait_ms", "backward_end", "after_step")):
+                row[name] = self.span_ms(cur[a], cur[b]) if a in cur and b in cur else None
+            out.append(row)
+        return out
+
+
+def _schedule(variants: list[str], args: argparse.Namespace) -> list[str]:
+    # warm-up: first without snapshots (the baseline's peak memory), then with them, so every snapshot slot is
+    # created and page-locked (about a second per slot) before anything is measured
+    steps = ["none"] * (args.warmup // 2)
+    steps += [next(v for v in variants if v != "none")] * (args.warmup - args.warmup // 2)
+    for r in range(args.rounds):
+        order = variants[r % len(variants):] + variants[: r % len(variants)]  # rotate: no variant always follows another
+        for v in order:
+            steps += [v] * args.block
+    return steps
+
+
+def _median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    from oteacheck_lightning import OTeaCheckpoint, OTeaCheckpointIO, OTeaCheckStrategy
+
+    variants = args.variants.split(",")
+    if "none" not in variants:
+        variants = ["none", *variants]
+    schedule = _schedule(variants, args)
+    cuda = not args.smoke and torch.cuda.is_available()
+    pl.seed_everything(1234)
+    workdir = tempfile.mkdtemp(prefix="oteacheck-ablation-")
+    io = OTeaCheckpointIO(job_id=f"ablation-{os.getpid()}", staging_mib=args.staging_mib)
+    policy_cb = OTeaCheckpoint(dirpath=workdir, persist=[], log_metrics=False)
+    strategy = OTeaCheckStrategy(stage=2, checkpoint_io=io)
+    timeline = _Timeline(cuda)
+    stats_of: dict[int, dict[str, Any]] = {}
+    memory: dict[str, float] = {}
+    copier_issue: dict[str, Any] = {}
+
+    def variant_for(step: int) -> str:
+        return schedule[min(step, len(schedule) - 1)]
+
+    def configure(step: int) -> None:
+        """Sets up the snapshot taken at the end of ``step - 1``, copied during iteration ``step``."""
+        variant = variant_for(step)
+        timeline.variant_of[step] = variant
+        base, *mods = variant.split("+")
+        policy_cb.snapshot_every_n_steps = 10**9 if base == "none" else 1
+        engine = io.engine
+        if engine is None or base == "none":
+            return
+        engine.set_policy(base)
+        engine.pace_by_blocks = "coarse" not in mods
+        if hasattr(engine.copier, "pump"):
+            engine.copier.pump = "pump" in mods
+        if "issue" not in copier_issue:
+            copier_issue["issue"] = engine.copier.issue
+        engine.copier.issue = (lambda partitions: None) if "dry" in mods else copier_issue["issue"]
+
+    class Control(pl.Callback):
+        def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            strategy.bus.subscribe(lambda e: timeline.mark(e.phase.value, e.step) if e.phase.value in _TIMED else None)
+            configure(trainer.global_step)
+
+        def on_train_batch_end(self, trainer: pl.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            step = trainer.global_step
+            s = io.stats
+            stats_of[step] = {"fence_ms": s.fence_ms, "stall_ms": s.stall_ms, "capture_ms": s.capture_ms, "seal_ms": s.seal_ms,
+                              "gbps": s.copy_gbps, "by_phase": dict(s.bytes_by_phase), "sealed": s.sealed_step}
+            if cuda and step == args.warmup // 2:
+                memory["baseline_peak"] = torch.cuda.max_memory_allocated() / 2**20
+                torch.cuda.reset_peak_memory_stats()
+            configure(step)  # runs before OTeaCheckpoint (Lightning calls checkpoint callbacks last)
+
+    trainer = pl.Trainer(
+        accelerator="cuda" if cuda else "cpu", devices=args.gpus, strategy=strategy,
+        precision="bf16-mixed" if cuda else "32-true", max_steps=len(schedule), callbacks=[Control(), policy_cb],
+        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=0, use_distributed_sampler=False, default_root_dir=workdir,
+    )
+    module = models.BenchModule(models.spec(args.model, args.smoke))
+    started = time.time()
+    trainer.fit(module)
+    if cuda:
+        torch.cuda.synchronize()
+        memory["peak"] = torch.cuda.max_memory_allocated() / 2**20
+    if trainer.global_rank != 0:
+        return
+    rows = timeline.rows()
+    # left out: the first iterations of a block (the scheduler learns) and its last (it ends with the next
+    # variant's first snapshot)
+    kept = [r for r in rows if r["step"] >= args.warmup and args.skip <= (r["step"] - args.warmup) % args.block < args.block - 1]
+    none_ms = _median([r["iter_ms"] for r in kept if r["variant"] == "none"])
+    command = "python -m benchmarks.ablation " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    for variant in variants:
+        mine = [r for r in kept if r["variant"] == variant]
+        # the stats of iteration s's snapshot are complete after iteration s + 1 (sealed without waiting)
+        stats = [stats_of[r["step"] + 1] for r in mine if r["step"] + 1 in stats_of and variant != "none"]
+        median_ms = _median([r["iter_ms"] for r in mine])
+        result = {
+            "status": "ok", "kind": "ablation", "card": measure.card(), "gpus": args.gpus, "model": args.model,
+            "method": "none" if variant == "none" else f"oteacheck-{variant}", "variant": variant,
+            "every_n_steps": None if variant == "none" else 1, "zero_stage": 2,
+            "precision": "bf16-mixed" if cuda else "32-true", "batch": models.spec(args.model, args.smoke).batch,
+            "iterations": len(mine), "iter_ms": [r["iter_ms"] for r in mine], "iter_ms_median": median_ms,
+            "iter_ms_mean": statistics.mean(r["iter_ms"] for r in mine) if mine else None,
+            "overhead": median_ms / none_ms if median_ms and none_ms else None,
+            "forward_ms_median": _median([r["forward_ms"] for r in mine]),
+            "backward_ms_median": _median([r["backward_ms"] for r in mine]),
+            "fence_wait_ms_median": _median([r["fence_wait_ms"] for r in mine]),
+            "stall_ms_median": _median([s["stall_ms"] for s in stats]),
+            "fence_ms_median": _median([s["fence_ms"] for s in stats]),
+            "capture_ms_median": _median([s["capture_ms"] for s in stats]),
+            "copy_gbps_median": _median([s["gbps"] for s in stats]),
+            "mib_by_phase": {k: v / 2**20 for k, v in (stats[len(stats) // 2]["by_phase"] if stats else {}).items()},
+            "snapshot_mib_per_rank": io.stats.bytes / 2**20,
+            # the engine's GPU memory is the ring, allocated at the first snapshot and kept: the peak after the
+            # snapshot-free warm-up less the warm-up's peak
+            "extra_gpu_mib": (memory["peak"] - memory["baseline_peak"]) if "peak" in memory and variant != "none" else 0.0,
+            "wall_s": time.time() - started, "versions": measure.versions(), "command": command,
+        }
+        name = f"ablation__{args.model}__{variant.replace('+', '-')}__g{args.gpus}.json"
+        (out / name).write_text(json.dumps(result, indent=1))
+        summary[variant] = {k: result[k] for k in ("iter_ms_median", "overhead", "stall_ms_median", "forward_ms_median",
+                                                     "backward_ms_median", "fence_wait_ms_median", "copy_gbps_median",
+                                                     "capture_ms_median", "extra_gpu_mib", "iterations")}
+    print(json.dumps({"model": args.model, "card": measure.card(), "summary": summary}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
