@@ -407,7 +407,9 @@ class DCPAsyncSaver(pl.Callback):
         start = time.perf_counter()
         self._wait_upload()  # one checkpoint in flight: the staging buffers are reused
         tensors, meta = rank_state(trainer)
-        state = {f"rank{trainer.global_rank}/{k}": v for k, v in tensors.items()}
+        # plain tensors: DeepSpeed's fp32 partitions are nn.Parameters, which DCP's stager cannot deep-copy
+        # (KeyError: <class 'type'>, torch 2.11 on an H200)
+        state = {f"rank{trainer.global_rank}/{k}": v.detach() for k, v in tensors.items()}
         path = str(Path(self.args.workdir) / f"dcp-{step}")
         # what a restart needs to allocate the tensors to load into (AdamW state does not exist before a step)
         Path(path).mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,6 @@
-from oteacheck_lightning.bubbles import BubbleBus, Phase, PhaseTimer
+import torch
+
+from oteacheck_lightning.bubbles import BubbleBus, Phase, PhaseTimer, find_blocks, install_block_hooks
 
 
 def test_subscribers_get_their_phases_in_order():
@@ -27,3 +29,57 @@ def test_phase_timer_adds_up_to_the_iteration():
     bus.emit(Phase.ITERATION_START, 1)
     assert set(timer.last_iteration_ms) == {Phase.ITERATION_START, Phase.FORWARD_START, Phase.BEFORE_STEP, Phase.AFTER_STEP}
     assert abs(sum(timer.last_iteration_ms.values()) - timer.iteration_ms) < 1e-6
+
+
+def _tiny_transformer(layers=3):
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.mlp = torch.nn.Linear(8, 8), torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())
+
+        def forward(self, x):
+            x = x + self.attn(x)
+            return (x + self.mlp(x), None)  # blocks often return tuples
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(100, 8)
+            self.blocks = torch.nn.ModuleList(Block() for _ in range(layers))
+            self.head = torch.nn.Linear(8, 1)
+
+        def forward(self, ids):
+            x = self.embed(ids)
+            for block in self.blocks:
+                x = block(x)[0]
+            return self.head(x).sum()
+
+    return Model()
+
+
+def test_find_blocks_takes_the_repeated_composite_module_not_its_parts_or_containers():
+    model = _tiny_transformer(4)
+    blocks = find_blocks(model)
+    assert blocks == list(model.blocks)  # not the ModuleList, not the repeated Linear or Sequential inside
+    assert find_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())) == []
+
+
+def test_block_hooks_announce_forward_in_order_and_backward_in_reverse_while_active():
+    model = _tiny_transformer(3)
+    seen, active = [], [True]
+    handles = install_block_hooks(find_blocks(model), lambda i: seen.append(("forward", i)),
+                                  lambda i: seen.append(("backward", i)), lambda: active[0])
+    loss = model(torch.randint(0, 100, (2, 5)))
+    active[0] = False  # the backward announcements were registered during the active forward
+    loss.backward()
+    assert seen == [("forward", 0), ("forward", 1), ("forward", 2), ("backward", 2), ("backward", 1), ("backward", 0)]
+    grads = [p.grad.clone() for p in model.parameters()]
+    seen.clear()
+    model(torch.randint(0, 100, (2, 5))).backward()  # inactive: nothing announced
+    with torch.no_grad():
+        active[0] = True
+        model(torch.randint(0, 100, (2, 5)))  # no gradient: the forward is announced, no backward hook is left
+    assert seen == [("forward", 0), ("forward", 1), ("forward", 2)]
+    for handle in handles:
+        handle.remove()
+    assert all(g is not None for g in grads)  # the hooks leave gradients alone

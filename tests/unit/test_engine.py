@@ -66,3 +66,37 @@ def test_a_failing_copy_surfaces_at_the_fence():
             engine.fence()
     finally:
         engine.close()
+
+
+def test_coalesce_joins_only_continuing_direct_copies():
+    from oteacheck_lightning.copier import coalesce
+    from oteacheck_lightning.plan import Partition, Piece
+
+    parts = [Partition(0, (Piece(0, 0, 100, 10),), False), Partition(1, (Piece(0, 10, 110, 10),), False),
+             Partition(2, (Piece(1, 0, 120, 10),), False),  # another tensor
+             Partition(3, (Piece(2, 0, 130, 4), Piece(3, 0, 134, 4)), True),  # packed: goes through the ring
+             Partition(4, (Piece(1, 20, 140, 10),), False)]  # a gap in the source
+    joined = coalesce(parts)
+    assert [p.pieces for p in joined] == [(Piece(0, 0, 100, 20),), parts[2].pieces, parts[3].pieces, parts[4].pieces]
+    assert sum(p.nbytes for p in joined) == sum(p.nbytes for p in parts)
+
+
+def test_policy_switches_between_snapshots_only_and_block_windows_can_be_ignored():
+    engine = SnapshotEngine(torch.device("cpu"), "bubbles", staging_bytes=1 * MiB)
+    named = state(1)
+    records, size = plan_layout(named)
+    try:
+        engine.set_policy("eager")
+        engine.pace_by_blocks = False
+        engine.start(torch.zeros(size, dtype=torch.uint8), records, [t for _, t in named], [False] * len(named))
+        with pytest.raises(RuntimeError, match="between fence and start"):
+            engine.set_policy("naive")
+        engine.on_event(PhaseEvent(Phase.FORWARD_BLOCK, 1, 0, block=0))  # ignored: no window, nothing issued
+        assert engine.scheduler.bytes_by_phase == {}
+        engine.on_event(PhaseEvent(Phase.ITERATION_START, 1, 0))
+        assert engine.scheduler.bytes_by_phase == {"iteration_start": engine.stats.planned_bytes}
+        engine.fence().wait()
+        engine.set_policy("naive")
+        assert engine.policy.value == engine.scheduler.policy.value == "naive"
+    finally:
+        engine.close()
