@@ -2,12 +2,15 @@
 
     python -m benchmarks.ablation --model gpt2-124m --gpus 1 --out docs/benchmarks/results
 
-One process trains one model and switches, every ``--block`` iterations, between variants: ``none`` (no snapshot),
-``naive`` (per-tensor copies at iteration start), ``eager`` (bucket partitions at iteration start) and ``bubbles``
-(the engine), in a different order each round. Every variant so sees the same GPU clocks, memory layout and
-process, which separate runs do not (the iteration time of one configuration moved by 15% between processes on the
-same card). The first ``--skip`` iterations of each block are left out (the scheduler learns the windows there), and so is
-the last (the next variant's first snapshot is taken at its end).
+One process trains one model and switches, every ``--block`` iterations, between no snapshot (``none``) and a
+snapshot policy: ``naive`` (per-tensor copies at iteration start), ``eager`` (bucket partitions at iteration start)
+or ``bubbles`` (the engine). Every policy block follows a block of ``none`` of its own, and the policies take turns
+in a rotated order each round, so all of them share the process, GPU clocks and memory layout, which separate runs
+do not (the iteration time of one configuration moved by 15% between processes on the same card). Within one run
+the iteration time still drifts in stretches of many iterations, so the overhead is paired: each policy block is
+compared with the ``none`` block right before it, ``overhead`` is the median of those ratios, and
+``overhead_ci95`` a bootstrap interval over the pairs. The first ``--skip`` iterations of each block are left out
+(the scheduler learns the windows there), and so is the last (the next block's first snapshot is taken at its end).
 
 Modifiers for diagnosis, joined with ``+``: ``pump`` (feed the copy stream from a thread), ``coarse`` (no per-block
 windows), ``dry`` (plan and schedule, copy nothing: the training thread's share of the cost).
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shlex
 import statistics
 import sys
@@ -44,9 +48,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="gpt2-124m")
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--variants", default=DEFAULT_VARIANTS)
-    p.add_argument("--block", type=int, default=12, help="iterations per variant block")
-    p.add_argument("--skip", type=int, default=3, help="iterations left out at the start of each block")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--block", type=int, default=8, help="iterations per block")
+    p.add_argument("--skip", type=int, default=2, help="iterations left out at the start of each block")
+    p.add_argument("--rounds", type=int, default=6, help="blocks of each policy (each after a block of none)")
     p.add_argument("--warmup", type=int, default=16, help="iterations before measuring (half with snapshots)")
     p.add_argument("--staging-mib", type=int, default=64)
     p.add_argument("--out", required=True, help="results folder")
@@ -90,13 +94,31 @@ class _Timeline:
 def _schedule(variants: list[str], args: argparse.Namespace) -> list[str]:
     # warm-up: first without snapshots (the baseline's peak memory), then with them, so every snapshot slot is
     # created and page-locked (about a second per slot) before anything is measured
-    steps = ["none"] * (args.warmup // 2)
-    steps += [next(v for v in variants if v != "none")] * (args.warmup - args.warmup // 2)
+    policies = [v for v in variants if v != "none"]
+    steps = ["none"] * (args.warmup // 2) + [policies[0]] * (args.warmup - args.warmup // 2)
     for r in range(args.rounds):
-        order = variants[r % len(variants):] + variants[: r % len(variants)]  # rotate: no variant always follows another
-        for v in order:
-            steps += [v] * args.block
+        for v in policies[r % len(policies):] + policies[: r % len(policies)]:  # no policy always follows another
+            steps += ["none"] * args.block + [v] * args.block
     return steps
+
+
+def _paired_overhead(kept: list[dict[str, Any]], variant: str, args: argparse.Namespace) -> tuple[list[float], list[float] | None]:
+    """Ratios of each block of ``variant`` to the ``none`` block before it, and a 95% bootstrap interval of their
+    median."""
+    by_block: dict[int, list[dict[str, Any]]] = {}
+    for r in kept:
+        by_block.setdefault((r["step"] - args.warmup) // args.block, []).append(r)
+    ratios = []
+    for b, rows in sorted(by_block.items()):
+        before = by_block.get(b - 1)
+        # blocks come in pairs: none (even), then a policy (odd)
+        if b % 2 == 1 and rows[0]["variant"] == variant and before:
+            ratios.append(statistics.median(r["iter_ms"] for r in rows) / statistics.median(r["iter_ms"] for r in before))
+    if len(ratios) < 2:
+        return ratios, None
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
+    return ratios, [medians[int(0.025 * len(medians))], medians[int(0.975 * len(medians)) - 1]]
 
 
 def _median(values: list[float]) -> float | None:
@@ -186,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         # the stats of iteration s's snapshot are complete after iteration s + 1 (sealed without waiting)
         stats = [stats_of[r["step"] + 1] for r in mine if r["step"] + 1 in stats_of and variant != "none"]
         median_ms = _median([r["iter_ms"] for r in mine])
+        ratios, interval = _paired_overhead(kept, variant, args) if variant != "none" else ([1.0], [1.0, 1.0])
         result = {
             "status": "ok", "kind": "ablation", "card": measure.card(), "gpus": args.gpus, "model": args.model,
             "method": "none" if variant == "none" else f"oteacheck-{variant}", "variant": variant,
@@ -193,7 +216,11 @@ def main(argv: list[str] | None = None) -> None:
             "precision": "bf16-mixed" if cuda else "32-true", "batch": models.spec(args.model, args.smoke).batch,
             "iterations": len(mine), "iter_ms": [r["iter_ms"] for r in mine], "iter_ms_median": median_ms,
             "iter_ms_mean": statistics.mean(r["iter_ms"] for r in mine) if mine else None,
-            "overhead": median_ms / none_ms if median_ms and none_ms else None,
+            "overhead": statistics.median(ratios) if ratios else None,
+            "overhead_ci95": interval,
+            "overhead_pairs": ratios,
+            # all kept iterations of the variant against all of none's, unpaired
+            "overhead_pooled": median_ms / none_ms if median_ms and none_ms else None,
             "forward_ms_median": _median([r["forward_ms"] for r in mine]),
             "backward_ms_median": _median([r["backward_ms"] for r in mine]),
             "fence_wait_ms_median": _median([r["fence_wait_ms"] for r in mine]),
@@ -210,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         name = f"ablation__{args.model}__{variant.replace('+', '-')}__g{args.gpus}.json"
         (out / name).write_text(json.dumps(result, indent=1))
-        summary[variant] = {k: result[k] for k in ("iter_ms_median", "overhead", "stall_ms_median", "forward_ms_median",
+        summary[variant] = {k: result[k] for k in ("iter_ms_median", "overhead", "overhead_ci95", "stall_ms_median", "forward_ms_median",
                                                      "backward_ms_median", "fence_wait_ms_median", "copy_gbps_median",
                                                      "capture_ms_median", "extra_gpu_mib", "iterations")}
     print(json.dumps({"model": args.model, "card": measure.card(), "summary": summary}, indent=1, default=str))

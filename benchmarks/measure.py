@@ -126,8 +126,13 @@ def versions() -> dict[str, str | None]:
     try:
         import subprocess
 
-        out["oteacheck_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                                 timeout=5, cwd=os.path.dirname(os.path.dirname(__file__))).stdout.strip() or None
+        here = os.path.dirname(os.path.dirname(__file__))
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=here).stdout.strip()
+        # a tree with uncommitted changes to the code is not that commit: say so
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks"], capture_output=True,
+                               text=True, timeout=5, cwd=here).stdout.strip()
+        out["oteacheck_commit"] = (commit + ("+dirty" if dirty else "")) or None
     except Exception:
         out["oteacheck_commit"] = None
     return out

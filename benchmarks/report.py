@@ -2,6 +2,9 @@
 
     python -m benchmarks.report --results docs/benchmarks/results
 
+Two kinds of result: the matrix's (``benchmarks.run``, one process per method) and the engine ablation's
+(``benchmarks.ablation``, ``kind: "ablation"``: all variants interleaved in one process), each in its own tables.
+
 Only measured results go in: smoke results (tiny models on CPU) are left out unless ``--include-smoke`` is given
 (for checking the report itself, never for committing), and estimated intervals are shown as estimates.
 """
@@ -10,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import random
+import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,9 @@ cp /some/folder/results/*.json docs/benchmarks/results/ && python -m benchmarks.
 Or by hand, on any machine with CUDA GPUs:
 
 ```bash
+# the engine's ablation: its policies interleaved in one process per model, against no checkpointing
+python -m benchmarks.ablation --model gpt2-124m --gpus 1 --rounds 4 \\
+    --variants none,naive,eager,bubbles,bubbles+coarse --out docs/benchmarks/results
 # issue 3: the engine against no checkpointing and its ablations, one GPU
 python -m benchmarks.matrix --models gpt2-124m,gpt2-355m \\
     --methods none,oteacheck-naive,oteacheck-eager,oteacheck --out docs/benchmarks/results --budget-s 540
@@ -95,6 +104,37 @@ AdamW moments, buffers); `sync-deepspeed` saves DeepSpeed's format and `lightnin
   anything of that iteration ran; in-flight background writes are lost with it).
 """
 
+ABLATION_TEXT = """\
+## Engine ablation: policies interleaved in one run
+
+One process per model (`benchmarks/ablation.py`) trains and switches between the variants every block of
+iterations, in a rotated order each round, so that every variant shares the process, the GPU clocks and the memory
+layout, which separate processes do not. The first iterations of each block (the scheduler learns its windows
+there) and the last one (it ends with the next variant's first snapshot) are left out. The p10–p90 spread of the
+`none` rows shows how much the iteration time moves within one run without any checkpointing; differences between
+variants smaller than that spread are not resolved by these runs.
+
+Variants: `none` (no snapshot), `naive` (per-tensor copies at iteration start), `eager` (bucket partitions at
+iteration start), `bubbles` (the engine: copies placed in the iteration's idle windows); `+coarse`: without
+per-block windows. A snapshot is taken every iteration. **iter ms**: GPU time from one iteration's start to the
+next's; **p10–p90**: in ms, with its width as a share of the median; **overhead**: with the paired design, the median
+over the policy's blocks of its block median over that of the `none` block right before it, with a 95% bootstrap
+interval in brackets; in runs made before the pairing (their notes say so), the median over the median of `none`
+in the same run; **stall ms**: per snapshot, the optimizer step's wait for the copies plus the training
+thread's time to capture and seal it; **capture ms**: the capture alone; **copy GB/s**: device-to-host copy rate;
+**extra GPU MiB**: peak allocated GPU memory over that of the snapshot-free warm-up (the staging ring; one figure
+per run, as the peak is the process's); **MiB per phase**: what one snapshot copied in each phase window
+(`iter-start`, `fwd-start`, `fwd-blk` between forward blocks, `fwd-end`, `bwd-blk` between backward blocks,
+`bucket` after a gradient bucket's reduction, `bwd-end`, `pre-step`).
+"""
+
+# the phases of one iteration in the order they happen (``oteacheck_lightning.bubbles.Phase``), as short labels
+PHASE_LABELS = {"iteration_start": "iter-start", "forward_start": "fwd-start", "forward_block": "fwd-blk",
+                "forward_end": "fwd-end", "backward_block": "bwd-blk", "bucket_reduced": "bucket",
+                "backward_end": "bwd-end", "before_step": "pre-step", "after_step": "post-step"}
+ABLATION_VARIANT_ORDER = ("none", "naive", "eager", "bubbles")
+VERSION_KEYS = ("torch", "lightning", "deepspeed", "cuda", "python", "transformers", "torchvision", "oteacheck_commit")
+
 
 def load(dirs: list[Path], include_smoke: bool) -> list[dict]:
     rows = []
@@ -113,6 +153,10 @@ def load(dirs: list[Path], include_smoke: bool) -> list[dict]:
     return rows
 
 
+def is_ablation(row: dict) -> bool:
+    return row.get("kind") == "ablation"
+
+
 def _f(value: Any, fmt: str = "{:.1f}") -> str:
     if value is None:
         return "–"
@@ -120,6 +164,15 @@ def _f(value: Any, fmt: str = "{:.1f}") -> str:
         return fmt.format(value)
     except (TypeError, ValueError):
         return str(value)
+
+
+def _overhead_cell(r: dict) -> str:
+    """The ablation overhead; with the paired design, its 95% interval over the pairs."""
+    cell = _f(r.get("overhead"), "{:.3f}x")
+    interval = r.get("overhead_ci95")
+    if interval and r.get("variant") != "none":
+        cell += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+    return cell
 
 
 def table(rows: list[dict]) -> str:
@@ -156,6 +209,132 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _variant(row: dict) -> str:
+    return row.get("variant") or row["method"]
+
+
+def _variant_key(row: dict) -> tuple:
+    variant = _variant(row)
+    rank = ABLATION_VARIANT_ORDER.index(variant) if variant in ABLATION_VARIANT_ORDER else len(ABLATION_VARIANT_ORDER)
+    return rank, variant
+
+
+def ablation_runs(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Ablation rows by (card, model, gpus), i.e. by the process that measured them, variants in report order."""
+    runs: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if is_ablation(r):
+            runs[(r.get("card") or "?", r["model"], r.get("gpus", 1))].append(r)
+    return {key: sorted(rs, key=_variant_key) for key, rs in sorted(runs.items())}
+
+
+def _p10_p90(values: list[float]) -> tuple[float, float] | None:
+    if len(values) < 2:
+        return None
+    deciles = statistics.quantiles(values, n=10, method="inclusive")
+    return deciles[0], deciles[-1]
+
+
+def _spread(row: dict) -> str:
+    spread = _p10_p90(row.get("iter_ms") or [])
+    if spread is None:
+        return "–"
+    low, high = spread
+    share = f" ({(high - low) / row['iter_ms_median']:.1%})" if row.get("iter_ms_median") else ""
+    return f"{low:.1f}–{high:.1f}{share}"
+
+
+def _mib_by_phase(by_phase: dict[str, float] | None) -> str:
+    if not by_phase:
+        return "–"
+    order = list(PHASE_LABELS)
+    phases = sorted(by_phase, key=lambda p: (order.index(p) if p in order else len(order), p))
+    return ", ".join(f"{PHASE_LABELS.get(p, p)} {by_phase[p]:.0f}" for p in phases)
+
+
+def ablation_table(rows: list[dict]) -> str:
+    head = ("| variant | iterations | iter ms median | mean | p10–p90 ms | overhead | stall ms | capture ms "
+            "| copy GB/s | extra GPU MiB | MiB per phase |")
+    lines = [head, "|" + "|".join([" --- "] * 11) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            f"`{_variant(r)}`", str(len(r["iter_ms"]) if r.get("iter_ms") else r.get("iterations")),
+            _f(r.get("iter_ms_median")), _f(r.get("iter_ms_mean")), _spread(r), _overhead_cell(r),
+            _f(r.get("stall_ms_median")), _f(r.get("capture_ms_median")), _f(r.get("copy_gbps_median")),
+            _f(r.get("extra_gpu_mib"), "{:.0f}"), _mib_by_phase(r.get("mib_by_phase"))]) + " |")
+    return "\n".join(lines)
+
+
+def _versions_line(rows: list[dict]) -> str:
+    v = next((r.get("versions") for r in rows if r.get("versions")), {}) or {}
+    return "Versions: " + ", ".join(f"{k} {v[k]}" for k in VERSION_KEYS if v.get(k))
+
+
+def _ablation_notes(rows: list[dict]) -> list[str]:
+    """A note every variant carries is said once; one that only some carry names them."""
+    variants_of: dict[str, list[str]] = defaultdict(list)
+    for r in rows:
+        for note in r.get("notes") or []:
+            variants_of[note].append(_variant(r))
+    return [note if len(variants) == len(rows) else ", ".join(f"`{v}`" for v in variants) + ": " + note
+            for note, variants in variants_of.items()]
+
+
+def ablation_section(rows: list[dict]) -> list[str]:
+    runs = ablation_runs(rows)
+    if not runs:
+        return []
+    parts = [ABLATION_TEXT]
+    for (card, model, gpus), rs in runs.items():
+        snapshot_mib = next((r["snapshot_mib_per_rank"] for r in rs if r.get("snapshot_mib_per_rank")), None)
+        snapshot = f", snapshot {snapshot_mib:.0f} MiB per rank" if snapshot_mib else ""
+        parts += [f"### {model}, {gpus} GPU{'s' if gpus != 1 else ''}, {card}{snapshot}", "", ablation_table(rs), "",
+                  _versions_line(rs), "", "```"]
+        parts += sorted({r["command"] for r in rs if r.get("command")})
+        parts += ["```", ""]
+        notes = _ablation_notes(rs)
+        if notes:
+            parts += ["Notes:", ""] + [f"* {n}" for n in notes] + [""]
+    return parts
+
+
+def ablation_plot(rows: list[dict], path: Path, plt: Any) -> bool:
+    """One panel per run: every measured iteration of each variant, so the spread shows, not only the median."""
+    runs = ablation_runs([r for r in rows if r.get("iter_ms")])
+    if not runs:
+        return False
+    cols = min(3, len(runs))
+    fig, axes = plt.subplots(math.ceil(len(runs) / cols), cols, figsize=(4.2 * cols, 3.6 * math.ceil(len(runs) / cols)),
+                             squeeze=False)
+    jitter = random.Random(0)  # fixed seed: the same results give the same picture
+    for ax, ((card, model, gpus), rs) in zip(axes.flat, runs.items()):
+        ax.boxplot([r["iter_ms"] for r in rs], whis=(10, 90), showfliers=False, widths=0.5)
+        # a few very slow iterations would squash the boxes: the axis stops above the p90s, their values are written
+        top = 1.3 * max(spread[1] if (spread := _p10_p90(r["iter_ms"])) else max(r["iter_ms"]) for r in rs)
+        for x, r in enumerate(rs, start=1):
+            ax.plot([x + jitter.uniform(-0.15, 0.15) for _ in r["iter_ms"]], r["iter_ms"], ".", color="tab:blue",
+                    alpha=0.5, markersize=4)
+            above = sorted(v for v in r["iter_ms"] if v > top)
+            if above:
+                ax.annotate("↑ " + ", ".join(f"{v:.0f}" for v in above), (x, top), ha="center", va="top", fontsize=7)
+        low = min(min(r["iter_ms"]) for r in rs)
+        ax.set_ylim(low - 0.05 * (top - low), top)
+        none_median = next((r["iter_ms_median"] for r in rs if _variant(r) == "none"), None)
+        if none_median:
+            ax.axhline(none_median, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(1, len(rs) + 1), [_variant(r) for r in rs], fontsize=7, rotation=20)
+        ax.set_title(f"{model}, {gpus} GPU{'s' if gpus != 1 else ''} ({card})", fontsize=9)
+        ax.set_ylabel("iteration ms")
+    for ax in list(axes.flat)[len(runs):]:
+        ax.set_visible(False)
+    fig.suptitle("Engine ablation: iteration times per variant (box: quartiles, whiskers: p10–p90; "
+                 "dashed: median of none; ↑: iterations above the axis)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def plots(rows: list[dict], outdir: Path) -> list[str]:
     try:
         import matplotlib
@@ -165,7 +344,8 @@ def plots(rows: list[dict], outdir: Path) -> list[str]:
     except ImportError:
         return []
     outdir.mkdir(parents=True, exist_ok=True)
-    made = []
+    made = ["ablation.png"] if ablation_plot(rows, outdir / "ablation.png", plt) else []
+    rows = [r for r in rows if not is_ablation(r)]  # the plots below compare matrix runs
     every1 = [r for r in rows if r.get("status") == "ok" and r.get("every_n_steps") == 1 and r.get("overhead") is not None
               and r["method"] not in ("none", "none-deepspeed") and r.get("gpus") == 1]
     if every1:
@@ -215,18 +395,24 @@ def render(rows: list[dict], images: list[str], results_rel: str, images_rel: st
                   "cores say nothing about GPU checkpointing).", "", HOW_TO, METHODS_TEXT]
         return "\n".join(parts)
     groups: dict[tuple, list[dict]] = defaultdict(list)
+    # a run that failed before it saw its GPU has no card: it belongs with the other runs of its matrix
+    card_of_tag = {r.get("tag"): r["card"] for r in rows if r.get("card") and not is_ablation(r)}
     for r in rows:
-        groups[(r.get("card") or "?", r.get("tag") or "?")].append(r)
-    parts += [f"Measured results: {len(measured)} runs, JSON files in `{results_rel}`. Only the rows below exist; "
-              "anything not listed was not measured. `ovh.` is against no checkpointing on the same strategy in the same "
-              "matrix run.", ""]
+        if not is_ablation(r):
+            groups[(r.get("card") or card_of_tag.get(r.get("tag")) or "?", r.get("tag") or "?")].append(r)
+    ablation_measured = [r for r in measured if is_ablation(r)]
+    counted = f"{len(measured)} runs"
+    if ablation_measured:
+        counted = (f"{len(measured) - len(ablation_measured)} matrix runs and {len(ablation_measured)} variants of "
+                   f"{len(ablation_runs(ablation_measured))} engine ablation runs")
+    parts += [f"Measured results: {counted}, JSON files in `{results_rel}`. Only the rows below exist; anything not "
+              "listed was not measured. `ovh.` is against no checkpointing on the same strategy in the same matrix "
+              "run.", ""]
     for image in images:
         parts += [f"![{image}]({images_rel}/{image})", ""]
+    parts += ablation_section(rows)
     for (card, tag), rs in sorted(groups.items()):
-        v = next((r.get("versions") for r in rs if r.get("versions")), {}) or {}
-        parts += [f"## {card}, matrix `{tag}`", "",
-                  "Versions: " + ", ".join(f"{k} {v[k]}" for k in ("torch", "lightning", "deepspeed", "cuda", "python",
-                                                                    "transformers", "torchvision", "oteacheck_commit") if v.get(k)),
+        parts += [f"## {card}, matrix `{tag}`", "", _versions_line(rs),
                   "", table(rs), "", "<details><summary>commands</summary>", "", "```"]
         parts += sorted({r.get("command") or "" for r in rs if r.get("command")})
         parts += ["```", "", "</details>", ""]

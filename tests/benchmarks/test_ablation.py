@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -28,15 +29,21 @@ def test_every_variant_gets_its_iterations_and_a_ratio_to_no_checkpointing_of_th
     assert done.returncode == 0, done.stderr[-3000:]
     results = {json.loads(p.read_text())["variant"]: json.loads(p.read_text()) for p in tmp_path.glob("ablation__*.json")}
     assert set(results) == {"none", "eager", "bubbles", "bubbles+coarse"}
+    kept_per_block = block - skip - 1  # all but the first `skip` iterations and the last
+    policies = ("eager", "bubbles", "bubbles+coarse")
     for variant, r in results.items():
         assert all(k in r for k in FIELDS), variant
-        # per block: all but the first `skip` and the last iteration
-        assert r["iterations"] == rounds * (block - skip - 1), variant
+        blocks = rounds * (len(policies) if variant == "none" else 1)  # every policy block follows a none block
+        assert r["iterations"] == blocks * kept_per_block, variant
         assert r["command"].startswith("python -m benchmarks.ablation --smoke")
     assert results["none"]["overhead"] == 1.0 and results["none"]["stall_ms_median"] is None
-    for variant in ("eager", "bubbles", "bubbles+coarse"):
+    for variant in policies:
         r = results[variant]
-        assert r["overhead"] > 0 and r["stall_ms_median"] is not None
+        assert r["stall_ms_median"] is not None
+        # one ratio per round (policy block / the none block before it); the overhead is their median
+        assert len(r["overhead_pairs"]) == rounds and r["overhead"] == pytest.approx(statistics.median(r["overhead_pairs"]))
+        lo, hi = r["overhead_ci95"]
+        assert min(r["overhead_pairs"]) <= lo <= r["overhead"] <= hi <= max(r["overhead_pairs"])
         # every snapshot byte was copied in some phase (the CPU path has no staging ring and no block windows
         # for the coarse variant)
         assert sum(r["mib_by_phase"].values()) == pytest.approx(r["snapshot_mib_per_rank"], rel=0.2)

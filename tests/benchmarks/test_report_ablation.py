@@ -1,0 +1,91 @@
+"""The report keeps the engine ablation's results (``kind: "ablation"``) in their own section and plot, out of the
+matrix tables and the matrix plots."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report
+
+NONE_MS = [100.0, 101.0, 99.0, 102.0, 98.0, 100.5]
+
+
+def _ablation(out: Path, variant: str, iter_ms: list[float], notes: list[str] | None = None) -> None:
+    median = statistics.median(iter_ms)
+    data = {"status": "ok", "kind": "ablation", "card": "Card", "gpus": 1, "model": "m", "variant": variant,
+            "method": "none" if variant == "none" else f"oteacheck-{variant}", "iterations": len(iter_ms),
+            "iter_ms": iter_ms, "iter_ms_median": median, "iter_ms_mean": statistics.mean(iter_ms),
+            "overhead": median / statistics.median(NONE_MS), "snapshot_mib_per_rank": 3422.6, "extra_gpu_mib": 0.0,
+            "mib_by_phase": {}, "versions": {"torch": "9.9"},
+            "command": "python -m benchmarks.ablation --model m --out X"}
+    if variant != "none":
+        data.update(every_n_steps=1, stall_ms_median=3.25, capture_ms_median=2.5, copy_gbps_median=54.0,
+                    extra_gpu_mib=64.0, mib_by_phase={"backward_block": 2179.4, "forward_block": 1243.2})
+    if notes:
+        data["notes"] = notes
+    (out / f"ablation__m__{variant.replace('+', '-')}__g1.json").write_text(json.dumps(data))
+
+
+def _matrix_row(out: Path) -> None:
+    data = {"tag": "t", "card": "Card", "model": "m", "method": "oteacheck", "gpus": 1, "every_n_steps": 1,
+            "status": "ok", "iter_ms_median": 110.0, "iter_ms_p90": 120.0, "overhead": 1.1, "overhead_median": 1.09,
+            "command": "python -m benchmarks.run --model m --method oteacheck"}
+    (out / "m__oteacheck__g1__n1.json").write_text(json.dumps(data))
+
+
+def _write_results(results: Path) -> None:
+    results.mkdir()
+    # written out of report order: the report sorts them
+    _ablation(results, "bubbles+coarse", [115.0, 116.0, 114.0, 117.0, 115.5, 116.5], notes=["one GPU"])
+    _ablation(results, "bubbles", [102.0, 103.0, 101.0, 104.0, 102.5, 103.5], notes=["one GPU", "bubbles only"])
+    _ablation(results, "none", NONE_MS, notes=["one GPU"])
+    _ablation(results, "naive", [110.0, 111.0, 109.0, 112.0, 110.5, 111.5], notes=["one GPU"])
+    _matrix_row(results)
+
+
+def _render(tmp_path: Path) -> str:
+    results = tmp_path / "results"
+    _write_results(results)
+    md = tmp_path / "benchmarks.md"
+    report.main(["--results", str(results), "--markdown", str(md), "--plots", str(tmp_path / "plots")])
+    return md.read_text()
+
+
+def test_ablation_section_comes_first_with_variants_in_order(tmp_path):
+    text = _render(tmp_path)
+    section_at = text.index("## Engine ablation: policies interleaved in one run")
+    assert section_at < text.index("## Card, matrix `t`")
+    section = text[section_at:text.index("## Card, matrix `t`")]
+    variant_rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| `")]
+    assert variant_rows == ["`none`", "`naive`", "`bubbles`", "`bubbles+coarse`"]
+    bubbles_row = next(line for line in section.splitlines() if line.startswith("| `bubbles` "))
+    assert "| 1.025x |" in bubbles_row  # 102.75 / 100.25
+    assert "fwd-blk 1243, bwd-blk 2179" in bubbles_row  # phases in the order they happen
+    assert "python -m benchmarks.ablation --model m --out X" in section
+    assert "* one GPU" in section and "* `bubbles`: bubbles only" in section
+
+
+def test_spread_is_p10_to_p90_of_the_iterations():
+    row = {"iter_ms": NONE_MS, "iter_ms_median": 100.25}
+    assert report._p10_p90(NONE_MS) == pytest.approx((98.5, 101.5))
+    assert report._spread(row) == "98.5–101.5 (3.0%)"
+
+
+def test_matrix_table_leaves_ablation_rows_out(tmp_path):
+    text = _render(tmp_path)
+    matrix = text[text.index("## Card, matrix `t`"):text.index("## What is compared")]
+    data_rows = [line for line in matrix.splitlines() if line.startswith("| m |")]
+    assert len(data_rows) == 1 and "`oteacheck`" in data_rows[0]
+    assert "ablation" not in matrix
+
+
+def test_ablation_plot_is_written_and_matrix_plots_ignore_it(tmp_path):
+    pytest.importorskip("matplotlib")
+    _render(tmp_path)
+    assert (tmp_path / "plots" / "ablation.png").stat().st_size > 0
+    only_ablation = [r for r in report.load([tmp_path / "results"], include_smoke=False) if report.is_ablation(r)]
+    assert report.plots(only_ablation, tmp_path / "only") == ["ablation.png"]
