@@ -147,6 +147,7 @@ class OTeaCheckpointIO(CheckpointIO):
         self._tiers: list[FsspecTier] = []
         self._pending: _Pending | None = None  # captured, not fenced yet
         self._landing: deque[_Pending] = deque()  # fenced, copies still in flight (GPU), sealed in order
+        self._last_rng: tuple[Any, list] | None = None  # the last RNG recording: sizes the next snapshot's records
         self._warned: set[str] = set()
         self._crashed = False
 
@@ -204,13 +205,13 @@ class OTeaCheckpointIO(CheckpointIO):
             tensor_prefix="state/",
         )
 
-    def _collect(self, lightning_state: dict[str, Any]) -> tuple[Any, list, Any, list]:
+    def _collect(self, lightning_state: dict[str, Any], rng: tuple[Any, list] | None = None) -> tuple[Any, list, Any, list]:
         """Everything a checkpoint of this rank holds: the state document and the tensors it names (engine tensors
-        first, then small-state tensors), and the RNG document with its tensors."""
+        first, then small-state tensors), and the RNG document with its tensors (``rng``, or collected now)."""
         assert self._state is not None
         document, small = self._encode_state(lightning_state)
-        rng_doc, rng_tensors = statecodec.encode(collect_rng(), tensor_prefix="rng/")
-        return document, self._state.tensors() + list(small.items()), rng_doc, list(rng_tensors.items())
+        rng_doc, rng_tensors = rng if rng is not None else _encode_rng()
+        return document, self._state.tensors() + list(small.items()), rng_doc, rng_tensors
 
     def capture(self, step: int, lightning_state: dict[str, Any]) -> bool:
         """Takes the snapshot of optimizer step ``step``; returns False (and counts it) if no slot was free.
@@ -223,7 +224,9 @@ class OTeaCheckpointIO(CheckpointIO):
             self._fence(self._pending)
         self._seal_landed(keep=1)
         started = time.perf_counter()  # the previous snapshot's seal is in its own stall
-        document, named, rng_doc, rng = self._collect(lightning_state)
+        # a snapshot's RNG values are recorded at the next iteration start; sizing their records only needs the
+        # last recording (RNG states keep their shapes), which saves collecting them twice per snapshot
+        document, named, rng_doc, rng = self._collect(lightning_state, self._last_rng)
         records, data_bytes = plan_layout(named + rng)
         slot = self._pool.acquire(data_bytes)
         if slot is None:
@@ -251,10 +254,11 @@ class OTeaCheckpointIO(CheckpointIO):
 
     def _record_rng(self, pending: _Pending) -> None:
         """The RNG states at the start of the iteration after step *t*: where a resumed run restores them."""
-        rng_doc, rng_tensors = statecodec.encode(collect_rng(), tensor_prefix="rng/")
-        if _shape_of(rng_doc) != pending.rng_doc_shape or len(rng_tensors) != len(pending.rng_records):
+        rng_doc, rng_tensors = _encode_rng()
+        self._last_rng = (rng_doc, rng_tensors)
+        if _shape_of(rng_doc) != pending.rng_doc_shape or [r.nbytes for r in pending.rng_records] != [t.numel() * t.element_size() for _, t in rng_tensors]:
             raise RuntimeError("the RNG state changed shape between capture and seal")
-        for record, tensor in zip(pending.rng_records, rng_tensors.values(), strict=True):
+        for record, (_, tensor) in zip(pending.rng_records, rng_tensors, strict=True):
             byte_view(pending.slot.buffer, record).copy_(tensor)
         pending.rng_doc = rng_doc
         pending.rng_recorded = True
@@ -483,6 +487,11 @@ class OTeaCheckpointIO(CheckpointIO):
         if key not in self._warned:
             self._warned.add(key)
             log.warning(message)
+
+
+def _encode_rng() -> tuple[Any, list[tuple[str, torch.Tensor]]]:
+    rng_doc, rng_tensors = statecodec.encode(collect_rng(), tensor_prefix="rng/")
+    return rng_doc, list(rng_tensors.items())
 
 
 def _shape_of(document: Any) -> Any:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import CSVLogger
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -143,6 +144,8 @@ def main() -> None:
                    help="a persistent tier (repeatable; replaces --persist-every/--keep-last), e.g. "
                         "/ckpt:5:3 or hdfs://127.0.0.1:8020/ckpt:10:2 (EVERY in steps, or seconds with an s suffix)")
     p.add_argument("--commit-timeout", type=float, default=None, help="seconds rank 0 waits for a step's files")
+    p.add_argument("--csv-log-every", type=int, default=None,
+                   help="log to a CSVLogger in OUT/logs every N steps and show the progress bar")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an fsspec storage option for every --persist tier that is not local (repeatable)")
     args = p.parse_args()
@@ -172,8 +175,9 @@ def main() -> None:
         strategy=OTeaCheckStrategy(stage=args.stage, checkpoint_io=OTeaCheckpointIO()),
         max_steps=args.max_steps,
         callbacks=[OTeaCheckpoint(dirpath=args.root, persist=persist), Recorder(out, args.sleep, args.kill_at, args.check_snapshots)],
-        logger=False,
-        enable_progress_bar=False,
+        logger=CSVLogger(out / "logs", name="", version="") if args.csv_log_every else False,
+        log_every_n_steps=args.csv_log_every or 50,
+        enable_progress_bar=bool(args.csv_log_every),
         enable_model_summary=False,
         num_sanity_val_steps=0,
         deterministic=True,

@@ -1,0 +1,32 @@
+"""The engine's metrics reach Lightning's loggers at the trainer's logging cadence, and the progress bar shows the
+sealed step and the stall (a real single-process training run on CPU)."""
+
+import csv
+import re
+
+import pytest
+
+from tests.support import harness
+
+pytestmark = pytest.mark.multiprocess
+
+
+def test_metrics_go_to_the_logger_every_log_every_n_steps_and_to_the_progress_bar(tmp_path):
+    env = harness.environment(f"metrics-{tmp_path.name}", tmp_path / "shm")
+    proc = harness.run(tmp_path / "root", tmp_path / "out", env, devices=1, max_steps=12, persist_every=4,
+                       csv_log_every=3)
+    with open(tmp_path / "out" / "logs" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("oteacheck/sealed_step")]
+    assert [int(r["step"]) for r in rows] == [3, 6, 9, 12]
+    for r in rows:
+        step = int(r["step"])
+        # the snapshot of a step is sealed during the next iteration: the last sealed one is at most one behind
+        assert step - 1 <= float(r["oteacheck/sealed_step"]) <= step
+        assert float(r["oteacheck/stall_ms"]) >= 0 and float(r["oteacheck/copy_gbps"]) >= 0
+        assert float(r["oteacheck/skipped_snapshots"]) == 0
+        assert any(k.startswith("oteacheck/mib_") and r[k] for k in r)  # bytes per phase
+    # persisted every 4 steps: by step 12 the tier has written step 8 at least
+    assert float(rows[-1]["oteacheck/tier0_persisted_step"]) >= 8
+    shown = proc.stdout + proc.stderr  # the progress bar
+    # TQDM writes "name=value", Rich "name: value"
+    assert re.search(r"ckpt_step[=:] ?\d", shown) and re.search(r"stall_ms[=:] ?\d", shown)
