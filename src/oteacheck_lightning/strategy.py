@@ -112,6 +112,7 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         self._restore_at_next_iteration: tuple[dict, dict] | None = None
         self.resumed_from: dict[str, Any] | None = None
         self._in_training_forward = False
+        self._iteration_step = 0
         self._block_hooks: list[Any] = []
 
     # --- the checkpoint IO ---------------------------------------------------------------------------------
@@ -204,11 +205,11 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         self._ds_state = DeepSpeedState(self.deepspeed_engine)
         self.checkpoint_io.attach(self._ds_state, self.lightning_module, self.global_rank, self.world_size)
         self.bus.subscribe(self.checkpoint_io.on_phase)
-        install_bucket_hook(self.deepspeed_engine, lambda k: self.bus.emit(Phase.BUCKET_REDUCED, self._step(), bucket=k))
+        install_bucket_hook(self.deepspeed_engine, lambda k: self.bus.emit(Phase.BUCKET_REDUCED, self._iteration_step, bucket=k))
         self._block_hooks = install_block_hooks(
             find_blocks(self.lightning_module),
-            on_forward=lambda i: self.bus.emit(Phase.FORWARD_BLOCK, self._step(), block=i),
-            on_backward=lambda i: self.bus.emit(Phase.BACKWARD_BLOCK, self._step(), block=i),
+            on_forward=lambda i: self.bus.emit(Phase.FORWARD_BLOCK, self._iteration_step, block=i),
+            on_backward=lambda i: self.bus.emit(Phase.BACKWARD_BLOCK, self._iteration_step, block=i),
             active=lambda: self._in_training_forward,
         )
 
@@ -224,21 +225,24 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
             self._restore_at_next_iteration = None
             restore_rng(rng)
             restore_metrics(self.lightning_module, metrics)
-        self.bus.emit(Phase.ITERATION_START, self._step(), batch_idx=batch_idx)
+        # read once per iteration: the events of an iteration carry the step it works towards, and the trainer's
+        # property chain costs more than the rest of an event
+        self._iteration_step = self._step()
+        self.bus.emit(Phase.ITERATION_START, self._iteration_step, batch_idx=batch_idx)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        self.bus.emit(Phase.FORWARD_START, self._step())
+        self.bus.emit(Phase.FORWARD_START, self._iteration_step)
         self._in_training_forward = True
         try:
             out = super().training_step(*args, **kwargs)
         finally:
             self._in_training_forward = False
-        self.bus.emit(Phase.FORWARD_END, self._step())
+        self.bus.emit(Phase.FORWARD_END, self._iteration_step)
         return out
 
     def backward(self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = super().backward(closure_loss, optimizer, *args, **kwargs)
-        self.bus.emit(Phase.BACKWARD_END, self._step())
+        self.bus.emit(Phase.BACKWARD_END, self._iteration_step)
         return out
 
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
@@ -247,12 +251,12 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         def closure_then_fence() -> Any:
             result = closure()
             if engine.is_gradient_accumulation_boundary():
-                self.bus.emit(Phase.BEFORE_STEP, self._step())
+                self.bus.emit(Phase.BEFORE_STEP, self._iteration_step)
             return result
 
         out = super().optimizer_step(optimizer, closure_then_fence, model, **kwargs)
         if engine.is_gradient_accumulation_boundary():
-            self.bus.emit(Phase.AFTER_STEP, self._step())
+            self.bus.emit(Phase.AFTER_STEP, self._iteration_step)
         return out
 
     # --- snapshots -------------------------------------------------------------------------------------------
