@@ -3,13 +3,13 @@
 # installs the wheels carried in .whl/ (deepspeed and its small dependencies, torchsnapshot), then runs, by
 # priority, as much as fits in BENCH_TOTAL_S seconds (default 540, i.e. a 10-minute window with room to spare):
 #
-#   1. issue 3: GPT-2 124M and 355M, one GPU: none, oteacheck-naive, oteacheck-eager, oteacheck (+ restart times
-#      of oteacheck on 124M);
+#   1. issue 3: benchmarks.ablation (none, naive, eager, bubbles interleaved in one run) on GPT-2 124M and 355M,
+#      one GPU; GPT-2 355M and 774M on 2 and 4 GPUs where present; restart times of oteacheck on 124M;
 #   2. issue 5 on GPT-2 124M: sync-torch-save, sync-deepspeed, checkfreq, dcp-async, lightning-async, torchsnapshot
 #      (every iteration, measuring stopped after BENCH_RUN_S seconds, so a multi-second save still fits);
 #   3. restart times of the other methods on GPT-2 124M;
 #   4. the other models (BERT-large QA, ViT-B/16, ResNet-50): none, oteacheck, and the comparison;
-#   5. GPT-2 355M comparison; 6. each method's shortest interval within 5%; 7. 2 GPUs (if present).
+#   5. GPT-2 355M comparison; 6. each method's shortest interval within 5%.
 #
 # Results: $OUT/results/*.json, a report in $OUT/benchmarks.md and $OUT/plots/, the log in $OUT/gpu_run.log.
 # To publish: copy $OUT/results/*.json to docs/benchmarks/results/ and run python -m benchmarks.report.
@@ -68,9 +68,25 @@ matrix() {
     $PY -m benchmarks.matrix --out "$OUT/results" --tag "$TAG" --deadline "$DEADLINE" --first-run-estimate 35 "$@" ${BENCH_EXTRA_ARGS:-}
 }
 
-# 1. issue 3 (full measurement: 10 warm-up + 60 measured iterations)
-matrix --models gpt2-124m --methods none,oteacheck,oteacheck-eager,oteacheck-naive --recovery oteacheck
-matrix --models gpt2-355m --methods none,oteacheck,oteacheck-eager,oteacheck-naive
+ablation() {
+    local left=$((DEADLINE - $(date +%s)))
+    if [ "$left" -lt 120 ]; then echo "== out of time, skipping ablation: $*"; return; fi
+    echo "== ablation ($left s left): $*"
+    timeout "$left" $PY -m benchmarks.ablation --out "$OUT/results" "$@"
+}
+
+# 1. issue 3: the engine and its ablations against no checkpointing, interleaved in one run per model (paired)
+ablation --model gpt2-124m --gpus 1
+ablation --model gpt2-355m --gpus 1
+if [ "$GPUS" -ge 2 ]; then
+    ablation --model gpt2-355m --gpus 2 --variants none,bubbles
+    ablation --model gpt2-774m --gpus 2 --variants none,bubbles
+fi
+if [ "$GPUS" -ge 4 ]; then
+    ablation --model gpt2-355m --gpus 4 --variants none,bubbles
+    ablation --model gpt2-774m --gpus 4 --variants none,bubbles
+fi
+matrix --models gpt2-124m --methods none,oteacheck --recovery oteacheck
 # 2. issue 5 on GPT-2 124M, cheapest and most informative first
 matrix --models gpt2-124m --methods checkfreq,dcp-async,sync-deepspeed,sync-torch-save,lightning-async,torchsnapshot \
     --run-seconds "$RUN_S" --steps 40 --warmup 5
@@ -91,10 +107,6 @@ matrix --models gpt2-355m --methods checkfreq,dcp-async,sync-deepspeed,sync-torc
 # 6. shortest interval within 5% (reuses the every-iteration results of this tag)
 matrix --models gpt2-124m,gpt2-355m --methods oteacheck,checkfreq,dcp-async,sync-deepspeed,sync-torch-save,lightning-async,torchsnapshot \
     --search-5pct --run-seconds 40 --steps 40 --warmup 5
-# 7. several GPUs (issue 3: at most 2% over no checkpointing on 2 and 4 GPUs)
-if [ "$GPUS" -ge 2 ]; then
-    matrix --gpus 2 --models gpt2-355m,gpt2-774m --methods none,oteacheck --steps 40 --warmup 5
-fi
 
 echo "== report"
 $PY -m benchmarks.report --results "$OUT/results" "$OUT/results/recovery" --markdown "$OUT/benchmarks.md" --plots "$OUT/plots" || true
