@@ -76,8 +76,8 @@ ablation() {
 }
 
 # 1. issue 3: the engine and its ablations against no checkpointing, interleaved in one run per model (paired)
-ablation --model gpt2-124m --gpus 1
-ablation --model gpt2-355m --gpus 1
+ablation --model gpt2-124m --gpus 1 --variants none,naive,eager,bubbles,bubbles+frontload
+ablation --model gpt2-355m --gpus 1 --variants none,naive,eager,bubbles,bubbles+frontload
 if [ "$GPUS" -ge 2 ]; then
     ablation --model gpt2-355m --gpus 2 --variants none,bubbles
     ablation --model gpt2-774m --gpus 2 --variants none,bubbles

@@ -16,7 +16,8 @@ State machine (one snapshot at a time; the training thread drives every transiti
   in flight from earlier windows (an expected "copy clock"). With ``avoid_allreduce`` the backward windows, where
   DeepSpeed reduces gradient buckets, get no budget.
 * ``fence`` (BEFORE_STEP of *t+1*): everything left is issued at once; the copier then waits for all of it. That
-  wait is the only stall.
+  wait is the only stall. With ``front_load``, a window also takes whatever the rest of the iteration's windows are
+  not expected to hold, so less is left for the fence (at the price of a longer queue early in the iteration).
 
 Policies (the engine's ablation rows): ``naive`` and ``eager`` issue the whole plan at ITERATION_START (``naive``
 with a per-tensor plan); ``bubbles`` spreads it over the bubbles by budget. Before it has measured an iteration,
@@ -66,12 +67,14 @@ def window_key(event: PhaseEvent) -> WindowKey:
 class BubbleScheduler:
     """Issues a snapshot's partitions into the bubbles of the next iteration, within learned byte budgets."""
 
-    def __init__(self, policy: SchedulePolicy | str = SchedulePolicy.BUBBLES, avoid_allreduce: bool = False, safety: float = 0.8, history: int = 8) -> None:
+    def __init__(self, policy: SchedulePolicy | str = SchedulePolicy.BUBBLES, avoid_allreduce: bool = False, safety: float = 0.8, history: int = 8, front_load: bool = False) -> None:
         self.policy = SchedulePolicy(policy)
         if not 0 < safety <= 1:
             raise ValueError(f"safety must be in (0, 1], got {safety}")
         self.avoid_allreduce = avoid_allreduce
         self.safety = safety
+        # issue at once what the rest of the iteration's windows cannot take, instead of leaving it to the fence
+        self.front_load = front_load
         self._queue: deque[Partition] = deque()
         self._armed = False
         self._window_ms: dict[WindowKey, float] = {}
@@ -111,6 +114,9 @@ class BubbleScheduler:
         self._queue = deque(partitions)
         self._armed = True
         self._clock_ms = self._busy_until_ms = 0.0
+        # copy time the windows of one iteration offer, and how much of it has passed
+        self._copyable_ms = sum(ms for key, ms in self._window_ms.items() if self._copyable(key[0]))
+        self._copyable_passed_ms = 0.0
         self.bytes_by_phase = {}
         self.fence_bytes = 0
 
@@ -125,11 +131,15 @@ class BubbleScheduler:
         key = window_key(event)
         window = self._window_ms.get(key, 0.0)
         start, self._clock_ms = self._clock_ms, self._clock_ms + window
-        if self.avoid_allreduce and event.phase in _ALLREDUCE_PHASES:
+        if not self._copyable(event.phase):
             return []
+        self._copyable_passed_ms += window
         # time this window leaves the copy engine once the copies already issued are through
         free_ms = self._clock_ms - max(self._busy_until_ms, start)
         budget = int(free_ms * self._bytes_per_ms * self.safety)
+        if self.front_load:
+            later = max(0.0, self._copyable_ms - self._copyable_passed_ms) * self._bytes_per_ms * self.safety
+            budget = max(budget, int(sum(p.span for p in self._queue) - later))
         issued: list[Partition] = []
         while self._queue and budget >= self._queue[0].span:
             partition = self._queue.popleft()
@@ -140,6 +150,9 @@ class BubbleScheduler:
             self._busy_until_ms = max(self._busy_until_ms, start) + nbytes / self._bytes_per_ms
             self._count(event.phase.value, nbytes)
         return issued
+
+    def _copyable(self, phase: Phase) -> bool:
+        return not (self.avoid_allreduce and phase in _ALLREDUCE_PHASES)
 
     def fence(self) -> list[Partition]:
         """Ends the snapshot: everything not issued yet, to be copied now (the stall)."""

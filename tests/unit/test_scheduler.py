@@ -106,3 +106,31 @@ def test_bad_policy_and_safety_are_refused():
         BubbleScheduler("sometimes")
     with pytest.raises(ValueError):
         BubbleScheduler(SchedulePolicy.BUBBLES, safety=0)
+
+
+def test_front_load_issues_early_what_the_later_windows_cannot_hold():
+    windows = {(Phase.ITERATION_START, None): 0.0, (Phase.FORWARD_START, None): 100.0, (Phase.FORWARD_END, None): 50.0,
+               (Phase.BUCKET_REDUCED, 0): 50.0, (Phase.BUCKET_REDUCED, 1): 0.0, (Phase.BACKWARD_END, None): 0.0}
+    plain = BubbleScheduler(safety=1.0)
+    eager_enough = BubbleScheduler(safety=1.0, front_load=True)
+    for s in (plain, eager_enough):
+        s.learn(windows, 1.0)  # 1 byte per ms: the iteration holds 200 bytes of copies, the snapshot is 300
+        s.begin(parts(10, 30))
+    issued, rest = run_iteration(plain)
+    assert len(rest) == 5  # what the windows could not hold waits for the fence
+    issued, rest = run_iteration(eager_enough)
+    # the 100 bytes the windows will not hold go out at once, in the first window; the forward takes its own 100
+    assert len(issued[(Phase.ITERATION_START, None)]) == 3 and len(issued[(Phase.FORWARD_START, None)]) == 3
+    assert rest == [] and eager_enough.fence_bytes == 0
+    assert sum(eager_enough.bytes_by_phase.values()) == 300
+
+
+def test_front_load_changes_nothing_when_the_windows_hold_the_snapshot():
+    windows = {(Phase.FORWARD_START, None): 100.0, (Phase.FORWARD_END, None): 100.0}
+    results = []
+    for front_load in (False, True):
+        s = BubbleScheduler(safety=1.0, front_load=front_load)
+        s.learn(windows, 1.0)
+        s.begin(parts(5, 30))
+        results.append((run_iteration(s), dict(s.bytes_by_phase)))
+    assert results[0][1] == results[1][1] == {"forward_start": 90, "forward_end": 60}
