@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m benchmarks.ablation " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # the same for every variant of this run (versions asks git twice)
+    card, versions, batch = measure.card(), measure.versions(), models.spec(args.model, args.smoke).batch
     summary = {}
     for variant in variants:
         mine = [r for r in kept if r["variant"] == variant]
@@ -212,10 +214,10 @@ def main(argv: list[str] | None = None) -> None:
         median_ms = _median([r["iter_ms"] for r in mine])
         ratios, interval = _paired_overhead(kept, variant, args) if variant != "none" else ([1.0], [1.0, 1.0])
         result = {
-            "status": "ok", "kind": "ablation", "card": measure.card(), "gpus": args.gpus, "model": args.model,
+            "status": "ok", "kind": "ablation", "card": card, "gpus": args.gpus, "model": args.model,
             "method": "none" if variant == "none" else f"oteacheck-{variant}", "variant": variant,
             "every_n_steps": None if variant == "none" else 1, "zero_stage": 2,
-            "precision": "bf16-mixed" if cuda else "32-true", "batch": models.spec(args.model, args.smoke).batch,
+            "precision": "bf16-mixed" if cuda else "32-true", "batch": batch,
             "iterations": len(mine), "iter_ms": [r["iter_ms"] for r in mine], "iter_ms_median": median_ms,
             "iter_ms_mean": statistics.mean(r["iter_ms"] for r in mine) if mine else None,
             "overhead": statistics.median(ratios) if ratios else None,
@@ -235,14 +237,14 @@ def main(argv: list[str] | None = None) -> None:
             # the engine's GPU memory is the ring, allocated at the first snapshot and kept: the peak after the
             # snapshot-free warm-up less the warm-up's peak
             "extra_gpu_mib": (memory["peak"] - memory["baseline_peak"]) if "peak" in memory and variant != "none" else 0.0,
-            "wall_s": time.time() - started, "versions": measure.versions(), "command": command,
+            "wall_s": time.time() - started, "versions": versions, "command": command,
         }
         name = f"ablation__{args.model}__{variant.replace('+', '-')}__g{args.gpus}.json"
         (out / name).write_text(json.dumps(result, indent=1))
         summary[variant] = {k: result[k] for k in ("iter_ms_median", "overhead", "overhead_ci95", "stall_ms_median", "forward_ms_median",
                                                      "backward_ms_median", "fence_wait_ms_median", "copy_gbps_median",
                                                      "capture_ms_median", "extra_gpu_mib", "iterations")}
-    print(json.dumps({"model": args.model, "card": measure.card(), "summary": summary}, indent=1, default=str))
+    print(json.dumps({"model": args.model, "card": card, "summary": summary}, indent=1, default=str))
 
 
 if __name__ == "__main__":

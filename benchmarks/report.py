@@ -108,8 +108,9 @@ ABLATION_TEXT = """\
 ## Engine ablation: policies interleaved in one run
 
 One process per model (`benchmarks/ablation.py`) trains and switches between the variants every block of
-iterations, in a rotated order each round, so that every variant shares the process, the GPU clocks and the memory
-layout, which separate processes do not. The first iterations of each block (the scheduler learns its windows
+iterations, so that every variant shares the process, the GPU clocks and the memory layout, which separate
+processes do not: in the paired design each policy block follows a block of `none`, the policies taking turns in a
+rotated order; runs made before the pairing (their notes say so) rotated all variants, `none` included. The first iterations of each block (the scheduler learns its windows
 there) and the last one (it ends with the next variant's first snapshot) are left out. The p10–p90 spread of the
 `none` rows shows how much the iteration time moves within one run without any checkpointing; differences between
 variants smaller than that spread are not resolved by these runs.

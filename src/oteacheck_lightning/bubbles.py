@@ -137,10 +137,9 @@ def find_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
     best: list[torch.nn.Module] = []
     best_key = (0, 0)
     for instances in by_class.values():
-        params = sum(p.numel() for m in instances for p in m.parameters())
         if len(instances) < 2:
             continue
-        key = (len(instances), params)
+        key = (len(instances), sum(p.numel() for m in instances for p in m.parameters()))
         if key > best_key:
             best, best_key = instances, key
     return best

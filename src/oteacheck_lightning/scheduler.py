@@ -76,6 +76,7 @@ class BubbleScheduler:
         # issue at once what the rest of the iteration's windows cannot take, instead of leaving it to the fence
         self.front_load = front_load
         self._queue: deque[Partition] = deque()
+        self._queued_bytes = 0
         self._armed = False
         self._window_ms: dict[WindowKey, float] = {}
         self._history: dict[WindowKey, deque[float]] = {}
@@ -112,6 +113,7 @@ class BubbleScheduler:
         if self._armed:
             raise RuntimeError("begin() while a snapshot is still being scheduled; fence() it first")
         self._queue = deque(partitions)
+        self._queued_bytes = sum(p.span for p in partitions)  # kept as partitions leave: front_load reads it per window
         self._armed = True
         self._clock_ms = self._busy_until_ms = 0.0
         # copy time the windows of one iteration offer, and how much of it has passed
@@ -139,7 +141,7 @@ class BubbleScheduler:
         budget = int(free_ms * self._bytes_per_ms * self.safety)
         if self.front_load:
             later = max(0.0, self._copyable_ms - self._copyable_passed_ms) * self._bytes_per_ms * self.safety
-            budget = max(budget, int(sum(p.span for p in self._queue) - later))
+            budget = max(budget, int(self._queued_bytes - later))
         issued: list[Partition] = []
         while self._queue and budget >= self._queue[0].span:
             partition = self._queue.popleft()
@@ -147,6 +149,7 @@ class BubbleScheduler:
             issued.append(partition)
         if issued:
             nbytes = sum(p.span for p in issued)
+            self._queued_bytes -= nbytes
             self._busy_until_ms = max(self._busy_until_ms, start) + nbytes / self._bytes_per_ms
             self._count(event.phase.value, nbytes)
         return issued
@@ -158,6 +161,7 @@ class BubbleScheduler:
         """Ends the snapshot: everything not issued yet, to be copied now (the stall)."""
         rest = list(self._queue)
         self._queue.clear()
+        self._queued_bytes = 0
         self._armed = False
         self.fence_bytes = sum(p.span for p in rest)
         if rest:
@@ -167,6 +171,7 @@ class BubbleScheduler:
     def _take_all(self, event: PhaseEvent) -> list[Partition]:
         issued = list(self._queue)
         self._queue.clear()
+        self._queued_bytes = 0
         self._count(event.phase.value, sum(p.span for p in issued))
         return issued
 
