@@ -13,8 +13,8 @@ compared with the ``none`` block right before it, ``overhead`` is the median of 
 (the scheduler learns the windows there), and so is the last (the next block's first snapshot is taken at its end).
 
 Modifiers for diagnosis, joined with ``+``: ``pump`` (feed the copy stream from a thread), ``coarse`` (no per-block
-windows), ``frontload`` (issue at once what the later windows cannot hold), ``dry`` (plan and schedule, copy
-nothing: the training thread's share of the cost).
+windows), ``frontload`` (issue at once what the later windows cannot hold), ``noallreduce`` (no copies in gradient
+all-reduce windows), ``dry`` (plan and schedule, copy nothing: the training thread's share of the cost).
 
 Per variant it writes ``ablation__<model>__<variant>__g<gpus>.json`` with the fields of the engine issue (``card``,
 ``gpus``, ``model``, ``method``, ``iter_ms_median``, ``overhead``, ``stall_ms_median``, ``extra_gpu_mib``,
@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         engine.set_policy(base)
         engine.pace_by_blocks = "coarse" not in mods
         engine.scheduler.front_load = "frontload" in mods
+        engine.scheduler.avoid_allreduce = "noallreduce" in mods
         if hasattr(engine.copier, "pump"):
             engine.copier.pump = "pump" in mods
         if "issue" not in copier_issue:

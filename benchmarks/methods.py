@@ -370,15 +370,30 @@ class DCPAsyncSaver(pl.Callback):
 
         if dist.is_available() and dist.is_initialized():
             self.group = dist.new_group(backend="gloo")
+        self.stager = self._new_stager()
+        self.record.notes.append("DefaultStager(pinned, shared memory, async staging, non-blocking copies)"
+                                 if self.stager is not None else "no DefaultStager in this torch: async_save stages synchronously")
+
+    @staticmethod
+    def _new_stager() -> Any:
         try:
             from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-            self.stager = DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(),
-                                                       use_shared_memory=True, use_async_staging=True,
-                                                       use_non_blocking_copy=torch.cuda.is_available()))
-            self.record.notes.append("DefaultStager(pinned, shared memory, async staging, non-blocking copies)")
         except ImportError:
-            self.record.notes.append("no DefaultStager in this torch: async_save stages synchronously")
+            return None
+        return DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(), use_shared_memory=True,
+                                            use_async_staging=True, use_non_blocking_copy=torch.cuda.is_available()))
+
+    def _usable_stager(self) -> Any:
+        """Some torch versions (2.11 on the H200) close the stager's copier after each stage, which empties its
+        dispatch table, and the next stage fails with ``KeyError: <class 'type'>`` (a known torch bug). Such a
+        stager also dropped its pinned buffers, so a fresh one per save costs what torch itself would."""
+        inner = getattr(self.stager, "_state_dict_stager", None)
+        if inner is not None and not getattr(inner, "_deepcopy_dispatch", True):
+            self.stager.close()
+            self.stager = self._new_stager()
+            if "a new DefaultStager per save (torch closes it after each stage)" not in self.record.notes:
+                self.record.notes.append("a new DefaultStager per save (torch closes it after each stage)")
+        return self.stager
 
     def _wait_upload(self) -> None:
         if self.upload is not None:
@@ -407,8 +422,7 @@ class DCPAsyncSaver(pl.Callback):
         start = time.perf_counter()
         self._wait_upload()  # one checkpoint in flight: the staging buffers are reused
         tensors, meta = rank_state(trainer)
-        # plain tensors: DeepSpeed's fp32 partitions are nn.Parameters, which DCP's stager cannot deep-copy
-        # (KeyError: <class 'type'>, torch 2.11 on an H200)
+        # plain tensors, not DeepSpeed's nn.Parameter partitions: what a user hands DCP
         state = {f"rank{trainer.global_rank}/{k}": v.detach() for k, v in tensors.items()}
         path = str(Path(self.args.workdir) / f"dcp-{step}")
         # what a restart needs to allocate the tensors to load into (AdamW state does not exist before a step)
@@ -417,7 +431,7 @@ class DCPAsyncSaver(pl.Callback):
                    Path(path) / f"bench-meta-rank{trainer.global_rank}.pt")
         kwargs: dict[str, Any] = {"checkpoint_id": path, "process_group": self.group}
         if self.stager is not None:
-            kwargs["async_stager"] = self.stager
+            kwargs["async_stager"] = self._usable_stager()
         if self.group is None:
             kwargs["no_dist"] = True
         response = dcp.async_save(state, **kwargs)

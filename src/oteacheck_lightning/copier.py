@@ -17,12 +17,13 @@ out; ``fence`` before optimizer step *t+1*, which returns a :class:`FenceTicket`
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -121,6 +122,68 @@ class _EMA:
         self.value = sample if self.value == 0.0 else (1 - self.alpha) * self.value + self.alpha * sample
 
 
+class _Worker:
+    """One daemon thread that runs queued ``(handle, item)`` calls in order; started on first use, so a copier that
+    never needs it costs no thread. Counts outstanding items and keeps the first error, which the training thread
+    collects at the fence. It holds no reference to its copier between items, so a dropped copier is freed (with
+    its GPU ring) without waiting for the garbage collector. The thread runs no collectives."""
+
+    def __init__(self, name: str, on_start: Callable[[], None] | None = None) -> None:
+        self._name, self._on_start = name, on_start
+        self._queue: queue.Queue[tuple[Callable[[Any], None], Any] | None] = queue.Queue()
+        self._idle = threading.Condition()
+        self._outstanding = 0
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def put(self, handle: Callable[[Any], None], items: Sequence[Any]) -> None:
+        if not items:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+        with self._idle:
+            self._outstanding += len(items)
+        for item in items:
+            self._queue.put((handle, item))
+
+    def drain(self) -> BaseException | None:
+        """Waits until every queued item was handled; returns (and forgets) the first error since the last drain."""
+        with self._idle:
+            while self._outstanding:
+                if not self._idle.wait(timeout=5.0) and not (self._thread and self._thread.is_alive()):
+                    raise RuntimeError(f"the {self._name} thread died; the snapshot is incomplete")
+            error, self._error = self._error, None
+        return error
+
+    def _run(self) -> None:
+        if self._on_start is not None:
+            try:
+                self._on_start()
+            except BaseException as err:  # every item then fails, and the fence reports why
+                self._error = err
+        while True:
+            call = self._queue.get()
+            if call is None:
+                return
+            try:
+                if self._error is None:  # after a failure the snapshot is lost anyway; the fence raises
+                    call[0](call[1])
+            except BaseException as err:
+                self._error = self._error or err
+            finally:
+                call = None  # no reference to the copier while idle
+                with self._idle:
+                    self._outstanding -= 1
+                    if not self._outstanding:
+                        self._idle.notify_all()
+
+    def close(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=60)
+
+
 class ThreadCopier:
     """The CPU path: a worker thread copies issued partitions into the slot while training goes on.
 
@@ -129,17 +192,12 @@ class ThreadCopier:
     """
 
     def __init__(self, name: str = "oteacheck-copier") -> None:
-        self._queue: queue.Queue[tuple[torch.Tensor, Sequence[torch.Tensor], Partition] | None] = queue.Queue()
-        self._idle = threading.Condition()
-        self._outstanding = 0
-        self._error: BaseException | None = None
+        self._worker = _Worker(name)
         self._buffer: torch.Tensor | None = None
         self._tensors: Sequence[torch.Tensor] = ()
         self._bandwidth = _EMA()
         self._marks: list[tuple[WindowKey, float]] = []
         self._windows: dict[WindowKey, float] = {}
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
 
     def begin(self, buffer: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
         self._buffer, self._tensors = buffer, tensors
@@ -150,17 +208,11 @@ class ThreadCopier:
 
     def issue(self, partitions: Sequence[Partition]) -> None:
         assert self._buffer is not None
-        with self._idle:
-            self._outstanding += len(partitions)
-        for partition in partitions:
-            self._queue.put((self._buffer, self._tensors, partition))
+        self._worker.put(self._copy, [(self._buffer, self._tensors, partition) for partition in partitions])
 
     def fence(self) -> FenceTicket:
         started = time.perf_counter()
-        with self._idle:
-            while self._outstanding:
-                self._idle.wait()
-            error, self._error = self._error, None
+        error = self._worker.drain()
         if error is not None:
             raise RuntimeError("copying a snapshot failed") from error
         now = time.perf_counter()
@@ -182,32 +234,17 @@ class ThreadCopier:
     def bytes_per_ms(self) -> float:
         return self._bandwidth.value
 
-    def _run(self) -> None:
-        # do not use any collectives in this thread
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            buffer, tensors, partition = item
-            started = time.perf_counter()
-            try:
-                with torch.no_grad():
-                    _copy_piece_on_host(buffer, tensors, partition)
-                elapsed_ms = (time.perf_counter() - started) * 1e3
-                if elapsed_ms > 0:
-                    self._bandwidth.add(partition.nbytes / elapsed_ms)
-            except BaseException as err:  # reported at the fence, on the training thread
-                self._error = self._error or err
-            finally:
-                with self._idle:
-                    self._outstanding -= 1
-                    if not self._outstanding:
-                        self._idle.notify_all()
+    def _copy(self, item: tuple[torch.Tensor, Sequence[torch.Tensor], Partition]) -> None:
+        buffer, tensors, partition = item
+        started = time.perf_counter()
+        with torch.no_grad():
+            _copy_piece_on_host(buffer, tensors, partition)
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        if elapsed_ms > 0:
+            self._bandwidth.add(partition.nbytes / elapsed_ms)
 
     def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join(timeout=60)
+        self._worker.close()
 
 
 class HostMemoryRegistry:
@@ -327,19 +364,18 @@ class CudaCopier:
         self._host = ThreadCopier("oteacheck-host-copier")  # partitions whose tensors live in host memory (offload)
         self._buffer: torch.Tensor | None = None
         self._tensors: Sequence[torch.Tensor] = ()
+        self._sources: list[torch.Tensor | None] = []
+        self._compute = torch.cuda.current_stream(self.device)
         self._marks: list[tuple[WindowKey, torch.cuda.Event]] = []
         self._previous_marks: tuple[list[tuple[WindowKey, torch.cuda.Event]], torch.cuda.Event] | None = None
         self._done_copies: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []
         self._windows: dict[WindowKey, float] = {}
         self._bandwidth = _EMA()
-        # the pump: (partition, gate event) in issue order; owned by the pump thread once queued
-        self._feed: queue.Queue[tuple[Partition, torch.cuda.Event | None, torch.Tensor, Sequence[torch.Tensor]] | None] = queue.Queue()
-        self._idle = threading.Condition()
-        self._unissued = 0
+        self._done_lock = threading.Lock()  # _done_copies is appended to by the pump thread
+        # the pump: (partition, gate event, buffer, tensors) in issue order
+        self._pump_worker = _Worker("oteacheck-copy-pump", on_start=functools.partial(torch.cuda.set_device, self.device))
+        self._queued: deque[torch.cuda.Event] = deque()  # the pump's copies on the stream, oldest first
         self._flush = False
-        self._error: BaseException | None = None
-        self._pump = threading.Thread(target=self._run_pump, name="oteacheck-copy-pump", daemon=True)
-        self._pump.start()
 
     @property
     def ring(self) -> torch.Tensor:
@@ -351,21 +387,33 @@ class CudaCopier:
     def begin(self, buffer: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
         self.registry.register(buffer)
         self._buffer, self._tensors = buffer, tensors
-        with self._idle:
-            self._flush = False
+        self._flush = False
         self._host.begin(buffer, tensors)
         self.ring  # allocated on the training thread, before the pump uses it
         self._learn()
         self._marks = []
+        # looked up once per snapshot: at every window the lookup cost the training thread more than the event
+        self._compute = torch.cuda.current_stream(self.device)
+        self._sources = [None] * len(tensors)
         # the copy stream may read the state only once optimizer step t (queued on the compute stream) is done
         ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(self.device))
+        ready.record(self._compute)
         self.stream.wait_event(ready)
 
     def mark(self, key: WindowKey) -> None:
         event = torch.cuda.Event(enable_timing=True)
-        event.record(torch.cuda.current_stream(self.device))
+        event.record(self._compute)
         self._marks.append((key, event))
+
+    def _source(self, tensors: Sequence[torch.Tensor], index: int) -> torch.Tensor:
+        """The byte view of ``tensors[index]``, made once per snapshot (a large tensor is copied in many partitions);
+        the pump thread copies the previous snapshot's tensors only until the fence, so it never sees a new list."""
+        if tensors is not self._tensors:
+            return source_bytes(tensors[index])
+        view = self._sources[index]
+        if view is None:
+            view = self._sources[index] = source_bytes(tensors[index])
+        return view
 
     def issue(self, partitions: Sequence[Partition]) -> None:
         assert self._buffer is not None
@@ -376,59 +424,39 @@ class CudaCopier:
         # copies of this window start on the GPU when the window does, not when the host got here
         gate = self._marks[-1][1] if self._marks else None
         if not self.pump:
-            for partition in coalesce(on_gpu):
-                self._enqueue(partition, gate, self._buffer, self._tensors)
+            if on_gpu:
+                self._enqueue(coalesce(on_gpu), gate, self._buffer, self._tensors)
             return
-        with self._idle:
-            self._unissued += len(on_gpu)
-        for partition in on_gpu:
-            self._feed.put((partition, gate, self._buffer, self._tensors))
+        self._pump_worker.put(self._pump_one, [(partition, gate, self._buffer, self._tensors) for partition in on_gpu])
 
-    def _run_pump(self) -> None:
-        # do not use any collectives in this thread
-        try:
-            torch.cuda.set_device(self.device)
-        except BaseException as err:  # every partition then fails, and the fence reports why
-            self._error = err
-        queued: deque[torch.cuda.Event] = deque()
-        while True:
-            item = self._feed.get()
-            if item is None:
-                return
-            partition, gate, buffer, tensors = item
-            try:
-                if self._error is not None:
-                    continue  # the snapshot failed already; the fence raises
-                while len(queued) >= self.inflight and not self._flush:
-                    queued.popleft().synchronize()  # releases the GIL while the GPU copies
-                queued.append(self._enqueue(partition, gate, buffer, tensors))
-            except BaseException as err:  # reported at the fence, on the training thread
-                self._error = self._error or err
-            finally:
-                with self._idle:
-                    self._unissued -= 1
-                    if not self._unissued:
-                        self._idle.notify_all()
+    def _pump_one(self, item: tuple[Partition, torch.cuda.Event | None, torch.Tensor, Sequence[torch.Tensor]]) -> None:
+        # on the pump thread; no collectives here
+        partition, gate, buffer, tensors = item
+        while len(self._queued) >= self.inflight and not self._flush:
+            self._queued.popleft().synchronize()  # releases the GIL while the GPU copies
+        self._queued.append(self._enqueue((partition,), gate, buffer, tensors))
 
-    def _enqueue(self, partition: Partition, gate: torch.cuda.Event | None, buffer: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.cuda.Event:
-        """Queues one partition's copy on the copy stream behind ``gate``; returns the event of its end."""
+    def _enqueue(self, partitions: Sequence[Partition], gate: torch.cuda.Event | None, buffer: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.cuda.Event:
+        """Queues the partitions' copies on the copy stream behind ``gate``, timed as one run (events and the stream
+        switch cost the training thread per call, not per partition); returns the event of their end."""
         if gate is not None and gate is not self._last_gate:
             self.stream.wait_event(gate)
             self._last_gate = gate
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.no_grad(), torch.cuda.stream(self.stream):
             start.record(self.stream)
-            self._copy(partition, buffer, tensors)
+            for partition in partitions:
+                self._copy(partition, buffer, tensors)
             end.record(self.stream)
-        with self._idle:
-            self._done_copies.append((start, end, partition.span))
+        with self._done_lock:
+            self._done_copies.append((start, end, sum(p.span for p in partitions)))
         return end
 
     def _copy(self, partition: Partition, buffer: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
         dst = buffer[partition.dst_offset : partition.dst_offset + partition.span]
         if not partition.packed:
             piece = partition.pieces[0]
-            dst.copy_(source_bytes(tensors[piece.tensor])[piece.src_offset : piece.src_offset + piece.nbytes], non_blocking=True)
+            dst.copy_(self._source(tensors, piece.tensor)[piece.src_offset : piece.src_offset + piece.nbytes], non_blocking=True)
             return
         ring = self.ring
         segments = ring.numel() // self.segment_bytes
@@ -439,25 +467,22 @@ class CudaCopier:
         for piece in partition.pieces:
             at = piece.dst_offset - partition.dst_offset
             staged[at : at + piece.nbytes].copy_(
-                source_bytes(tensors[piece.tensor])[piece.src_offset : piece.src_offset + piece.nbytes], non_blocking=True
+                self._source(tensors, piece.tensor)[piece.src_offset : piece.src_offset + piece.nbytes], non_blocking=True
             )
         dst.copy_(staged, non_blocking=True)
 
     def fence(self) -> FenceTicket:
         started = time.perf_counter()
-        with self._idle:
-            # past the last bubble: queue the rest at once, so the host waits for the issuing, not for the copies
-            self._flush = True
-            while self._unissued:
-                if not self._idle.wait(timeout=5.0) and not self._pump.is_alive():
-                    raise RuntimeError("the snapshot copy thread died; the snapshot is incomplete")
-            error, self._error = self._error, None
+        # past the last bubble: the pump queues the rest at once, so the host waits for the issuing, not the copies
+        self._flush = True
+        error = self._pump_worker.drain()
+        self._queued.clear()
         host_wait_ms = (time.perf_counter() - started) * 1e3
         if error is not None:
             raise RuntimeError("copying a snapshot failed") from error
         copies_done = torch.cuda.Event()
         copies_done.record(self.stream)
-        compute = torch.cuda.current_stream(self.device)
+        compute = self._compute
         before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         before.record(compute)
         compute.wait_event(copies_done)  # optimizer step t+1 runs only after snapshot t left the GPU
@@ -476,7 +501,7 @@ class CudaCopier:
                     windows[key] = windows.get(key, 0.0) + e0.elapsed_time(e1)
                 self._windows = windows
                 self._previous_marks = None
-        with self._idle:
+        with self._done_lock:
             copies, self._done_copies = self._done_copies, []
         keep, nbytes, ms = [], 0, 0.0
         for start, end_event, size in copies:
@@ -487,7 +512,7 @@ class CudaCopier:
                 keep.append((start, end_event, size))
         if ms > 0:
             self._bandwidth.add(nbytes / ms)
-        with self._idle:
+        with self._done_lock:
             self._done_copies = keep + self._done_copies
 
     def window_ms(self) -> dict[WindowKey, float]:
@@ -502,9 +527,7 @@ class CudaCopier:
         self.registry.unregister(buffer)
 
     def close(self) -> None:
-        if self._pump.is_alive():
-            self._feed.put(None)
-            self._pump.join(timeout=60)
+        self._pump_worker.close()
         self.stream.synchronize()
         self._host.close()
         self.registry.unregister_all()
