@@ -105,6 +105,10 @@ class BenchDeepSpeedStrategy(DeepSpeedStrategy):
         self._init_deepspeed_distributed()
 
     def _setup_model_and_optimizer(self, model: Any, optimizer: Any, lr_scheduler: Any = None) -> tuple[Any, Any]:
+        from oteacheck_lightning.strategy import match_norm_buffers_to_parameters
+
+        # the same model numerics as under OTeaCheckStrategy (ResNet-50 under bf16 does not train otherwise)
+        match_norm_buffers_to_parameters(self.config, model)
         if not self._on_cpu():
             return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
         import argparse

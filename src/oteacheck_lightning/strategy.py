@@ -39,6 +39,21 @@ log = logging.getLogger(__name__)
 COMMIT_MARKER = "COMMIT"
 
 
+def match_norm_buffers_to_parameters(config: dict[str, Any], model: torch.nn.Module) -> str | None:
+    """DeepSpeed 0.19 casts only the parameters to bf16/fp16 and keeps buffers as loaded, so a batch norm meets
+    bf16 weights with fp32 running statistics and fails ("expected scalar type BFloat16 but found Float"). For
+    models with batch norm, and unless ``config`` sets ``data_types.buffer_dtype``, this sets it to the training
+    dtype, as earlier DeepSpeed versions (which ignore the setting) behaved. Returns the dtype set, or None."""
+    dtype = "bf16" if (config.get("bf16") or {}).get("enabled") else "fp16" if (config.get("fp16") or {}).get("enabled") else None
+    data_types = config.get("data_types") or {}
+    if dtype is None or "buffer_dtype" in data_types:
+        return None
+    if not any(isinstance(m, torch.nn.modules.batchnorm._NormBase) for m in model.modules()):
+        return None
+    config["data_types"] = {**data_types, "buffer_dtype": dtype}
+    return dtype
+
+
 def _resume_last_batch_as_mid_epoch(checkpoint: dict[str, Any]) -> None:
     """A checkpoint taken after the last batch of an epoch, before the epoch's end hooks ran, resumes one epoch
     late in Lightning (2.6): the restarted epoch counts as completed twice, so the sampler of the next epoch is
@@ -181,10 +196,19 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         else:
             timers["synchronized"] = False
 
+    def _norm_buffers_follow_parameters(self, model: torch.nn.Module) -> None:
+        dtype = match_norm_buffers_to_parameters(self.config, model)
+        if dtype is not None:
+            pl.utilities.rank_zero_info(
+                f"batch norm under {dtype}: DeepSpeed's data_types.buffer_dtype set to {dtype} so the running "
+                "statistics match the weights; set data_types.buffer_dtype in the DeepSpeed configuration to choose otherwise"
+            )
+
     def _setup_model_and_optimizer(self, model: torch.nn.Module, optimizer: Optimizer | None, lr_scheduler: Any = None) -> tuple[Any, Any]:
         import deepspeed
 
         self._without_device_synchronize()
+        self._norm_buffers_follow_parameters(model)
 
         device_rank = self.root_device.index if self.root_device.index is not None else self.local_rank
         engine, ds_optimizer, _, _ = deepspeed.initialize(

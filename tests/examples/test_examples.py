@@ -112,3 +112,22 @@ def test_an_example_resumes_through_the_cli_where_it_stopped(tmp_path):
         mb = torch.load(tmp_path / "res-final" / f"metrics-rank{rank}.pt", weights_only=True)
         assert ma.keys() == mb.keys() and ma
         assert all(same_bits(ma[k], mb[k]) for k in ma), f"rank {rank}: torchmetrics states differ after the resume"
+
+
+def test_the_resnet_example_trains_under_bf16_with_deepspeed(tmp_path, monkeypatch):
+    # DeepSpeed 0.19 casts parameters, not buffers: without the strategy's buffer_dtype, batch norm fails at once
+    import lightning.pytorch as pl
+
+    from oteacheck_lightning import OTeaCheckpoint, OTeaCheckStrategy
+
+    monkeypatch.syspath_prepend(str(support.ROOT))
+    model, data = _instantiate(support.ROOT / "examples" / "resnet" / "config.yaml")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=OTeaCheckStrategy(stage=2), precision="bf16-mixed",
+                         max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, use_distributed_sampler=False, default_root_dir=tmp_path,
+                         callbacks=[OTeaCheckpoint(dirpath=tmp_path / "ckpt", persist=[])])
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 2
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+    assert norms and all(m.running_mean.dtype == torch.bfloat16 == m.weight.dtype for m in norms)
+    assert all(torch.isfinite(m.running_var).all() for m in norms)
