@@ -16,7 +16,7 @@ Modifiers for diagnosis, joined with ``+``: ``pump`` (feed the copy stream from 
 windows), ``frontload`` (issue at once what the later windows cannot hold), ``noallreduce`` (no copies in gradient
 all-reduce windows), ``dry`` (plan and schedule, copy nothing: the training thread's share of the cost).
 
-Per variant it writes ``ablation__<model>__<variant>__g<gpus>.json`` with the fields of the engine issue (``card``,
+Per variant it writes ``ablation__<model>__<variant>__g<gpus>__<run>.json`` (``run``: the UTC start time) with the fields of the engine issue (``card``,
 ``gpus``, ``model``, ``method``, ``iter_ms_median``, ``overhead``, ``stall_ms_median``, ``extra_gpu_mib``,
 ``versions``, ``command``) plus GPU time of forward, backward and optimizer step, and the bytes copied per phase.
 """
@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     # the same for every variant of this run (versions asks git twice)
     card, versions, batch = measure.card(), measure.versions(), models.spec(args.model, args.smoke).batch
+    # names the process that measured: overheads compare only within one run, and runs must not overwrite each other
+    run = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
     summary = {}
     for variant in variants:
         mine = [r for r in kept if r["variant"] == variant]
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         median_ms = _median([r["iter_ms"] for r in mine])
         ratios, interval = _paired_overhead(kept, variant, args) if variant != "none" else ([1.0], [1.0, 1.0])
         result = {
-            "status": "ok", "kind": "ablation", "card": card, "gpus": args.gpus, "model": args.model,
+            "status": "ok", "kind": "ablation", "run": run, "card": card, "gpus": args.gpus, "model": args.model,
             "method": "none" if variant == "none" else f"oteacheck-{variant}", "variant": variant,
             "every_n_steps": None if variant == "none" else 1, "zero_stage": 2,
             "precision": "bf16-mixed" if cuda else "32-true", "batch": batch,
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
             "extra_gpu_mib": (memory["peak"] - memory["baseline_peak"]) if "peak" in memory and variant != "none" else 0.0,
             "wall_s": time.time() - started, "versions": versions, "command": command,
         }
-        name = f"ablation__{args.model}__{variant.replace('+', '-')}__g{args.gpus}.json"
+        name = f"ablation__{args.model}__{variant.replace('+', '-')}__g{args.gpus}__{run}.json"
         (out / name).write_text(json.dumps(result, indent=1))
         summary[variant] = {k: result[k] for k in ("iter_ms_median", "overhead", "overhead_ci95", "stall_ms_median", "forward_ms_median",
                                                      "backward_ms_median", "fence_wait_ms_median", "copy_gbps_median",

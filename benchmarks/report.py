@@ -221,11 +221,11 @@ def _variant_key(row: dict) -> tuple:
 
 
 def ablation_runs(rows: list[dict]) -> dict[tuple, list[dict]]:
-    """Ablation rows by (card, model, gpus), i.e. by the process that measured them, variants in report order."""
+    """Ablation rows by (card, model, gpus, run), i.e. by the process that measured them, variants in report order."""
     runs: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         if is_ablation(r):
-            runs[(r.get("card") or "?", r["model"], r.get("gpus", 1))].append(r)
+            runs[(r.get("card") or "?", r["model"], r.get("gpus", 1), r.get("run") or "")].append(r)
     return {key: sorted(rs, key=_variant_key) for key, rs in sorted(runs.items())}
 
 
@@ -286,11 +286,14 @@ def ablation_section(rows: list[dict]) -> list[str]:
     if not runs:
         return []
     parts = [ABLATION_TEXT]
-    for (card, model, gpus), rs in runs.items():
+    for (card, model, gpus, run), rs in runs.items():
         snapshot_mib = next((r["snapshot_mib_per_rank"] for r in rs if r.get("snapshot_mib_per_rank")), None)
         snapshot = f", snapshot {snapshot_mib:.0f} MiB per rank" if snapshot_mib else ""
-        parts += [f"### {model}, {gpus} GPU{'s' if gpus != 1 else ''}, {card}{snapshot}", "", ablation_table(rs), "",
-                  _versions_line(rs), "", "```"]
+        run_label = f", run {run}" if run else ""
+        parts += [f"### {model}, {gpus} GPU{'s' if gpus != 1 else ''}, {card}{snapshot}{run_label}", ""]
+        conditions = sorted({r["run_conditions"] for r in rs if r.get("run_conditions")})
+        parts += [*(f"Conditions: {c}" for c in conditions), *([""] if conditions else [])]
+        parts += [ablation_table(rs), "", _versions_line(rs), "", "```"]
         parts += sorted({r["command"] for r in rs if r.get("command")})
         parts += ["```", ""]
         notes = _ablation_notes(rs)
@@ -308,7 +311,7 @@ def ablation_plot(rows: list[dict], path: Path, plt: Any) -> bool:
     fig, axes = plt.subplots(math.ceil(len(runs) / cols), cols, figsize=(4.2 * cols, 3.6 * math.ceil(len(runs) / cols)),
                              squeeze=False)
     jitter = random.Random(0)  # fixed seed: the same results give the same picture
-    for ax, ((card, model, gpus), rs) in zip(axes.flat, runs.items()):
+    for ax, ((card, model, gpus, run), rs) in zip(axes.flat, runs.items()):
         ax.boxplot([r["iter_ms"] for r in rs], whis=(10, 90), showfliers=False, widths=0.5)
         # a few very slow iterations would squash the boxes: the axis stops above the p90s, their values are written
         top = 1.3 * max(spread[1] if (spread := _p10_p90(r["iter_ms"])) else max(r["iter_ms"]) for r in rs)
@@ -324,7 +327,7 @@ def ablation_plot(rows: list[dict], path: Path, plt: Any) -> bool:
         if none_median:
             ax.axhline(none_median, color="grey", linewidth=0.8, linestyle="--")
         ax.set_xticks(range(1, len(rs) + 1), [_variant(r) for r in rs], fontsize=7, rotation=20)
-        ax.set_title(f"{model}, {gpus} GPU{'s' if gpus != 1 else ''} ({card})", fontsize=9)
+        ax.set_title(f"{model}, {gpus} GPU{'s' if gpus != 1 else ''} ({card}){chr(10) + run if run else ''}", fontsize=9)
         ax.set_ylabel("iteration ms")
     for ax in list(axes.flat)[len(runs):]:
         ax.set_visible(False)
