@@ -5,7 +5,8 @@ in one process, so the two baselines of the comparison share the process and the
 
 ``ds``: Lightning's DeepSpeedStrategy as is; ``ds-async``: the same with DeepSpeed's throughput timer not
 synchronizing (what OTeaCheckStrategy sets); ``ot``: OTeaCheckStrategy, snapshots never due; ``ot-sync``: the same
-with the synchronizing timer. GPU only (iteration times from CUDA events at each batch start).
+with the synchronizing timer. Iteration times come from CUDA events at each batch start (``--smoke``: tiny model
+on CPU, host time; checks the harness, measures nothing).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -33,18 +35,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=15)
     p.add_argument("--out", required=True, help="JSON file")
+    p.add_argument("--smoke", action="store_true", help="tiny model on CPU")
     args = p.parse_args(argv)
+    cuda = not args.smoke and torch.cuda.is_available()
     from oteacheck_lightning import OTeaCheckpoint, OTeaCheckpointIO, OTeaCheckStrategy
 
     rows = []
     for n, which in enumerate(args.order.split(",")):
         root = tempfile.mkdtemp(prefix="oteacheck-baseline-")
-        events: list[torch.cuda.Event] = []
+        marks: list[Any] = []
 
         class Mark(pl.Callback):
             def on_train_batch_start(self, *_: object) -> None:
-                events.append(torch.cuda.Event(enable_timing=True))
-                events[-1].record()
+                if cuda:
+                    marks.append(torch.cuda.Event(enable_timing=True))
+                    marks[-1].record()
+                else:
+                    marks.append(time.perf_counter())
 
         callbacks: list[pl.Callback] = [Mark()]
         if which.startswith("ds"):
@@ -54,21 +61,27 @@ def main(argv: list[str] | None = None) -> None:
             callbacks.append(OTeaCheckpoint(dirpath=root, persist=[], log_metrics=False, snapshot_every_n_steps=10**12))
         if which in ("ds-async", "ot-sync"):
             strategy.config.setdefault("timers", {}).setdefault("throughput", {})["synchronized"] = which == "ot-sync"
-        trainer = pl.Trainer(accelerator="cuda", devices=1, strategy=strategy, precision="bf16-mixed", max_steps=args.steps,
+        trainer = pl.Trainer(accelerator="cuda" if cuda else "cpu", devices=1, strategy=strategy,
+                             precision="bf16-mixed" if cuda else "32-true", max_steps=args.steps,
                              callbacks=callbacks, logger=False, enable_checkpointing=which.startswith("ot"),
                              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                              num_sanity_val_steps=0, use_distributed_sampler=False, default_root_dir=root)
         started = time.time()
-        trainer.fit(models.BenchModule(models.spec(args.model)))
-        torch.cuda.synchronize()
-        ms = [a.elapsed_time(b) for a, b in zip(events[args.warmup:-1], events[args.warmup + 1:])]
+        trainer.fit(models.BenchModule(models.spec(args.model, args.smoke)))
+        kept = marks[args.warmup:]
+        if cuda:
+            torch.cuda.synchronize()
+            ms = [a.elapsed_time(b) for a, b in zip(kept, kept[1:])]
+        else:
+            ms = [(b - a) * 1e3 for a, b in zip(kept, kept[1:])]
         deciles = statistics.quantiles(ms, n=10)
         rows.append({"position": n, "strategy": which, "iter_ms_median": statistics.median(ms), "iter_ms_p10": deciles[0],
                      "iter_ms_p90": deciles[-1], "iterations": len(ms), "wall_s": time.time() - started})
         print(json.dumps(rows[-1]), flush=True)
         del trainer, strategy
-        torch.cuda.empty_cache()
-    out = {"kind": "strategy-baseline", "model": args.model, "card": measure.card(), "versions": measure.versions(),
+        if cuda:
+            torch.cuda.empty_cache()
+    out = {"kind": "strategy-baseline", "model": args.model, "smoke": args.smoke, "card": measure.card(), "versions": measure.versions(),
            "command": "python -m benchmarks.strategy_baseline " + " ".join(argv if argv is not None else sys.argv[1:]),
            "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=1))

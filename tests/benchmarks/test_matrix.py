@@ -76,3 +76,19 @@ def test_search_estimates_when_the_run_does_not_fit(tmp_path, monkeypatch):
     est = json.loads((tmp_path / result_name("m", "sync-torch-save", 1, 40)).read_text())
     assert est["status"] == "estimated" and est["overhead"] == pytest.approx(1.05)
     assert est["iter_ms_median"] is None and "not measured" in est["notes"][0]
+
+
+def test_oteacheck_runs_warm_up_past_the_creation_of_their_snapshot_slots():
+    from benchmarks.run import effective_warmup, parser
+
+    def warmup(*argv):
+        return effective_warmup(parser().parse_args(["--model", "m", "--out", "o", *argv]))
+
+    # 5 slots with a persist tier, each created at a snapshot: 6 snapshots and the first iteration, which takes none
+    assert warmup("--method", "oteacheck", "--warmup", "5") == 7
+    assert warmup("--method", "oteacheck", "--warmup", "5", "--persist-every-n-steps", "0") == 5
+    assert warmup("--method", "oteacheck", "--warmup", "5", "--every-n-steps", "10") == 61
+    assert warmup("--method", "oteacheck", "--warmup", "100") == 100
+    # methods without slots keep the warm-up they were given
+    assert warmup("--method", "none", "--warmup", "5") == 5
+    assert warmup("--method", "sync-torch-save", "--warmup", "5") == 5
