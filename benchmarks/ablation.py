@@ -9,8 +9,16 @@ in a rotated order each round, so all of them share the process, GPU clocks and 
 do not (the iteration time of one configuration moved by 15% between processes on the same card). Within one run
 the iteration time still drifts in stretches of many iterations, so the overhead is paired: each policy block is
 compared with the ``none`` block right before it, ``overhead`` is the median of those ratios, and
-``overhead_ci95`` a bootstrap interval over the pairs. The first ``--skip`` iterations of each block are left out
-(the scheduler learns the windows there), and so is the last (the next block's first snapshot is taken at its end).
+``overhead_ci95`` a bootstrap interval over the pairs. The first ``--skip`` iterations of each block are left out,
+and so is the last (the next block's first snapshot is taken at its end).
+
+Short blocks pair best: the drift within a run (p10 to p90 of no checkpointing alone spanned 19-37% of the median
+on H200s) moves over tens of iterations, so two iterations six apart see nearly the same conditions. The default
+``--block 3 --skip 1`` keeps the middle iteration of each block, which in a policy block carries the cost of
+snapshotting every iteration (the copies of the snapshot taken before it, the capture of its own, the seal of the
+one before that, once its copies landed) and in a ``none`` block none of it (its first iteration, left out, may
+still seal the last policy snapshot). ``--rounds`` sets the pairs per policy (8-iteration blocks and six pairs gave
+95% intervals 5-30% wide on H200s; these defaults have not run on a GPU yet).
 
 Modifiers for diagnosis, joined with ``+``: ``pump`` (feed the copy stream from a thread), ``coarse`` (no per-block
 windows), ``frontload`` (issue at once what the later windows cannot hold), ``noallreduce`` (no copies in gradient
@@ -49,9 +57,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="gpt2-124m")
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--variants", default=DEFAULT_VARIANTS)
-    p.add_argument("--block", type=int, default=8, help="iterations per block")
-    p.add_argument("--skip", type=int, default=2, help="iterations left out at the start of each block")
-    p.add_argument("--rounds", type=int, default=6, help="blocks of each policy (each after a block of none)")
+    p.add_argument("--block", type=int, default=3, help="iterations per block")
+    p.add_argument("--skip", type=int, default=1, help="iterations left out at the start of each block")
+    p.add_argument("--rounds", type=int, default=40, help="blocks of each policy (each after a block of none)")
     p.add_argument("--warmup", type=int, default=16, help="iterations before measuring (half with snapshots)")
     p.add_argument("--staging-mib", type=int, default=64)
     p.add_argument("--out", required=True, help="results folder")
@@ -198,8 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     if trainer.global_rank != 0:
         return
     rows = timeline.rows()
-    # left out: the first iterations of a block (the scheduler learns) and its last (it ends with the next
-    # variant's first snapshot)
+    # left out: the first iterations of a block (they may seal the previous block's last snapshot) and its last
+    # (it ends with the next variant's first snapshot)
     kept = [r for r in rows if r["step"] >= args.warmup and args.skip <= (r["step"] - args.warmup) % args.block < args.block - 1]
     none_ms = _median([r["iter_ms"] for r in kept if r["variant"] == "none"])
     command = "python -m benchmarks.ablation " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
