@@ -114,20 +114,38 @@ def test_an_example_resumes_through_the_cli_where_it_stopped(tmp_path):
         assert all(same_bits(ma[k], mb[k]) for k in ma), f"rank {rank}: torchmetrics states differ after the resume"
 
 
-def test_the_resnet_example_trains_under_bf16_with_deepspeed(tmp_path, monkeypatch):
-    # DeepSpeed 0.19 casts parameters, not buffers: without the strategy's buffer_dtype, batch norm fails at once
-    import lightning.pytorch as pl
+_BF16_RESNET = """
+import sys, torch, yaml, importlib, lightning.pytorch as pl
+from oteacheck_lightning import OTeaCheckpoint, OTeaCheckStrategy
+doc = yaml.safe_load(open("examples/resnet/config.yaml"))
+def build(section):
+    module, _, name = doc[section]["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name)(**doc[section].get("init_args", {}))
+model, data = build("model"), build("data")
+trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=OTeaCheckStrategy(stage=2), precision="bf16-mixed",
+                     max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     limit_val_batches=0, use_distributed_sampler=False, default_root_dir=sys.argv[1],
+                     callbacks=[OTeaCheckpoint(dirpath=sys.argv[1] + "/ckpt", persist=[])])
+trainer.fit(model, datamodule=data)
+norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+assert trainer.global_step == 2
+assert norms and all(m.running_mean.dtype == torch.bfloat16 == m.weight.dtype for m in norms)
+assert all(torch.isfinite(m.running_var).all() for m in norms)
+print("trained under bf16 with", len(norms), "batch norms")
+"""
 
-    from oteacheck_lightning import OTeaCheckpoint, OTeaCheckStrategy
 
-    monkeypatch.syspath_prepend(str(support.ROOT))
-    model, data = _instantiate(support.ROOT / "examples" / "resnet" / "config.yaml")
-    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=OTeaCheckStrategy(stage=2), precision="bf16-mixed",
-                         max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, use_distributed_sampler=False, default_root_dir=tmp_path,
-                         callbacks=[OTeaCheckpoint(dirpath=tmp_path / "ckpt", persist=[])])
-    trainer.fit(model, datamodule=data)
-    assert trainer.global_step == 2
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
-    assert norms and all(m.running_mean.dtype == torch.bfloat16 == m.weight.dtype for m in norms)
-    assert all(torch.isfinite(m.running_var).all() for m in norms)
+def test_the_resnet_example_trains_under_bf16_with_deepspeed(tmp_path):
+    # DeepSpeed 0.19 casts parameters, not buffers: without the strategy's buffer_dtype, batch norm fails at once.
+    # A process of its own: a Trainer in the test process would leave its process group (and port) behind.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(support.ROOT / "src"), str(support.ROOT), env.get("PYTHONPATH", "")])
+    env["OTEACHECK_MEMORY_DIR"] = str(tmp_path / "shm")
+    done = subprocess.run([sys.executable, "-c", _BF16_RESNET, str(tmp_path)], cwd=support.ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "trained under bf16 with" in done.stdout
