@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
         median_ms = _median([r["iter_ms"] for r in mine])
         ratios, interval = _paired_overhead(kept, variant, args) if variant != "none" else ([1.0], [1.0, 1.0])
         result = {
-            "status": "ok", "kind": "ablation", "run": run, "card": card, "gpus": args.gpus, "model": args.model,
+            "status": "ok", "kind": "ablation", "run": run, "design": {"block": args.block, "skip": args.skip, "rounds": args.rounds},
+            "card": card, "gpus": args.gpus, "model": args.model,
             "method": "none" if variant == "none" else f"oteacheck-{variant}", "variant": variant,
             "every_n_steps": None if variant == "none" else 1, "zero_stage": 2,
             "precision": "bf16-mixed" if cuda else "32-true", "batch": batch,

@@ -110,14 +110,16 @@ ABLATION_TEXT = """\
 One process per model (`benchmarks/ablation.py`) trains and switches between the variants every block of
 iterations, so that every variant shares the process, the GPU clocks and the memory layout, which separate
 processes do not: in the paired design each policy block follows a block of `none`, the policies taking turns in a
-rotated order; runs made before the pairing (their notes say so) rotated all variants, `none` included. The first iterations of each block (the scheduler learns its windows
-there) and the last one (it ends with the next variant's first snapshot) are left out. The p10–p90 spread of the
-`none` rows shows how much the iteration time moves within one run without any checkpointing; differences between
-variants smaller than that spread are not resolved by these runs.
+rotated order; runs made before the pairing (their notes say so) rotated all variants, `none` included. The first
+iterations of each block and the last one (it ends with the next variant's first snapshot) are left out; each
+run's heading gives its block length, the iterations left out at each block's start and the pairs per policy. The
+p10–p90 spread of the `none` rows shows how much the iteration time moves within one run without any
+checkpointing; the bracketed interval, not that spread, says whether a policy's difference is resolved.
 
 Variants: `none` (no snapshot), `naive` (per-tensor copies at iteration start), `eager` (bucket partitions at
 iteration start), `bubbles` (the engine: copies placed in the iteration's idle windows); `+coarse`: without
-per-block windows. A snapshot is taken every iteration. **iter ms**: GPU time from one iteration's start to the
+per-block windows; `+frontload`: a window also takes what the later windows cannot hold; `+noallreduce`: no
+copies in the windows where gradients are reduced. A snapshot is taken every iteration. **iter ms**: GPU time from one iteration's start to the
 next's; **p10–p90**: in ms, with its width as a share of the median; **overhead**: with the paired design, the median
 over the policy's blocks of its block median over that of the `none` block right before it, with a 95% bootstrap
 interval in brackets; in runs made before the pairing (their notes say so), the median over the median of `none`
@@ -290,6 +292,9 @@ def ablation_section(rows: list[dict]) -> list[str]:
         snapshot_mib = next((r["snapshot_mib_per_rank"] for r in rs if r.get("snapshot_mib_per_rank")), None)
         snapshot = f", snapshot {snapshot_mib:.0f} MiB per rank" if snapshot_mib else ""
         run_label = f", run {run}" if run else ""
+        design = next((r["design"] for r in rs if r.get("design")), None)
+        if design:
+            run_label += f" (blocks of {design['block']}, first {design['skip']} left out, {design['rounds']} pairs per policy)"
         parts += [f"### {model}, {gpus} GPU{'s' if gpus != 1 else ''}, {card}{snapshot}{run_label}", ""]
         conditions = sorted({r["run_conditions"] for r in rs if r.get("run_conditions")})
         parts += [*(f"Conditions: {c}" for c in conditions), *([""] if conditions else [])]
