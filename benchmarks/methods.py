@@ -395,8 +395,9 @@ class DCPAsyncSaver(pl.Callback):
         if inner is not None and not getattr(inner, "_deepcopy_dispatch", True):
             self.stager.close()
             self.stager = self._new_stager()
-            if "a new DefaultStager per save (torch closes it after each stage)" not in self.record.notes:
-                self.record.notes.append("a new DefaultStager per save (torch closes it after each stage)")
+            note = "a new DefaultStager per save (torch closes it after each stage)"
+            if note not in self.record.notes:
+                self.record.notes.append(note)
         return self.stager
 
     def _wait_upload(self) -> None:

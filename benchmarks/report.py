@@ -37,8 +37,8 @@ Or by hand, on any machine with CUDA GPUs:
 
 ```bash
 # the engine's ablation: its policies interleaved in one process per model, against no checkpointing
-python -m benchmarks.ablation --model gpt2-124m --gpus 1 --rounds 4 \\
-    --variants none,naive,eager,bubbles,bubbles+coarse --out docs/benchmarks/results
+python -m benchmarks.ablation --model gpt2-124m --gpus 1 \\
+    --variants none,naive,eager,bubbles --out docs/benchmarks/results
 # issue 3: the engine against no checkpointing and its ablations, one GPU
 python -m benchmarks.matrix --models gpt2-124m,gpt2-355m \\
     --methods none,oteacheck-naive,oteacheck-eager,oteacheck --out docs/benchmarks/results --budget-s 540
@@ -109,9 +109,8 @@ ABLATION_TEXT = """\
 
 One process per model (`benchmarks/ablation.py`) trains and switches between the variants every block of
 iterations, so that every variant shares the process, the GPU clocks and the memory layout, which separate
-processes do not: in the paired design each policy block follows a block of `none`, the policies taking turns in a
-rotated order; runs made before the pairing (their notes say so) rotated all variants, `none` included. The first
-iterations of each block and the last one (it ends with the next variant's first snapshot) are left out; each
+processes do not: each policy block follows a block of `none`, the policies taking turns in a rotated order. The
+first iterations of each block and the last one (it ends with the next variant's first snapshot) are left out; each
 run's heading gives its block length, the iterations left out at each block's start and the pairs per policy. The
 p10–p90 spread of the `none` rows shows how much the iteration time moves within one run without any
 checkpointing; the bracketed interval, not that spread, says whether a policy's difference is resolved.
@@ -120,10 +119,9 @@ Variants: `none` (no snapshot), `naive` (per-tensor copies at iteration start), 
 iteration start), `bubbles` (the engine: copies placed in the iteration's idle windows); `+coarse`: without
 per-block windows; `+frontload`: a window also takes what the later windows cannot hold; `+noallreduce`: no
 copies in the windows where gradients are reduced. A snapshot is taken every iteration. **iter ms**: GPU time from one iteration's start to the
-next's; **p10–p90**: in ms, with its width as a share of the median; **overhead**: with the paired design, the median
-over the policy's blocks of its block median over that of the `none` block right before it, with a 95% bootstrap
-interval in brackets; in runs made before the pairing (their notes say so), the median over the median of `none`
-in the same run; **stall ms**: per snapshot, the optimizer step's wait for the copies plus the training
+next's; **p10–p90**: in ms, with its width as a share of the median; **overhead**: the median over the policy's
+blocks of its block median over that of the `none` block right before it, with a 95% bootstrap interval in
+brackets; **stall ms**: per snapshot, the optimizer step's wait for the copies plus the training
 thread's time to capture and seal it; **capture ms**: the capture alone; **copy GB/s**: device-to-host copy rate;
 **extra GPU MiB**: peak allocated GPU memory over that of the snapshot-free warm-up (the staging ring; one figure
 per run, as the peak is the process's); **MiB per phase**: what one snapshot copied in each phase window
@@ -170,7 +168,7 @@ def _f(value: Any, fmt: str = "{:.1f}") -> str:
 
 
 def _overhead_cell(r: dict) -> str:
-    """The ablation overhead; with the paired design, its 95% interval over the pairs."""
+    """The ablation overhead and its 95% interval over the pairs."""
     cell = _f(r.get("overhead"), "{:.3f}x")
     interval = r.get("overhead_ci95")
     if interval and r.get("variant") != "none":

@@ -5,8 +5,8 @@ in one process, so the two baselines of the comparison share the process and the
 
 ``ds``: Lightning's DeepSpeedStrategy as is; ``ds-async``: the same with DeepSpeed's throughput timer not
 synchronizing (what OTeaCheckStrategy sets); ``ot``: OTeaCheckStrategy, snapshots never due; ``ot-sync``: the same
-with the synchronizing timer. Iteration times come from CUDA events at each batch start (``--smoke``: tiny model
-on CPU, host time; checks the harness, measures nothing).
+with the synchronizing timer. Iteration times come from :class:`benchmarks.measure.IterationTimer` (``--smoke``: tiny
+model on CPU, host time; checks the harness, measures nothing).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -43,17 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for n, which in enumerate(args.order.split(",")):
         root = tempfile.mkdtemp(prefix="oteacheck-baseline-")
-        marks: list[Any] = []
-
-        class Mark(pl.Callback):
-            def on_train_batch_start(self, *_: object) -> None:
-                if cuda:
-                    marks.append(torch.cuda.Event(enable_timing=True))
-                    marks[-1].record()
-                else:
-                    marks.append(time.perf_counter())
-
-        callbacks: list[pl.Callback] = [Mark()]
+        timer = measure.IterationTimer(args.warmup, args.steps)
+        timer.cuda = cuda  # --smoke trains on the CPU even where a GPU is present
+        callbacks: list[pl.Callback] = [timer]
         if which.startswith("ds"):
             strategy: pl.strategies.Strategy = BenchDeepSpeedStrategy(stage=2)
         else:
@@ -68,12 +59,7 @@ def main(argv: list[str] | None = None) -> None:
                              num_sanity_val_steps=0, use_distributed_sampler=False, default_root_dir=root)
         started = time.time()
         trainer.fit(models.BenchModule(models.spec(args.model, args.smoke)))
-        kept = marks[args.warmup:]
-        if cuda:
-            torch.cuda.synchronize()
-            ms = [a.elapsed_time(b) for a, b in zip(kept, kept[1:])]
-        else:
-            ms = [(b - a) * 1e3 for a, b in zip(kept, kept[1:])]
+        ms = timer.iteration_ms()
         deciles = statistics.quantiles(ms, n=10)
         rows.append({"position": n, "strategy": which, "iter_ms_median": statistics.median(ms), "iter_ms_p10": deciles[0],
                      "iter_ms_p90": deciles[-1], "iterations": len(ms), "wall_s": time.time() - started})
