@@ -22,7 +22,8 @@ still seal the last policy snapshot). ``--rounds`` sets the pairs per policy (8-
 
 Modifiers for diagnosis, joined with ``+``: ``pump`` (feed the copy stream from a thread), ``coarse`` (no per-block
 windows), ``frontload`` (issue at once what the later windows cannot hold), ``noallreduce`` (no copies in gradient
-all-reduce windows), ``dry`` (plan and schedule, copy nothing: the training thread's share of the cost).
+all-reduce windows), ``fine`` (one issue call per window instead of the groups the measured issue cost pays for),
+``dry`` (plan and schedule, copy nothing: the training thread's share of the cost).
 
 Per variant it writes ``ablation__<model>__<variant>__g<gpus>__<run>.json`` (``run``: the UTC start time) with the fields of the engine issue (``card``,
 ``gpus``, ``model``, ``method``, ``iter_ms_median``, ``overhead``, ``stall_ms_median``, ``extra_gpu_mib``,
@@ -138,6 +139,7 @@ def _median(values: list[float]) -> float | None:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     from oteacheck_lightning import OTeaCheckpoint, OTeaCheckpointIO, OTeaCheckStrategy
+    from oteacheck_lightning.scheduler import DEFAULT_HOST_SHARE
 
     variants = args.variants.split(",")
     if "none" not in variants:
@@ -170,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         engine.pace_by_blocks = "coarse" not in mods
         engine.scheduler.front_load = "frontload" in mods
         engine.scheduler.avoid_allreduce = "noallreduce" in mods
+        engine.scheduler.host_share = None if "fine" in mods else DEFAULT_HOST_SHARE
         if hasattr(engine.copier, "pump"):
             engine.copier.pump = "pump" in mods
         if "issue" not in copier_issue:
@@ -186,6 +189,9 @@ def main(argv: list[str] | None = None) -> None:
             s = io.stats
             stats_of[step] = {"fence_ms": s.fence_ms, "stall_ms": s.stall_ms, "capture_ms": s.capture_ms, "seal_ms": s.seal_ms,
                               "gbps": s.copy_gbps, "by_phase": dict(s.bytes_by_phase), "sealed": s.sealed_step}
+            if io.engine is not None:  # the copies of the iteration that just ended (its snapshot is fenced)
+                e = io.engine.stats
+                stats_of[step].update(issues=e.issues, issue_ms=e.issue_ms, groups=e.groups)
             if cuda and step == args.warmup // 2:
                 memory["baseline_peak"] = torch.cuda.max_memory_allocated() / 2**20
                 torch.cuda.reset_peak_memory_stats()
@@ -244,6 +250,9 @@ def main(argv: list[str] | None = None) -> None:
             "fence_ms_median": _median([s["fence_ms"] for s in stats]),
             "capture_ms_median": _median([s["capture_ms"] for s in stats]),
             "copy_gbps_median": _median([s["gbps"] for s in stats]),
+            # the training thread's calls that queued the copies, and its time in them
+            "issues_median": _median([s.get("issues") for s in stats]),
+            "issue_ms_median": _median([s.get("issue_ms") for s in stats]),
             "mib_by_phase": {k: v / 2**20 for k, v in (stats[len(stats) // 2]["by_phase"] if stats else {}).items()},
             "snapshot_mib_per_rank": io.stats.bytes / 2**20,
             # the engine's GPU memory is the ring, allocated at the first snapshot and kept: the peak after the
@@ -255,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
         (out / name).write_text(json.dumps(result, indent=1))
         summary[variant] = {k: result[k] for k in ("iter_ms_median", "overhead", "overhead_ci95", "stall_ms_median", "forward_ms_median",
                                                      "backward_ms_median", "fence_wait_ms_median", "copy_gbps_median",
-                                                     "capture_ms_median", "extra_gpu_mib", "iterations")}
+                                                     "capture_ms_median", "issues_median", "issue_ms_median",
+                                                     "extra_gpu_mib", "iterations")}
     print(json.dumps({"model": args.model, "card": card, "summary": summary}, indent=1, default=str))
 
 

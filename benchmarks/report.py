@@ -116,13 +116,16 @@ p10–p90 spread of the `none` rows shows how much the iteration time moves with
 checkpointing; the bracketed interval, not that spread, says whether a policy's difference is resolved.
 
 Variants: `none` (no snapshot), `naive` (per-tensor copies at iteration start), `eager` (bucket partitions at
-iteration start), `bubbles` (the engine: copies placed in the iteration's idle windows); `+coarse`: without
-per-block windows; `+frontload`: a window also takes what the later windows cannot hold; `+noallreduce`: no
-copies in the windows where gradients are reduced. A snapshot is taken every iteration. **iter ms**: GPU time from one iteration's start to the
+iteration start), `bubbles` (the engine: copies placed in the iteration's idle windows, joined into as many issue
+points as 0.3% of the iteration pays for at the measured cost of one issue call); `+fine`: one issue call per
+window; `+coarse`: without per-block windows; `+frontload`: a window also takes what the later windows cannot
+hold; `+noallreduce`: no copies in the windows where gradients are reduced. A snapshot is taken every iteration. **iter ms**: GPU time from one iteration's start to the
 next's; **p10–p90**: in ms, with its width as a share of the median; **overhead**: the median over the policy's
 blocks of its block median over that of the `none` block right before it, with a 95% bootstrap interval in
 brackets; **stall ms**: per snapshot, the optimizer step's wait for the copies plus the training
-thread's time to capture and seal it; **capture ms**: the capture alone; **copy GB/s**: device-to-host copy rate;
+thread's time to capture and seal it; **capture ms**: the capture alone; **issue calls (ms)**: the training
+thread's calls that queued one snapshot's copies, and its time in them (recorded since the issue-cost groups);
+**copy GB/s**: device-to-host copy rate;
 **extra GPU MiB**: peak allocated GPU memory over that of the snapshot-free warm-up (the staging ring; one figure
 per run, as the peak is the process's); **MiB per phase**: what one snapshot copied in each phase window
 (`iter-start`, `fwd-start`, `fwd-blk` between forward blocks, `fwd-end`, `bwd-blk` between backward blocks,
@@ -253,15 +256,22 @@ def _mib_by_phase(by_phase: dict[str, float] | None) -> str:
     return ", ".join(f"{PHASE_LABELS.get(p, p)} {by_phase[p]:.0f}" for p in phases)
 
 
+def _issue_cell(row: dict) -> str:
+    """Issue calls per snapshot and the training thread's time in them (recorded since the issue-cost groups)."""
+    if row.get("issues_median") is None:
+        return "–"
+    return f"{row['issues_median']:.0f} ({row['issue_ms_median']:.2f})"
+
+
 def ablation_table(rows: list[dict]) -> str:
     head = ("| variant | iterations | iter ms median | mean | p10–p90 ms | overhead | stall ms | capture ms "
-            "| copy GB/s | extra GPU MiB | MiB per phase |")
-    lines = [head, "|" + "|".join([" --- "] * 11) + "|"]
+            "| issue calls (ms) | copy GB/s | extra GPU MiB | MiB per phase |")
+    lines = [head, "|" + "|".join([" --- "] * 12) + "|"]
     for r in rows:
         lines.append("| " + " | ".join([
             f"`{_variant(r)}`", str(len(r["iter_ms"]) if r.get("iter_ms") else r.get("iterations")),
             _f(r.get("iter_ms_median")), _f(r.get("iter_ms_mean")), _spread(r), _overhead_cell(r),
-            _f(r.get("stall_ms_median")), _f(r.get("capture_ms_median")), _f(r.get("copy_gbps_median")),
+            _f(r.get("stall_ms_median")), _f(r.get("capture_ms_median")), _issue_cell(r), _f(r.get("copy_gbps_median")),
             _f(r.get("extra_gpu_mib"), "{:.0f}"), _mib_by_phase(r.get("mib_by_phase"))]) + " |")
     return "\n".join(lines)
 

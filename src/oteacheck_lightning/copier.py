@@ -372,7 +372,7 @@ class CudaCopier:
         self._windows: dict[WindowKey, float] = {}
         self._bandwidth = _EMA()
         self._done_lock = threading.Lock()  # _done_copies is appended to by the pump thread
-        # the pump: (partition, gate event, buffer, tensors) in issue order
+        # the pump: (partition, gate event) in issue order
         self._pump_worker = _Worker("oteacheck-copy-pump", on_start=functools.partial(torch.cuda.set_device, self.device))
         self._queued: deque[torch.cuda.Event] = deque()  # the pump's copies on the stream, oldest first
         self._flush = False
@@ -405,14 +405,12 @@ class CudaCopier:
         event.record(self._compute)
         self._marks.append((key, event))
 
-    def _source(self, tensors: Sequence[torch.Tensor], index: int) -> torch.Tensor:
-        """The byte view of ``tensors[index]``, made once per snapshot (a large tensor is copied in many partitions);
-        the pump thread copies the previous snapshot's tensors only until the fence, so it never sees a new list."""
-        if tensors is not self._tensors:
-            return source_bytes(tensors[index])
+    def _source(self, index: int) -> torch.Tensor:
+        """The byte view of the snapshot's tensor ``index``, made once per snapshot (a large tensor is copied in many
+        partitions). The pump thread needs no snapshot of its own: the fence drains it before the next ``begin``."""
         view = self._sources[index]
         if view is None:
-            view = self._sources[index] = source_bytes(tensors[index])
+            view = self._sources[index] = source_bytes(self._tensors[index])
         return view
 
     def issue(self, partitions: Sequence[Partition]) -> None:
@@ -425,18 +423,18 @@ class CudaCopier:
         gate = self._marks[-1][1] if self._marks else None
         if not self.pump:
             if on_gpu:
-                self._enqueue(coalesce(on_gpu), gate, self._buffer, self._tensors)
+                self._enqueue(coalesce(on_gpu), gate)
             return
-        self._pump_worker.put(self._pump_one, [(partition, gate, self._buffer, self._tensors) for partition in on_gpu])
+        self._pump_worker.put(self._pump_one, [(partition, gate) for partition in on_gpu])
 
-    def _pump_one(self, item: tuple[Partition, torch.cuda.Event | None, torch.Tensor, Sequence[torch.Tensor]]) -> None:
+    def _pump_one(self, item: tuple[Partition, torch.cuda.Event | None]) -> None:
         # on the pump thread; no collectives here
-        partition, gate, buffer, tensors = item
+        partition, gate = item
         while len(self._queued) >= self.inflight and not self._flush:
             self._queued.popleft().synchronize()  # releases the GIL while the GPU copies
-        self._queued.append(self._enqueue((partition,), gate, buffer, tensors))
+        self._queued.append(self._enqueue((partition,), gate))
 
-    def _enqueue(self, partitions: Sequence[Partition], gate: torch.cuda.Event | None, buffer: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.cuda.Event:
+    def _enqueue(self, partitions: Sequence[Partition], gate: torch.cuda.Event | None) -> torch.cuda.Event:
         """Queues the partitions' copies on the copy stream behind ``gate``, timed as one run (events and the stream
         switch cost the training thread per call, not per partition); returns the event of their end."""
         if gate is not None and gate is not self._last_gate:
@@ -446,17 +444,18 @@ class CudaCopier:
         with torch.no_grad(), torch.cuda.stream(self.stream):
             start.record(self.stream)
             for partition in partitions:
-                self._copy(partition, buffer, tensors)
+                self._copy(partition)
             end.record(self.stream)
         with self._done_lock:
             self._done_copies.append((start, end, sum(p.span for p in partitions)))
         return end
 
-    def _copy(self, partition: Partition, buffer: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
-        dst = buffer[partition.dst_offset : partition.dst_offset + partition.span]
+    def _copy(self, partition: Partition) -> None:
+        assert self._buffer is not None
+        dst = self._buffer[partition.dst_offset : partition.dst_offset + partition.span]
         if not partition.packed:
             piece = partition.pieces[0]
-            dst.copy_(self._source(tensors, piece.tensor)[piece.src_offset : piece.src_offset + piece.nbytes], non_blocking=True)
+            dst.copy_(self._source(piece.tensor)[piece.src_offset : piece.src_offset + piece.nbytes], non_blocking=True)
             return
         ring = self.ring
         segments = ring.numel() // self.segment_bytes
@@ -467,7 +466,7 @@ class CudaCopier:
         for piece in partition.pieces:
             at = piece.dst_offset - partition.dst_offset
             staged[at : at + piece.nbytes].copy_(
-                self._source(tensors, piece.tensor)[piece.src_offset : piece.src_offset + piece.nbytes], non_blocking=True
+                self._source(piece.tensor)[piece.src_offset : piece.src_offset + piece.nbytes], non_blocking=True
             )
         dst.copy_(staged, non_blocking=True)
 
@@ -499,7 +498,8 @@ class CudaCopier:
                 windows: dict[WindowKey, float] = {}
                 for (key, e0), e1 in zip(marks, [e for _, e in marks[1:]] + [end]):
                     windows[key] = windows.get(key, 0.0) + e0.elapsed_time(e1)
-                self._windows = windows
+                if windows:  # a snapshot issued all at once marks nothing; the last timing stays
+                    self._windows = windows
                 self._previous_marks = None
         with self._done_lock:
             copies, self._done_copies = self._done_copies, []

@@ -12,12 +12,13 @@ the training thread:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from .bubbles import PhaseEvent
+from .bubbles import Phase, PhaseEvent
 from .copier import Copier, CudaCopier, FenceTicket, ThreadCopier
 from .format import TensorRecord, byte_view
 from .plan import MiB, Partition, Piece, per_tensor_partitions, plan_partitions
@@ -40,6 +41,9 @@ class EngineStats:
     boundary_bytes: int = 0
     planned_bytes: int = 0
     gbps: float = 0.0
+    issues: int = 0  # issue calls, the fence's included
+    issue_ms: float = 0.0  # training-thread time in them
+    groups: int = 0  # issue points the scheduler planned
 
 
 class SnapshotEngine:
@@ -75,6 +79,7 @@ class SnapshotEngine:
         self.segment_bytes = max(4096, staging_bytes // ring_segments)
         self.bucket_elements = bucket_elements
         self.scheduler = BubbleScheduler(self.policy, avoid_allreduce=avoid_allreduce)
+        self._issue_cost = 0.0  # training-thread ms per issue call, smoothed over snapshots
         self.copier: Copier = (
             CudaCopier(device, staging_bytes, self.segment_bytes, inflight, pump) if device.type == "cuda" else ThreadCopier()
         )
@@ -121,29 +126,44 @@ class SnapshotEngine:
         ahead = [i for i, now in enumerate(boundary) if not now]
         partitions = self.plan(records, ahead)
         self.copier.begin(buffer, tensors)
-        self.scheduler.learn(self.copier.window_ms(), self.copier.bytes_per_ms())
+        self.scheduler.learn(self.copier.window_ms(), self.copier.bytes_per_ms(), self._issue_cost)
         self.scheduler.begin(partitions)
-        self.stats = EngineStats(boundary_bytes=boundary_bytes, planned_bytes=sum(p.span for p in partitions))
+        self.stats = EngineStats(
+            boundary_bytes=boundary_bytes, planned_bytes=sum(p.span for p in partitions), groups=self.scheduler.groups
+        )
 
     def on_event(self, event: PhaseEvent) -> None:
         if not self.scheduler.armed or event.phase not in BUBBLE_PHASES:
             return
+        if self.policy is not SchedulePolicy.BUBBLES:
+            # these issue everything at iteration start and need no window timing
+            if event.phase is Phase.ITERATION_START:
+                self._issue(self.scheduler.on_event(event))
+            return
         if not self.pace_by_blocks and event.phase in BLOCK_PHASES:
             return
         self.copier.mark(window_key(event))
-        issued = self.scheduler.on_event(event)
-        if issued:
-            self.copier.issue(issued)
+        self._issue(self.scheduler.on_event(event))
+
+    def _issue(self, partitions: Sequence[Partition]) -> None:
+        if not partitions:
+            return
+        started = time.perf_counter()
+        self.copier.issue(partitions)
+        self.stats.issue_ms += (time.perf_counter() - started) * 1e3
+        self.stats.issues += 1
 
     def fence(self) -> FenceTicket:
         """Issues what is left and makes the next optimizer step wait for every copy of the snapshot."""
-        rest = self.scheduler.fence()
-        if rest:
-            self.copier.issue(rest)
+        self._issue(self.scheduler.fence())
         ticket = self.copier.fence()
-        self.stats.bytes_by_phase = dict(self.scheduler.bytes_by_phase)
-        self.stats.fence_bytes = self.scheduler.fence_bytes
-        self.stats.gbps = self.copier.bytes_per_ms() / 1e6
+        s = self.stats
+        s.bytes_by_phase = dict(self.scheduler.bytes_by_phase)
+        s.fence_bytes = self.scheduler.fence_bytes
+        s.gbps = self.copier.bytes_per_ms() / 1e6
+        if s.issues:
+            per_issue = s.issue_ms / s.issues
+            self._issue_cost = per_issue if not self._issue_cost else 0.7 * self._issue_cost + 0.3 * per_issue
         return ticket
 
     def forget(self, buffer: torch.Tensor) -> None:

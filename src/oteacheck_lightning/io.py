@@ -72,6 +72,8 @@ class _Pending:
     ticket: FenceTicket | None = None
     bytes_by_phase: dict[str, int] = field(default_factory=dict)
     copy_gbps: float = 0.0
+    issues: int = 0
+    issue_ms: float = 0.0
 
 
 @dataclass
@@ -85,6 +87,8 @@ class SnapshotStats:
     fence_ms: float = 0.0  # how long the optimizer step waited for the copies (GPU time on CUDA)
     capture_ms: float = 0.0  # training-thread time at the step boundary
     seal_ms: float = 0.0  # training-thread time to record the RNG and publish the manifest
+    issues: int = 0  # calls that queued the copies, spread over the next iteration
+    issue_ms: float = 0.0  # training-thread time in those calls (not in stall_ms: it overlaps the GPU's work)
     bytes: int = 0
     bytes_by_phase: dict[str, int] = field(default_factory=dict)
     copy_gbps: float = 0.0
@@ -271,6 +275,7 @@ class OTeaCheckpointIO(CheckpointIO):
         pending.ticket = self.engine.fence()
         pending.bytes_by_phase = dict(self.engine.stats.bytes_by_phase)
         pending.copy_gbps = self.engine.stats.gbps
+        pending.issues, pending.issue_ms = self.engine.stats.issues, self.engine.stats.issue_ms
         self._pending = None
         self._landing.append(pending)
 
@@ -310,6 +315,7 @@ class OTeaCheckpointIO(CheckpointIO):
         s.stall_ms = s.fence_ms + s.capture_ms + s.seal_ms
         s.bytes_by_phase = pending.bytes_by_phase
         s.copy_gbps = pending.copy_gbps
+        s.issues, s.issue_ms = pending.issues, pending.issue_ms
         self._persister.request(pending.step)
 
     def seal_pending(self) -> int | None:
@@ -468,6 +474,8 @@ class OTeaCheckpointIO(CheckpointIO):
             "oteacheck/fence_ms": s.fence_ms,
             "oteacheck/capture_ms": s.capture_ms,
             "oteacheck/seal_ms": s.seal_ms,
+            "oteacheck/issues": float(s.issues),
+            "oteacheck/issue_ms": s.issue_ms,
             "oteacheck/copy_gbps": s.copy_gbps,
             "oteacheck/snapshot_mib": s.bytes / 2**20,
             "oteacheck/skipped_snapshots": float(s.skipped),

@@ -10,11 +10,14 @@ State machine (one snapshot at a time; the training thread drives every transiti
   learned from earlier iterations (:meth:`learn`). A window's duration is the shortest of its recent measurements:
   anything in a window that waits for the copy engine (a device-wide synchronize, a ``.item()``) stretches that
   window by the copies queued before it, and learning the stretched length would hand the window a still larger
-  budget next time.
-* at each bubble event of iteration *t+1* (``on_event``), the scheduler returns the next partitions that fit the
-  budget of the window that the event opens: ``window ms x measured copy bandwidth x safety``, minus what is still
-  in flight from earlier windows (an expected "copy clock"). With ``avoid_allreduce`` the backward windows, where
-  DeepSpeed reduces gradient buckets, get no budget.
+  budget next time. Consecutive windows are then joined into groups, each issued at once at its first window's
+  event: every issue costs the training thread a fixed time (events, a stream switch), and in a loop bound by the
+  host that time is iteration time. So the groups are as many as ``host_share`` of the iteration pays for at the
+  measured cost of one issue, and no more than the windows.
+* at each group's first event in iteration *t+1* (``on_event``), the scheduler returns the next partitions that fit
+  the group's budget: ``group ms x measured copy bandwidth x safety``, minus what is still in flight from earlier
+  groups (an expected "copy clock"). With ``avoid_allreduce`` the backward windows, where DeepSpeed reduces
+  gradient buckets, get no budget, and no group spans them.
 * ``fence`` (BEFORE_STEP of *t+1*): everything left is issued at once; the copier then waits for all of it. That
   wait is the only stall. With ``front_load``, a window also takes whatever the rest of the iteration's windows are
   not expected to hold, so less is left for the fence (at the price of a longer queue early in the iteration).
@@ -52,6 +55,8 @@ BLOCK_PHASES = frozenset({Phase.FORWARD_BLOCK, Phase.BACKWARD_BLOCK})
 _ALLREDUCE_PHASES = frozenset({Phase.FORWARD_END, Phase.BACKWARD_BLOCK, Phase.BUCKET_REDUCED})
 
 WindowKey = tuple[Phase, int | None]
+# a loop bound by the host pays every issue call in iteration time: 0.3% of it goes to issuing
+DEFAULT_HOST_SHARE = 0.003
 
 
 class SchedulePolicy(str, enum.Enum):
@@ -67,10 +72,24 @@ def window_key(event: PhaseEvent) -> WindowKey:
 class BubbleScheduler:
     """Issues a snapshot's partitions into the bubbles of the next iteration, within learned byte budgets."""
 
-    def __init__(self, policy: SchedulePolicy | str = SchedulePolicy.BUBBLES, avoid_allreduce: bool = False, safety: float = 0.8, history: int = 8, front_load: bool = False) -> None:
+    def __init__(
+        self,
+        policy: SchedulePolicy | str = SchedulePolicy.BUBBLES,
+        avoid_allreduce: bool = False,
+        safety: float = 0.8,
+        history: int = 8,
+        front_load: bool = False,
+        host_share: float | None = DEFAULT_HOST_SHARE,
+    ) -> None:
         self.policy = SchedulePolicy(policy)
         if not 0 < safety <= 1:
             raise ValueError(f"safety must be in (0, 1], got {safety}")
+        if host_share is not None and not 0 < host_share < 1:
+            raise ValueError(f"host_share must be in (0, 1) or None (one issue per window), got {host_share}")
+        # the share of an iteration the training thread may spend issuing copies; None: every window issues
+        self.host_share = host_share
+        self._issue_ms = 0.0
+        self._group_ms: dict[WindowKey, float] = {}
         self.avoid_allreduce = avoid_allreduce
         self.safety = safety
         # issue at once what the rest of the iteration's windows cannot take, instead of leaving it to the fence
@@ -89,8 +108,11 @@ class BubbleScheduler:
 
     # --- learning -------------------------------------------------------------------------------------------
 
-    def learn(self, window_ms: Mapping[WindowKey, float], bytes_per_ms: float) -> None:
-        """Durations of the windows of the last measured iteration, and the copy bandwidth achieved."""
+    def learn(self, window_ms: Mapping[WindowKey, float], bytes_per_ms: float, issue_ms: float = 0.0) -> None:
+        """Durations of the windows of the last measured iteration (in iteration order), the copy bandwidth
+        achieved, and the training thread's time per issue call."""
+        if issue_ms > 0:
+            self._issue_ms = issue_ms
         if window_ms:
             for key, ms in window_ms.items():
                 self._history.setdefault(key, deque(maxlen=self._history_len)).append(ms)
@@ -119,6 +141,7 @@ class BubbleScheduler:
         # copy time the windows of one iteration offer, and how much of it has passed
         self._copyable_ms = sum(ms for key, ms in self._window_ms.items() if self._copyable(key[0]))
         self._copyable_passed_ms = 0.0
+        self._group_ms = self._groups() if self.policy is SchedulePolicy.BUBBLES else {}
         self.bytes_by_phase = {}
         self.fence_bytes = 0
 
@@ -136,11 +159,14 @@ class BubbleScheduler:
         if not self._copyable(event.phase):
             return []
         self._copyable_passed_ms += window
-        # time this window leaves the copy engine once the copies already issued are through
-        free_ms = self._clock_ms - max(self._busy_until_ms, start)
+        span = self._group_ms.get(key)
+        if span is None:  # inside a group: its first window issued for it
+            return []
+        # time this group leaves the copy engine once the copies already issued are through
+        free_ms = start + span - max(self._busy_until_ms, start)
         budget = int(free_ms * self._bytes_per_ms * self.safety)
         if self.front_load:
-            later = max(0.0, self._copyable_ms - self._copyable_passed_ms) * self._bytes_per_ms * self.safety
+            later = max(0.0, self._copyable_ms - (self._copyable_passed_ms - window + span)) * self._bytes_per_ms * self.safety
             budget = max(budget, int(self._queued_bytes - later))
         issued: list[Partition] = []
         while self._queue and budget >= self._queue[0].span:
@@ -156,6 +182,32 @@ class BubbleScheduler:
 
     def _copyable(self, phase: Phase) -> bool:
         return not (self.avoid_allreduce and phase in _ALLREDUCE_PHASES)
+
+    def _groups(self) -> dict[WindowKey, float]:
+        """The first window of each group, with the group's length: consecutive copyable windows joined until a
+        group is at least ``copyable time / issues`` long, where ``issues`` is what ``host_share`` of an iteration
+        pays for at the measured cost of one issue. A window no copy may enter ends a group."""
+        least_ms = 0.0  # one group per window
+        if self.host_share is not None and self._issue_ms > 0:
+            affordable = int(self.host_share * sum(self._window_ms.values()) / self._issue_ms)
+            if affordable < len(self._window_ms):
+                least_ms = self._copyable_ms / max(1, affordable)
+        groups: dict[WindowKey, float] = {}
+        head: WindowKey | None = None
+        for key, ms in self._window_ms.items():
+            if not self._copyable(key[0]):
+                head = None
+                continue
+            if head is None or groups[head] >= least_ms:
+                head = key
+                groups[head] = 0.0
+            groups[head] += ms
+        return groups
+
+    @property
+    def groups(self) -> int:
+        """Issue points of the armed snapshot (windows, or groups of them)."""
+        return len(self._group_ms)
 
     def fence(self) -> list[Partition]:
         """Ends the snapshot: everything not issued yet, to be copied now (the stall)."""

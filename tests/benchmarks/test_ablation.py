@@ -16,21 +16,21 @@ pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[2]
 FIELDS = ("card", "gpus", "model", "method", "variant", "iter_ms_median", "overhead", "stall_ms_median",
-          "extra_gpu_mib", "versions", "command", "mib_by_phase", "snapshot_mib_per_rank")
+          "extra_gpu_mib", "versions", "command", "mib_by_phase", "snapshot_mib_per_rank", "issues_median", "issue_ms_median")
 
 
 def test_every_variant_gets_its_iterations_and_a_ratio_to_no_checkpointing_of_the_same_run(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join((str(ROOT / "src"), str(ROOT))), OTEACHECK_MEMORY_DIR=str(tmp_path / "shm"))
     rounds, block, skip = 2, 5, 1
     cmd = [sys.executable, "-m", "benchmarks.ablation", "--smoke", "--model", "gpt2-124m", "--variants",
-           "none,eager,bubbles,bubbles+coarse,bubbles+frontload", "--rounds", str(rounds), "--block", str(block), "--skip", str(skip),
+           "none,eager,bubbles,bubbles+coarse,bubbles+frontload,bubbles+fine", "--rounds", str(rounds), "--block", str(block), "--skip", str(skip),
            "--warmup", "4", "--out", str(tmp_path)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = {json.loads(p.read_text())["variant"]: json.loads(p.read_text()) for p in tmp_path.glob("ablation__*.json")}
-    assert set(results) == {"none", "eager", "bubbles", "bubbles+coarse", "bubbles+frontload"}
+    assert set(results) == {"none", "eager", "bubbles", "bubbles+coarse", "bubbles+frontload", "bubbles+fine"}
     kept_per_block = block - skip - 1  # all but the first `skip` iterations and the last
-    policies = ("eager", "bubbles", "bubbles+coarse", "bubbles+frontload")
+    policies = ("eager", "bubbles", "bubbles+coarse", "bubbles+frontload", "bubbles+fine")
     for variant, r in results.items():
         assert all(k in r for k in FIELDS), variant
         blocks = rounds * (len(policies) if variant == "none" else 1)  # every policy block follows a none block
@@ -40,6 +40,8 @@ def test_every_variant_gets_its_iterations_and_a_ratio_to_no_checkpointing_of_th
     for variant in policies:
         r = results[variant]
         assert r["stall_ms_median"] is not None
+        # the training thread's issue calls were counted and timed
+        assert r["issues_median"] >= 1 and r["issue_ms_median"] > 0
         # one ratio per round (policy block / the none block before it); the overhead is their median
         assert len(r["overhead_pairs"]) == rounds and r["overhead"] == pytest.approx(statistics.median(r["overhead_pairs"]))
         lo, hi = r["overhead_ci95"]
@@ -47,5 +49,5 @@ def test_every_variant_gets_its_iterations_and_a_ratio_to_no_checkpointing_of_th
         # every snapshot byte was copied in some phase (the CPU path has no staging ring and no block windows
         # for the coarse variant)
         assert sum(r["mib_by_phase"].values()) == pytest.approx(r["snapshot_mib_per_rank"], rel=0.2)
-    assert set(results["eager"]["mib_by_phase"]) == {"iteration_start"}
+    assert set(results["eager"]["mib_by_phase"]) == {"iteration_start"} and results["eager"]["issues_median"] == 1
     assert not any(k.endswith("_block") for k in results["bubbles+coarse"]["mib_by_phase"])

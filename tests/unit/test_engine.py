@@ -100,3 +100,31 @@ def test_policy_switches_between_snapshots_only_and_block_windows_can_be_ignored
         assert engine.policy.value == engine.scheduler.policy.value == "naive"
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("policy", ["bubbles", "eager", "naive"])
+def test_issue_calls_are_counted_and_timed_and_only_bubbles_times_windows(policy):
+    engine = SnapshotEngine(torch.device("cpu"), policy, staging_bytes=1 * MiB, bucket_elements=100_000)
+    named = state(2)
+    records, size = plan_layout(named)
+    marked = []
+    mark = engine.copier.mark
+    engine.copier.mark = lambda key: (marked.append(key), mark(key))
+    try:
+        for step in range(4):
+            engine.start(torch.zeros(size, dtype=torch.uint8), records, [t for _, t in named], [False] * len(named))
+            for phase in ITERATION:
+                engine.on_event(PhaseEvent(phase, step + 1, 0))
+            engine.fence().wait()
+            s = engine.stats
+            # one call per issue point that got partitions, plus the fence's if it had any left
+            issue_points = sum(1 for phase, nbytes in s.bytes_by_phase.items() if nbytes)
+            assert s.issues == issue_points >= 1 and s.issue_ms > 0
+        if policy == "bubbles":
+            assert len(marked) == 4 * len(ITERATION) and engine.stats.groups >= 1
+            # once the windows and the issue cost are measured, the scheduler plans with them
+            assert engine.scheduler.has_budgets and engine._issue_cost > 0
+        else:
+            assert marked == []
+    finally:
+        engine.close()

@@ -134,3 +134,58 @@ def test_front_load_changes_nothing_when_the_windows_hold_the_snapshot():
         s.begin(parts(5, 30))
         results.append((run_iteration(s), dict(s.bytes_by_phase)))
     assert results[0][1] == results[1][1] == {"forward_start": 90, "forward_end": 60}
+
+
+FINE_WINDOWS = {(Phase.ITERATION_START, None): 10.0, (Phase.FORWARD_START, None): 10.0, (Phase.FORWARD_END, None): 10.0,
+                (Phase.BUCKET_REDUCED, 0): 10.0, (Phase.BUCKET_REDUCED, 1): 10.0, (Phase.BACKWARD_END, None): 10.0}
+
+
+def test_without_a_measured_issue_cost_every_window_issues():
+    s = BubbleScheduler(safety=1.0)
+    s.learn(FINE_WINDOWS, 1.0)
+    s.begin(parts(6, 10))
+    issued, rest = run_iteration(s)
+    assert s.groups == 6 and all(len(got) == 1 for got in issued.values()) and rest == []
+
+
+def test_windows_join_into_as_many_groups_as_the_host_share_pays_for():
+    # a 60 ms iteration, 0.01 ms per issue call, 0.05% of the iteration for issuing: three issue points
+    s = BubbleScheduler(safety=1.0, host_share=0.0005)
+    s.learn(FINE_WINDOWS, 1.0, issue_ms=0.01)
+    s.begin(parts(6, 10))
+    issued, rest = run_iteration(s)
+    assert s.groups == 3
+    # each group of two 10 ms windows takes 20 bytes at its first window; the second window issues nothing
+    assert [len(issued[(e.phase, e.bucket)]) for e in ITERATION] == [2, 0, 2, 0, 2, 0] and rest == []
+    assert s.bytes_by_phase == {"iteration_start": 20, "forward_end": 20, "bucket_reduced": 20}
+
+
+def test_an_expensive_issue_call_makes_one_group_of_the_whole_iteration():
+    s = BubbleScheduler(safety=1.0)
+    s.learn(FINE_WINDOWS, 1.0, issue_ms=5.0)  # more than the host share of the whole iteration
+    s.begin(parts(6, 10))
+    issued, rest = run_iteration(s)
+    assert s.groups == 1 and len(issued[(Phase.ITERATION_START, None)]) == 6 and rest == []
+
+
+def test_a_group_never_spans_a_window_closed_to_copies():
+    s = BubbleScheduler(safety=1.0, avoid_allreduce=True)
+    s.learn(FINE_WINDOWS, 1.0, issue_ms=5.0)
+    s.begin(parts(6, 10))
+    issued, rest = run_iteration(s)
+    # ITERATION_START and FORWARD_START form one group; FORWARD_END and the bucket windows take nothing;
+    # BACKWARD_END opens a group of its own
+    assert s.groups == 2
+    assert len(issued[(Phase.ITERATION_START, None)]) == 2 and issued[(Phase.FORWARD_START, None)] == []
+    assert issued[(Phase.FORWARD_END, None)] == issued[(Phase.BUCKET_REDUCED, 0)] == issued[(Phase.BUCKET_REDUCED, 1)] == []
+    assert len(issued[(Phase.BACKWARD_END, None)]) == 1 and len(rest) == 3
+
+
+def test_host_share_none_keeps_one_issue_per_window_and_bad_shares_are_refused():
+    s = BubbleScheduler(host_share=None)
+    s.learn(FINE_WINDOWS, 1.0, issue_ms=5.0)
+    s.begin(parts(6, 10))
+    assert s.groups == 6
+    for bad in (0, 1, 2.0):
+        with pytest.raises(ValueError, match="host_share"):
+            BubbleScheduler(host_share=bad)
