@@ -123,6 +123,10 @@ def versions() -> dict[str, str | None]:
     for name in ("deepspeed", "transformers", "torchvision", "torchsnapshot"):
         mod = sys.modules.get(name)
         out[name] = getattr(mod, "__version__", None) if mod is not None else None
+    # a copy of the tree without its git history (the GPU machine's) is named by whoever copied it
+    if os.environ.get("OTEACHECK_COMMIT"):
+        out["oteacheck_commit"] = os.environ["OTEACHECK_COMMIT"]
+        return out
     try:
         import subprocess
 
