@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
                               "gbps": s.copy_gbps, "by_phase": dict(s.bytes_by_phase), "sealed": s.sealed_step}
             if io.engine is not None:  # the copies of the iteration that just ended (its snapshot is fenced)
                 e = io.engine.stats
-                stats_of[step].update(issues=e.issues, issue_ms=e.issue_ms, groups=e.groups)
+                stats_of[step].update(issues=e.issues, issue_ms=e.issue_ms, groups=e.groups, start_ms=e.start_ms)
             if cuda and step == args.warmup // 2:
                 memory["baseline_peak"] = torch.cuda.max_memory_allocated() / 2**20
                 torch.cuda.reset_peak_memory_stats()
@@ -253,6 +253,9 @@ def main(argv: list[str] | None = None) -> None:
             # the training thread's calls that queued the copies, and its time in them
             "issues_median": _median([s.get("issues") for s in stats]),
             "issue_ms_median": _median([s.get("issue_ms") for s in stats]),
+            "groups_median": _median([s.get("groups") for s in stats]),
+            # the engine's part of the capture (boundary copies, plan, arming the copier and scheduler)
+            "engine_start_ms_median": _median([s.get("start_ms") for s in stats]),
             "mib_by_phase": {k: v / 2**20 for k, v in (stats[len(stats) // 2]["by_phase"] if stats else {}).items()},
             "snapshot_mib_per_rank": io.stats.bytes / 2**20,
             # the engine's GPU memory is the ring, allocated at the first snapshot and kept: the peak after the

@@ -44,6 +44,7 @@ class EngineStats:
     issues: int = 0  # issue calls, the fence's included
     issue_ms: float = 0.0  # training-thread time in them
     groups: int = 0  # issue points the scheduler planned
+    start_ms: float = 0.0  # training-thread time in start (boundary copies, planning, arming)
 
 
 class SnapshotEngine:
@@ -117,6 +118,7 @@ class SnapshotEngine:
     @torch.no_grad()
     def start(self, buffer: torch.Tensor, records: Sequence[TensorRecord], tensors: Sequence[torch.Tensor], boundary: Sequence[bool]) -> None:
         """Begins snapshot *t*: copies the ``boundary`` tensors now, arms the rest for the next iteration."""
+        started = time.perf_counter()
         boundary_bytes = 0
         for record, tensor, now in zip(records, tensors, boundary, strict=True):
             if now and record.nbytes:
@@ -131,6 +133,7 @@ class SnapshotEngine:
         self.stats = EngineStats(
             boundary_bytes=boundary_bytes, planned_bytes=sum(p.span for p in partitions), groups=self.scheduler.groups
         )
+        self.stats.start_ms = (time.perf_counter() - started) * 1e3
 
     def on_event(self, event: PhaseEvent) -> None:
         if not self.scheduler.armed or event.phase not in BUBBLE_PHASES:
