@@ -74,6 +74,9 @@ class FenceTicket(Protocol):
 
 
 class Copier(Protocol):
+    # whether this snapshot's marks time every window (set after ``begin``); if not, they only gate issued copies
+    time_windows: bool
+
     def begin(self, buffer: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None: ...
     def mark(self, key: WindowKey) -> None: ...
     def issue(self, partitions: Sequence[Partition]) -> None: ...
@@ -198,6 +201,7 @@ class ThreadCopier:
         self._bandwidth = _EMA()
         self._marks: list[tuple[WindowKey, float]] = []
         self._windows: dict[WindowKey, float] = {}
+        self.time_windows = True
 
     def begin(self, buffer: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
         self._buffer, self._tensors = buffer, tensors
@@ -220,7 +224,7 @@ class ThreadCopier:
         return _DoneTicket((now - started) * 1e3)
 
     def _learn_windows(self, end: float) -> None:
-        if not self._marks:
+        if not self._marks or not self.time_windows:
             return
         windows: dict[WindowKey, float] = {}
         times = [t for _, t in self._marks] + [end]
@@ -370,6 +374,7 @@ class CudaCopier:
         self._previous_marks: tuple[list[tuple[WindowKey, torch.cuda.Event]], torch.cuda.Event] | None = None
         self._done_copies: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []
         self._windows: dict[WindowKey, float] = {}
+        self.time_windows = True
         self._bandwidth = _EMA()
         self._done_lock = threading.Lock()  # _done_copies is appended to by the pump thread
         # the pump: (partition, gate event) in issue order
@@ -486,7 +491,8 @@ class CudaCopier:
         before.record(compute)
         compute.wait_event(copies_done)  # optimizer step t+1 runs only after snapshot t left the GPU
         after.record(compute)
-        self._previous_marks = (self._marks, before)
+        if self.time_windows and self._marks:  # otherwise the marks only gated copies; the last timing stays
+            self._previous_marks = (self._marks, before)
         self._marks = []
         return _CudaFenceTicket(copies_done, before, after, host_wait_ms, self._host.fence())
 
@@ -498,8 +504,7 @@ class CudaCopier:
                 windows: dict[WindowKey, float] = {}
                 for (key, e0), e1 in zip(marks, [e for _, e in marks[1:]] + [end]):
                     windows[key] = windows.get(key, 0.0) + e0.elapsed_time(e1)
-                if windows:  # a snapshot issued all at once marks nothing; the last timing stays
-                    self._windows = windows
+                self._windows = windows
                 self._previous_marks = None
         with self._done_lock:
             copies, self._done_copies = self._done_copies, []

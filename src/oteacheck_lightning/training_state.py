@@ -17,11 +17,14 @@ from torchmetrics import Metric
 
 
 def collect_rng() -> dict[str, Any]:
+    """The generators' states. The two Mersenne Twister states (625 and 624 words) are tensors: as lists they were
+    most of a snapshot's manifest, and encoding them cost the training thread every iteration (int64: every
+    word fits, and the tensor needs no unsigned dtype)."""
     version, internal, gauss = random.getstate()
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state: dict[str, Any] = {
-        "python": {"version": version, "internal": list(internal), "gauss": gauss},
-        "numpy": {"kind": np_kind, "keys": np_keys.tolist(), "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "python": {"version": version, "internal": torch.from_numpy(np.array(internal, dtype=np.int64)), "gauss": gauss},
+        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -31,12 +34,17 @@ def collect_rng() -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any]) -> None:
     py = state["python"]
-    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    random.setstate((py["version"], tuple(int(w) for w in _words(py["internal"])), py["gauss"]))
     npy = state["numpy"]
-    np.random.set_state((npy["kind"], np.asarray(npy["keys"], dtype=np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"]))
+    np.random.set_state((npy["kind"], np.asarray(_words(npy["keys"]), dtype=np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"]))
     torch.set_rng_state(state["torch"].clone())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].clone())
+
+
+def _words(value: Any) -> Any:
+    """A generator state's words: a tensor, or a list in checkpoints written before they were tensors."""
+    return value.tolist() if isinstance(value, torch.Tensor) else value
 
 
 def find_metrics(module: torch.nn.Module) -> dict[str, Metric]:

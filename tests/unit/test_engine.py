@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from oteacheck_lightning.bubbles import Phase, PhaseEvent
-from oteacheck_lightning.engine import SnapshotEngine
+from oteacheck_lightning.engine import RETIME_EVERY, SnapshotEngine
 from oteacheck_lightning.format import load_tensors, plan_layout
 from oteacheck_lightning.plan import MiB
 
@@ -111,7 +111,8 @@ def test_issue_calls_are_counted_and_timed_and_only_bubbles_times_windows(policy
     mark = engine.copier.mark
     engine.copier.mark = lambda key: (marked.append(key), mark(key))
     try:
-        for step in range(4):
+        for step in range(RETIME_EVERY + 2):
+            marked.clear()
             engine.start(torch.zeros(size, dtype=torch.uint8), records, [t for _, t in named], [False] * len(named))
             for phase in ITERATION:
                 engine.on_event(PhaseEvent(phase, step + 1, 0))
@@ -120,11 +121,14 @@ def test_issue_calls_are_counted_and_timed_and_only_bubbles_times_windows(policy
             # one call per issue point that got partitions, plus the fence's if it had any left
             issue_points = sum(1 for phase, nbytes in s.bytes_by_phase.items() if nbytes)
             assert s.issues == issue_points >= 1 and s.issue_ms > 0
-        if policy == "bubbles":
-            assert len(marked) == 4 * len(ITERATION) and engine.stats.groups >= 1
-            # once the windows and the issue cost are measured, the scheduler plans with them
-            assert engine.scheduler.has_budgets and engine._issue_cost > 0
-        else:
-            assert marked == []
+            if policy != "bubbles":
+                assert marked == []
+            elif step % RETIME_EVERY == 0:  # nothing measured yet, or time to measure again: every window is timed
+                assert len(marked) == len(ITERATION)
+            else:
+                # windows timed, budgets known: only the issue points are marked (their marks gate the copies)
+                assert engine.scheduler.has_budgets and engine._issue_cost > 0 and s.groups >= 1
+                in_windows = sum(1 for phase in s.bytes_by_phase if phase != "before_step")
+                assert len(marked) == in_windows
     finally:
         engine.close()
