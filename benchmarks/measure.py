@@ -26,10 +26,13 @@ class IterationTimer(pl.Callback):
     """Times every iteration; after ``warmup`` iterations, keeps the next ``steps``. Train ``warmup + steps + 1``
     iterations: the start of the last one closes the last measured iteration. Stops training early when
     ``max_seconds`` (wall, from fit start) is spent and at least ``min_measured`` iterations were measured, so a
-    slow method (a synchronous save of several GB every step) still fits its time slot."""
+    slow method (a synchronous save of several GB every step) still fits its time slot. A slow warm-up is cut short
+    too, but never below ``min_warmup`` iterations (one-time costs the caller knows of, such as snapshot slots being
+    created)."""
 
-    def __init__(self, warmup: int, steps: int, max_seconds: float | None = None, min_measured: int = 5) -> None:
+    def __init__(self, warmup: int, steps: int, max_seconds: float | None = None, min_measured: int = 5, min_warmup: int = 2) -> None:
         self.warmup, self.steps = warmup, steps
+        self.min_warmup = min_warmup
         self.max_seconds, self.min_measured = max_seconds, min_measured
         self.cuda = torch.cuda.is_available()
         self._marks: list[Any] = []  # one per iteration start: CUDA event or perf_counter seconds
@@ -56,7 +59,7 @@ class IterationTimer(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._mark(trainer.global_step)
-        if (self.max_seconds is not None and len(self._marks) <= self.warmup and len(self._marks) >= 3
+        if (self.max_seconds is not None and len(self._marks) <= self.warmup and len(self._marks) - 1 >= self.min_warmup
                 and time.perf_counter() - self.started > 0.3 * self.max_seconds):
             # a slow method (seconds per iteration): cut the warm-up short rather than the measurement
             self.warmup = len(self._marks) - 1

@@ -141,16 +141,21 @@ class _OTeaCheckProbe:
                 self.record.durable(tier.persisted_step, self.step_end[tier.persisted_step], name)
 
 
-def effective_warmup(args: argparse.Namespace) -> int:
+def slot_warmup(args: argparse.Namespace) -> int:
     """OTeaCheck creates and page-locks a shared-memory slot at each of its first snapshots (3 slots, 2 more with a
-    persist tier; about a second per GB), a one-time cost: the warm-up covers them, so the measured iterations are
-    the steady state (BERT-large measured 1.6-1.9 s iterations right after a 5-iteration warm-up)."""
+    persist tier; about a second per GB), a one-time cost: a warm-up this long covers them, so the measured
+    iterations are the steady state (BERT-large measured 1.6-1.9 s iterations right after a 5-iteration warm-up).
+    0 for the other methods."""
     from .methods import OTEACHECK_METHODS
 
     if args.method not in OTEACHECK_METHODS or args.method == "none":
-        return args.warmup
+        return 0
     slots = 3 + (2 if args.persist_every_n_steps else 0)
-    return max(args.warmup, (slots + 1) * max(args.every_n_steps, 1) + 1)
+    return (slots + 1) * max(args.every_n_steps, 1) + 1
+
+
+def effective_warmup(args: argparse.Namespace) -> int:
+    return max(args.warmup, slot_warmup(args))
 
 
 def train_child(args: argparse.Namespace) -> None:
@@ -170,7 +175,8 @@ def train_child(args: argparse.Namespace) -> None:
     if warmup > args.warmup:
         record.notes.append(f"warm-up raised from {args.warmup} to {warmup} iterations: the snapshot slots are created "
                             "and page-locked at the first snapshots")
-    timer = measure.IterationTimer(warmup, args.steps, max_seconds=args.max_seconds)
+    # a slow warm-up may be cut short to fit the time slot, but not into the slots' creation
+    timer = measure.IterationTimer(warmup, args.steps, max_seconds=args.max_seconds, min_warmup=max(2, slot_warmup(args)))
     step_end: dict[int, float] = {}
     timer.on_iteration_end.append(lambda trainer, step: step_end.__setitem__(step, time.perf_counter()))
     if args.method in methods.OTEACHECK_METHODS and args.method != "none":

@@ -92,3 +92,20 @@ def test_oteacheck_runs_warm_up_past_the_creation_of_their_snapshot_slots():
     # methods without slots keep the warm-up they were given
     assert warmup("--method", "none", "--warmup", "5") == 5
     assert warmup("--method", "sync-torch-save", "--warmup", "5") == 5
+
+
+def test_a_slow_warm_up_is_cut_short_but_never_into_the_slots_creation():
+    from types import SimpleNamespace
+
+    from benchmarks.measure import IterationTimer
+
+    def warmup_after(iterations, **kwargs):
+        timer = IterationTimer(12, 40, max_seconds=1.0, **kwargs)
+        timer.started -= 10.0  # the time slot is long spent: every warm-up iteration was slow
+        for step in range(iterations):
+            timer.on_train_batch_start(SimpleNamespace(global_step=step), None, None, step)
+        return timer.warmup
+
+    assert warmup_after(8) == 2  # cut at the earliest point allowed by default
+    assert warmup_after(8, min_warmup=7) == 7  # e.g. OTeaCheck's slots: the first seven iterations stay warm-up
+    assert warmup_after(5, min_warmup=7) == 12  # not reached yet: nothing cut
