@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import xxhash
 
+from . import statecodec
+
 FORMAT_VERSION = 1
 ALIGN = 4096
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
@@ -82,7 +84,7 @@ class Manifest:
         # not dataclasses.asdict: it deep-copies the state document, which costs milliseconds on every seal
         doc = {f.name: getattr(self, f.name) for f in fields(self)}
         doc["tensors"] = [dict(vars(r)) for r in self.tensors]
-        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+        return statecodec.dumps(doc).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:

@@ -10,7 +10,9 @@ code from it (DESIGN invariant 7).
 from __future__ import annotations
 
 import enum
+import json
 import math
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,13 +38,32 @@ _PLAIN = (int, str, bool, type(None))
 
 
 class Verbatim:
-    """A part of the state that does not change between snapshots (for example the parameter map): encoded once
-    here, then placed into every document as is, so a snapshot does not pay for walking it again."""
+    """A part of the state that does not change between snapshots (for example the parameter map): encoded and
+    serialized once here, then placed into every document as is (:func:`dumps` splices its JSON text), so a snapshot
+    pays neither for walking it again nor for writing it out again."""
 
     def __init__(self, value: Any) -> None:
         self.document, tensors = encode(value, tensor_prefix="verbatim/")
         if tensors:
             raise UnsupportedStateError("verbatim", "a value with tensors")
+        self.json = json.dumps(self.document, separators=(",", ":"), allow_nan=False)
+
+
+def dumps(document: Any) -> str:
+    """The JSON text of an encoded document; a :class:`Verbatim` part goes in as the text it was serialized to."""
+    spliced: list[str] = []
+    nonce = uuid.uuid4().hex  # the placeholders cannot collide with a string of the state
+
+    def placeholder(value: Any) -> str:
+        if not isinstance(value, Verbatim):
+            raise TypeError(f"{type(value).__name__} is not part of an encoded document")
+        spliced.append(value.json)
+        return f"{nonce}:{len(spliced) - 1}"
+
+    text = json.dumps(document, separators=(",", ":"), allow_nan=False, default=placeholder)
+    for i, raw in enumerate(spliced):
+        text = text.replace(f'"{nonce}:{i}"', raw, 1)
+    return text
 
 
 class CorruptStateError(ValueError):
@@ -58,13 +79,18 @@ def encode(obj: Any, tensor_prefix: str = "state/") -> tuple[Any, dict[str, torc
         tensors[name] = t.detach()
         return name
 
-    def enc(value: Any, path: str) -> Any:
+    # a value's place in the state is a chain (parent, key, style), made into text only for an error message:
+    # rendering it for every value cost more than encoding the value
+    def enc(value: Any, path: Any) -> Any:
+        kind = type(value)
+        if kind in _PLAIN:  # exact types first: most of a state is these, and every snapshot walks it
+            return value
         if value is None or isinstance(value, bool):
             return value
         if isinstance(value, Verbatim):
-            return value.document
+            return value  # serialized as its stored text by dumps()
         if isinstance(value, enum.Enum) and not isinstance(value, (str, int)):
-            raise UnsupportedStateError(path, value)
+            raise UnsupportedStateError(_render(path), value)
         if isinstance(value, str):
             return str(value)
         if isinstance(value, int):
@@ -77,7 +103,7 @@ def encode(obj: Any, tensor_prefix: str = "state/") -> tuple[Any, dict[str, torc
             return {TAG: "tensor", "ref": add_tensor(value)}
         if isinstance(value, np.ndarray):
             if value.dtype == object:
-                raise UnsupportedStateError(path, value)
+                raise UnsupportedStateError(_render(path), value)
             return {TAG: "ndarray", "ref": add_tensor(torch.from_numpy(np.ascontiguousarray(value)).clone())}
         if isinstance(value, np.generic):
             return {TAG: "npscalar", "dtype": str(value.dtype), "value": enc(value.item(), path)}
@@ -86,20 +112,29 @@ def encode(obj: Any, tensor_prefix: str = "state/") -> tuple[Any, dict[str, torc
         if isinstance(value, torch.device):
             return {TAG: "device", "name": str(value)}
         if isinstance(value, tuple):
-            return {TAG: "tuple", "items": [enc(v, f"{path}[{i}]") for i, v in enumerate(value)]}
+            return {TAG: "tuple", "items": [enc(v, (path, i, "index")) for i, v in enumerate(value)]}
         if isinstance(value, list):
             if all(type(v) in _PLAIN for v in value):
                 return list(value)  # long lists of plain scalars (RNG states) skip the recursion
-            return [enc(v, f"{path}[{i}]") for i, v in enumerate(value)]
+            return [enc(v, (path, i, "index")) for i, v in enumerate(value)]
         if isinstance(value, Mapping):
             if all(isinstance(k, str) for k in value) and TAG not in value:
-                return {str(k): enc(v, f"{path}[{k!r}]") for k, v in value.items()}
-            return {TAG: "dict", "items": [[enc(k, f"{path}.key"), enc(v, f"{path}[{k!r}]")] for k, v in value.items()]}
+                return {str(k): enc(v, (path, k, "item")) for k, v in value.items()}
+            return {TAG: "dict", "items": [[enc(k, (path, None, "key")), enc(v, (path, k, "item"))] for k, v in value.items()]}
         if isinstance(value, (set, frozenset)):
-            return {TAG: "set", "items": [enc(v, f"{path}{{}}") for v in sorted(value, key=repr)]}
-        raise UnsupportedStateError(path, value)
+            return {TAG: "set", "items": [enc(v, (path, None, "member")) for v in sorted(value, key=repr)]}
+        raise UnsupportedStateError(_render(path), value)
 
     return enc(obj, "state"), tensors
+
+
+def _render(path: Any) -> str:
+    """``state['loops'][0].key`` from the chain :func:`encode` keeps."""
+    parts = []
+    while isinstance(path, tuple):
+        path, key, style = path
+        parts.append(f"[{key!r}]" if style == "item" else f"[{key}]" if style == "index" else ".key" if style == "key" else "{}")
+    return path + "".join(reversed(parts))
 
 
 def decode(document: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
@@ -113,6 +148,8 @@ def decode(document: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     def dec(value: Any) -> Any:
         if isinstance(value, list):
             return [dec(v) for v in value]
+        if isinstance(value, Verbatim):  # a document not written out yet
+            return dec(value.document)
         if not isinstance(value, dict):
             return value
         kind = value.get(TAG)

@@ -1,3 +1,4 @@
+import json
 import math
 from collections import OrderedDict
 
@@ -71,9 +72,23 @@ def test_a_verbatim_part_is_encoded_once_and_round_trips():
     static = {"layout": [("fp32/0", 3, (0, 12))], "names": ["a", "b"], 7: "int key"}
     verbatim = statecodec.Verbatim(static)
     static["names"].append("changed later")  # the verbatim copy was taken when it was made
-    document, tensors = statecodec.encode({"step": 1, "map": verbatim})
+    document, tensors = statecodec.encode({"step": 1, "map": verbatim, "other": verbatim})
     assert tensors == {}
-    assert document["map"] == statecodec.encode({"layout": [("fp32/0", 3, (0, 12))], "names": ["a", "b"], 7: "int key"})[0]
-    assert statecodec.decode(document, {})["map"] == {"layout": [("fp32/0", 3, (0, 12))], "names": ["a", "b"], 7: "int key"}
+    expected = statecodec.encode({"layout": [("fp32/0", 3, (0, 12))], "names": ["a", "b"], 7: "int key"})[0]
+    # written out, the verbatim part reads back as the document it was encoded to, wherever it appears
+    written = json.loads(statecodec.dumps(document))
+    assert written == {"step": 1, "map": expected, "other": expected}
+    original = {"layout": [("fp32/0", 3, (0, 12))], "names": ["a", "b"], 7: "int key"}
+    assert statecodec.decode(written, {})["map"] == statecodec.decode(document, {})["map"] == original
     with pytest.raises(statecodec.UnsupportedStateError):
         statecodec.Verbatim({"t": torch.zeros(1)})
+
+
+def test_splicing_verbatim_text_never_touches_the_state_s_own_strings():
+    verbatim = statecodec.Verbatim({"k": [1, 2]})
+    # strings that look like placeholders stay as they are
+    state = {"a": verbatim, "b": ":0", "c": "0:0", "d": ["x", verbatim]}
+    document, _ = statecodec.encode(state)
+    assert json.loads(statecodec.dumps(document)) == {"a": {"k": [1, 2]}, "b": ":0", "c": "0:0", "d": ["x", {"k": [1, 2]}]}
+    with pytest.raises(TypeError, match="not part of an encoded document"):
+        statecodec.dumps({"x": object()})
