@@ -93,6 +93,8 @@ class SnapshotEngine:
         self.stats = EngineStats()
         self._plan_key: tuple | None = None
         self._plan: list[Partition] = []
+        # per slot buffer: the layout key and the byte views of its boundary records (made once, not per snapshot)
+        self._boundary_views: dict[int, tuple[tuple, list[torch.Tensor]]] = {}
 
     def set_policy(self, policy: SchedulePolicy | str) -> None:
         """Switches the policy for the next snapshot (the benchmark interleaves policies in one run)."""
@@ -120,17 +122,27 @@ class SnapshotEngine:
             self._plan_key = key
         return self._plan
 
+    def _views(self, buffer: torch.Tensor, records: Sequence[TensorRecord], indexes: list[int]) -> list[torch.Tensor]:
+        """The byte views of ``records[indexes]`` in ``buffer``, cached per slot while the layout stays the same."""
+        key = tuple((records[i].offset, records[i].nbytes, records[i].dtype, tuple(records[i].shape)) for i in indexes)
+        cached = self._boundary_views.get(buffer.data_ptr())
+        if cached is None or cached[0] != key:
+            cached = self._boundary_views[buffer.data_ptr()] = (key, [byte_view(buffer, records[i]) for i in indexes])
+        return cached[1]
+
     @torch.no_grad()
     def start(self, buffer: torch.Tensor, records: Sequence[TensorRecord], tensors: Sequence[torch.Tensor], boundary: Sequence[bool]) -> None:
         """Begins snapshot *t*: copies the ``boundary`` tensors now, arms the rest for the next iteration."""
         started = time.perf_counter()
-        boundary_bytes = 0
-        for record, tensor, now in zip(records, tensors, boundary, strict=True):
-            if now and record.nbytes:
-                # on a GPU this is queued on the compute stream: it runs before the next forward changes the tensor
-                byte_view(buffer, record).copy_(tensor, non_blocking=tensor.is_cuda)
-                boundary_bytes += record.nbytes
-        ahead = [i for i, now in enumerate(boundary) if not now]
+        now = [i for i, at_boundary in enumerate(boundary) if at_boundary and records[i].nbytes]
+        if len(boundary) != len(records) or len(tensors) != len(records):
+            raise ValueError("records, tensors and boundary must be of one length")
+        if now:
+            # one call for all of them (a model with batch norm has hundreds of small buffers); on a GPU the copies
+            # are queued on the compute stream, so they run before the next forward changes the tensors
+            torch._foreach_copy_(self._views(buffer, records, now), [tensors[i] for i in now], non_blocking=True)
+        boundary_bytes = sum(records[i].nbytes for i in now)
+        ahead = [i for i, at_boundary in enumerate(boundary) if not at_boundary]
         partitions = self.plan(records, ahead)
         self.copier.begin(buffer, tensors)
         self.scheduler.learn(self.copier.window_ms(), self.copier.bytes_per_ms(), self._issue_cost)
@@ -181,7 +193,8 @@ class SnapshotEngine:
         return ticket
 
     def forget(self, buffer: torch.Tensor) -> None:
-        """Called before a slot's memory is unmapped."""
+        """Called before a slot's memory is unmapped: nothing may keep a view of it."""
+        self._boundary_views.pop(buffer.data_ptr(), None)
         if isinstance(self.copier, CudaCopier):
             self.copier.forget(buffer)
 

@@ -132,3 +132,36 @@ def test_issue_calls_are_counted_and_timed_and_only_bubbles_times_windows(policy
                 assert len(marked) == in_windows
     finally:
         engine.close()
+
+
+def test_boundary_views_are_made_once_per_slot_and_dropped_before_it_is_unmapped():
+    engine = SnapshotEngine(torch.device("cpu"), "eager", staging_bytes=1 * MiB)
+    named = state(3)
+    records, size = plan_layout(named)
+    boundary = [n.startswith(("buffer/", "state/")) for n, _ in named]
+    slots = [torch.zeros(size, dtype=torch.uint8) for _ in range(2)]
+    try:
+        for step in range(4):  # two snapshots into each of two slots
+            buffer = slots[step % 2]
+            engine.start(buffer, records, [t for _, t in named], boundary)
+            engine.on_event(PhaseEvent(Phase.ITERATION_START, step + 1, 0))
+            engine.fence().wait()
+            snapshot = load_tensors(type("M", (), {"tensors": records})(), buffer)
+            assert all(torch.equal(snapshot[n], t) for n, t in named)
+            named[3][1].add_(1.0)  # the buffer changes between snapshots: each one holds its own value
+        views = {ptr: entry[1] for ptr, entry in engine._boundary_views.items()}
+        assert set(views) == {s.data_ptr() for s in slots}
+        engine.start(slots[0], records, [t for _, t in named], boundary)
+        assert engine._boundary_views[slots[0].data_ptr()][1] is views[slots[0].data_ptr()]  # reused, not remade
+        engine.fence().wait()
+        # a different layout (a buffer of another shape) gets views of its own
+        named[3] = ("buffer/bn.running_mean", torch.randn(4, 8))
+        records2, size2 = plan_layout(named)
+        assert size2 <= size
+        engine.start(slots[0], records2, [t for _, t in named], boundary)
+        assert engine._boundary_views[slots[0].data_ptr()][1] is not views[slots[0].data_ptr()]
+        engine.fence().wait()
+        engine.forget(slots[0])
+        assert set(engine._boundary_views) == {slots[1].data_ptr()}
+    finally:
+        engine.close()
