@@ -8,7 +8,7 @@
 #   2. issue 5 on GPT-2 124M: sync-torch-save, sync-deepspeed, checkfreq, dcp-async, lightning-async, torchsnapshot
 #      (every iteration, measuring stopped after BENCH_RUN_S seconds, so a multi-second save still fits);
 #   3. restart times of the other methods on GPT-2 124M;
-#   4. the other models (BERT-large QA, ViT-B/16, ResNet-50): none, oteacheck, and the comparison;
+#   4. the other models (BERT-large QA, ViT-B/16, ResNet-50): paired ablations, none, oteacheck, the comparison;
 #   5. GPT-2 355M comparison; 6. each method's shortest interval within 5%.
 #
 # Results: $OUT/results/*.json, a report in $OUT/benchmarks.md and $OUT/plots/, the log in $OUT/gpu_run.log.
@@ -93,7 +93,11 @@ matrix --models gpt2-124m --methods checkfreq,dcp-async,sync-deepspeed,sync-torc
 # 3. restart times of the other methods (reruns them with --recovery under a tag of their own)
 matrix --models gpt2-124m --methods sync-deepspeed,checkfreq,dcp-async,sync-torch-save --steps 10 --warmup 3 \
     --run-seconds 10 --recovery all --no-baselines --tag "$TAG-recovery" --out "$OUT/results/recovery"
-# 4. the other models
+# 4. the other models: OTeaCheck against no checkpointing paired in one run (the engine's 2% target), then the
+# matrix rows with the other methods
+for model in resnet50 vit-b16 bert-large-qa; do
+    ablation --model $model --gpus 1 --rounds 30 --variants none,naive,bubbles
+done
 # a warm-up long enough for the first snapshots of a multi-GB state (slots created and page-locked) to pass
 for model in bert-large-qa vit-b16 resnet50; do
     matrix --models $model --methods none,oteacheck --steps 40 --warmup 12 --run-seconds "$RUN_S"
