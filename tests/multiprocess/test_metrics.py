@@ -24,6 +24,8 @@ def test_metrics_go_to_the_logger_every_log_every_n_steps_and_to_the_progress_ba
         assert step - 1 <= float(r["oteacheck/sealed_step"]) <= step
         assert float(r["oteacheck/stall_ms"]) >= 0 and float(r["oteacheck/copy_gbps"]) >= 0
         assert float(r["oteacheck/skipped_snapshots"]) == 0
+        # the calls that queued the copies, and the training thread's time in them
+        assert float(r["oteacheck/issues"]) >= 1 and float(r["oteacheck/issue_ms"]) > 0
         assert any(k.startswith("oteacheck/mib_") and r[k] for k in r)  # bytes per phase
     # persisted every 4 steps: by step 12 the tier has written step 8 at least
     assert float(rows[-1]["oteacheck/tier0_persisted_step"]) >= 8
