@@ -85,7 +85,6 @@ class SnapshotEngine:
         self.scheduler = BubbleScheduler(self.policy, avoid_allreduce=avoid_allreduce)
         self._issue_cost = 0.0  # training-thread ms per issue call, smoothed over snapshots
         self._started = 0
-        self._timing = True  # this snapshot times every window
         self.copier: Copier = (
             CudaCopier(device, staging_bytes, self.segment_bytes, inflight, pump) if device.type == "cuda" else ThreadCopier()
         )
@@ -134,9 +133,9 @@ class SnapshotEngine:
     def start(self, buffer: torch.Tensor, records: Sequence[TensorRecord], tensors: Sequence[torch.Tensor], boundary: Sequence[bool]) -> None:
         """Begins snapshot *t*: copies the ``boundary`` tensors now, arms the rest for the next iteration."""
         started = time.perf_counter()
-        now = [i for i, at_boundary in enumerate(boundary) if at_boundary and records[i].nbytes]
         if len(boundary) != len(records) or len(tensors) != len(records):
             raise ValueError("records, tensors and boundary must be of one length")
+        now = [i for i, at_boundary in enumerate(boundary) if at_boundary and records[i].nbytes]
         if now:
             # one call for all of them (a model with batch norm has hundreds of small buffers); on a GPU the copies
             # are queued on the compute stream, so they run before the next forward changes the tensors
@@ -147,8 +146,10 @@ class SnapshotEngine:
         self.copier.begin(buffer, tensors)
         self.scheduler.learn(self.copier.window_ms(), self.copier.bytes_per_ms(), self._issue_cost)
         self.scheduler.begin(partitions)
-        self._timing = not self.scheduler.has_budgets or self._started % RETIME_EVERY == 0
-        self.copier.time_windows = self._timing and self.policy is SchedulePolicy.BUBBLES
+        # this snapshot times every window (bubbles only: the others mark nothing)
+        self.copier.time_windows = self.policy is SchedulePolicy.BUBBLES and (
+            not self.scheduler.has_budgets or self._started % RETIME_EVERY == 0
+        )
         self._started += 1
         self.stats = EngineStats(
             boundary_bytes=boundary_bytes, planned_bytes=sum(p.span for p in partitions), groups=self.scheduler.groups
@@ -167,7 +168,7 @@ class SnapshotEngine:
             return
         issued = self.scheduler.on_event(event)
         # the mark also gates the issued copies on the GPU: they start when the window does
-        if issued or self._timing:
+        if issued or self.copier.time_windows:
             self.copier.mark(window_key(event))
         self._issue(issued)
 

@@ -38,7 +38,7 @@ from . import statecodec
 from .bubbles import Phase, PhaseEvent
 from .copier import FenceTicket, HostCopier
 from .deepspeed_state import DeepSpeedState
-from .engine import DEFAULT_STAGING_MIB, SnapshotEngine
+from .engine import DEFAULT_STAGING_MIB, EngineStats, SnapshotEngine
 from .format import Manifest, TensorRecord, add_checksums, byte_view, load_tensors, plan_layout
 from .persist import Persister, PersistSchedule, TargetStats
 from .plan import MiB
@@ -70,10 +70,7 @@ class _Pending:
     rng_recorded: bool = False
     rng_doc: Any = None
     ticket: FenceTicket | None = None
-    bytes_by_phase: dict[str, int] = field(default_factory=dict)
-    copy_gbps: float = 0.0
-    issues: int = 0
-    issue_ms: float = 0.0
+    copies: EngineStats | None = None  # the engine's account of this snapshot's copies, complete at its fence
 
 
 @dataclass
@@ -273,9 +270,7 @@ class OTeaCheckpointIO(CheckpointIO):
         if not pending.rng_recorded:
             self._record_rng(pending)
         pending.ticket = self.engine.fence()
-        pending.bytes_by_phase = dict(self.engine.stats.bytes_by_phase)
-        pending.copy_gbps = self.engine.stats.gbps
-        pending.issues, pending.issue_ms = self.engine.stats.issues, self.engine.stats.issue_ms
+        pending.copies = self.engine.stats  # the engine starts a new one for the next snapshot
         self._pending = None
         self._landing.append(pending)
 
@@ -313,9 +308,10 @@ class OTeaCheckpointIO(CheckpointIO):
         s.fence_ms = pending.ticket.stall_ms()
         s.seal_ms = (time.perf_counter() - started) * 1e3
         s.stall_ms = s.fence_ms + s.capture_ms + s.seal_ms
-        s.bytes_by_phase = pending.bytes_by_phase
-        s.copy_gbps = pending.copy_gbps
-        s.issues, s.issue_ms = pending.issues, pending.issue_ms
+        copies = pending.copies
+        assert copies is not None
+        s.bytes_by_phase, s.copy_gbps = copies.bytes_by_phase, copies.gbps
+        s.issues, s.issue_ms = copies.issues, copies.issue_ms
         self._persister.request(pending.step)
 
     def seal_pending(self) -> int | None:

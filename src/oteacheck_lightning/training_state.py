@@ -34,7 +34,7 @@ def collect_rng() -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any]) -> None:
     py = state["python"]
-    random.setstate((py["version"], tuple(int(w) for w in _words(py["internal"])), py["gauss"]))
+    random.setstate((py["version"], tuple(_words(py["internal"])), py["gauss"]))
     npy = state["numpy"]
     np.random.set_state((npy["kind"], np.asarray(_words(npy["keys"]), dtype=np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"]))
     torch.set_rng_state(state["torch"].clone())
