@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -31,6 +30,7 @@ import torch
 from .format import TensorRecord, byte_view
 from .plan import Partition, Piece
 from .scheduler import WindowKey
+from .worker import BackgroundWorker
 
 log = logging.getLogger(__name__)
 
@@ -125,68 +125,6 @@ class _EMA:
         self.value = sample if self.value == 0.0 else (1 - self.alpha) * self.value + self.alpha * sample
 
 
-class _Worker:
-    """One daemon thread that runs queued ``(handle, item)`` calls in order; started on first use, so a copier that
-    never needs it costs no thread. Counts outstanding items and keeps the first error, which the training thread
-    collects at the fence. It holds no reference to its copier between items, so a dropped copier is freed (with
-    its GPU ring) without waiting for the garbage collector. The thread runs no collectives."""
-
-    def __init__(self, name: str, on_start: Callable[[], None] | None = None) -> None:
-        self._name, self._on_start = name, on_start
-        self._queue: queue.Queue[tuple[Callable[[Any], None], Any] | None] = queue.Queue()
-        self._idle = threading.Condition()
-        self._outstanding = 0
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-
-    def put(self, handle: Callable[[Any], None], items: Sequence[Any]) -> None:
-        if not items:
-            return
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-            self._thread.start()
-        with self._idle:
-            self._outstanding += len(items)
-        for item in items:
-            self._queue.put((handle, item))
-
-    def drain(self) -> BaseException | None:
-        """Waits until every queued item was handled; returns (and forgets) the first error since the last drain."""
-        with self._idle:
-            while self._outstanding:
-                if not self._idle.wait(timeout=5.0) and not (self._thread and self._thread.is_alive()):
-                    raise RuntimeError(f"the {self._name} thread died; the snapshot is incomplete")
-            error, self._error = self._error, None
-        return error
-
-    def _run(self) -> None:
-        if self._on_start is not None:
-            try:
-                self._on_start()
-            except BaseException as err:  # every item then fails, and the fence reports why
-                self._error = err
-        while True:
-            call = self._queue.get()
-            if call is None:
-                return
-            try:
-                if self._error is None:  # after a failure the snapshot is lost anyway; the fence raises
-                    call[0](call[1])
-            except BaseException as err:
-                self._error = self._error or err
-            finally:
-                call = None  # no reference to the copier while idle
-                with self._idle:
-                    self._outstanding -= 1
-                    if not self._outstanding:
-                        self._idle.notify_all()
-
-    def close(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join(timeout=60)
-
-
 class ThreadCopier:
     """The CPU path: a worker thread copies issued partitions into the slot while training goes on.
 
@@ -195,7 +133,7 @@ class ThreadCopier:
     """
 
     def __init__(self, name: str = "oteacheck-copier") -> None:
-        self._worker = _Worker(name)
+        self._worker = BackgroundWorker(name)
         self._buffer: torch.Tensor | None = None
         self._tensors: Sequence[torch.Tensor] = ()
         self._bandwidth = _EMA()
@@ -369,6 +307,10 @@ class CudaCopier:
         self._buffer: torch.Tensor | None = None
         self._tensors: Sequence[torch.Tensor] = ()
         self._sources: list[torch.Tensor | None] = []
+        self._is_cuda: list[bool] = []
+        # coalesced runs by the issued partitions' first and last object and count: a loop issues the same slices
+        # of a cached plan every snapshot, and joining them again cost the training thread per partition
+        self._runs: dict[tuple[int, int, int], tuple[Partition, Partition, list[Partition]]] = {}
         self._compute = torch.cuda.current_stream(self.device)
         self._marks: list[tuple[WindowKey, torch.cuda.Event]] = []
         self._previous_marks: tuple[list[tuple[WindowKey, torch.cuda.Event]], torch.cuda.Event] | None = None
@@ -378,7 +320,7 @@ class CudaCopier:
         self._bandwidth = _EMA()
         self._done_lock = threading.Lock()  # _done_copies is appended to by the pump thread
         # the pump: (partition, gate event) in issue order
-        self._pump_worker = _Worker("oteacheck-copy-pump", on_start=functools.partial(torch.cuda.set_device, self.device))
+        self._pump_worker = BackgroundWorker("oteacheck-copy-pump", on_start=functools.partial(torch.cuda.set_device, self.device))
         self._queued: deque[torch.cuda.Event] = deque()  # the pump's copies on the stream, oldest first
         self._flush = False
 
@@ -400,6 +342,7 @@ class CudaCopier:
         # looked up once per snapshot: at every window the lookup cost the training thread more than the event
         self._compute = torch.cuda.current_stream(self.device)
         self._sources = [None] * len(tensors)
+        self._is_cuda = [t.is_cuda for t in tensors]
         # the copy stream may read the state only once optimizer step t (queued on the compute stream) is done
         ready = torch.cuda.Event()
         ready.record(self._compute)
@@ -420,17 +363,30 @@ class CudaCopier:
 
     def issue(self, partitions: Sequence[Partition]) -> None:
         assert self._buffer is not None
-        on_gpu = [p for p in partitions if self._tensors[p.pieces[0].tensor].is_cuda]
-        on_host = [p for p in partitions if not self._tensors[p.pieces[0].tensor].is_cuda]
+        is_cuda = self._is_cuda
+        on_host = [p for p in partitions if not is_cuda[p.pieces[0].tensor]]
+        on_gpu = [p for p in partitions if is_cuda[p.pieces[0].tensor]] if on_host else partitions
         if on_host:
             self._host.issue(on_host)
         # copies of this window start on the GPU when the window does, not when the host got here
         gate = self._marks[-1][1] if self._marks else None
         if not self.pump:
             if on_gpu:
-                self._enqueue(coalesce(on_gpu), gate)
+                self._enqueue(self._coalesced(on_gpu), gate)
             return
         self._pump_worker.put(self._pump_one, [(partition, gate) for partition in on_gpu])
+
+    def _coalesced(self, partitions: Sequence[Partition]) -> list[Partition]:
+        first, last = partitions[0], partitions[-1]
+        key = (id(first), id(last), len(partitions))
+        cached = self._runs.get(key)
+        if cached is not None and cached[0] is first and cached[1] is last:  # the entry keeps both alive: ids hold
+            return cached[2]
+        if len(self._runs) >= 256:  # plans of an earlier layout
+            self._runs.clear()
+        runs = coalesce(partitions)
+        self._runs[key] = (first, last, runs)
+        return runs
 
     def _pump_one(self, item: tuple[Partition, torch.cuda.Event | None]) -> None:
         # on the pump thread; no collectives here
