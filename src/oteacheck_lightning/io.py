@@ -8,11 +8,15 @@ all on the training thread:
 
 1. ``capture(step, state)`` at the end of optimizer step *t*: take a free shared-memory slot, copy what the next
    forward pass would change (buffers, metric states, Lightning's small state), arm the engine with the rest;
-2. ``on_phase(ITERATION_START)`` of iteration *t+1*: record the RNG states (the point a resumed run restores them);
+2. ``on_phase(ITERATION_START)`` of iteration *t+1*: grab the RNG states (the point a resumed run restores them);
 3. ``on_phase(...)`` at the bubbles of *t+1*: the engine copies partitions of snapshot *t* while training runs;
-4. ``on_phase(BEFORE_STEP)``: the fence; optimizer step *t+1* waits for what is left (the stall);
-5. once the copies have landed: write the manifest (the slot becomes the newest in-memory checkpoint) and tell the
-   persister, which writes the newest sealed slot to the persistent tiers in the background.
+4. ``on_phase(BEFORE_STEP)``: the fence; optimizer step *t+1* waits for what is left (the stall), and the snapshot
+   goes to the sealer.
+
+The sealer, a background thread, waits for the copies to land, writes the RNG states into the slot and then the
+manifest (the slot becomes the newest in-memory checkpoint), and tells the persister, which writes the newest
+sealed slot to the persistent tiers. None of that is on the training thread: in a loop bound by the host, every
+millisecond there is iteration time, while the sealer mostly runs when the training thread waits for the GPU.
 
 Two moments are kept apart in the metrics: a snapshot is *safe* (training may go on) when sealed, and *durable*
 when a persistent tier committed it.
@@ -24,7 +28,6 @@ import hashlib
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +40,7 @@ from lightning.fabric.utilities.types import _PATH
 from . import statecodec
 from .bubbles import Phase, PhaseEvent
 from .copier import FenceTicket, HostCopier
+from .worker import BackgroundWorker
 from .deepspeed_state import DeepSpeedState
 from .engine import DEFAULT_STAGING_MIB, EngineStats, SnapshotEngine
 from .format import Manifest, TensorRecord, add_checksums, byte_view, load_tensors, plan_layout
@@ -46,7 +50,7 @@ from .recovery import Gather, recover
 from .scheduler import SchedulePolicy
 from .slots import DEFAULT_SHM_ROOT, Slot, SlotPool
 from .tiers import CheckpointDir, FsspecTier, LoadedRankCheckpoint, MemoryTier
-from .training_state import collect_metrics, collect_rng, find_metrics
+from .training_state import RawRng, collect_metrics, collect_rng, find_metrics, grab_rng, rng_state
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +71,7 @@ class _Pending:
     rng_doc_shape: Any
     document: Any
     data_bytes: int
-    rng_recorded: bool = False
-    rng_doc: Any = None
+    rng: RawRng | None = None  # grabbed at the start of iteration t+1, stored by the sealer
     ticket: FenceTicket | None = None
     copies: EngineStats | None = None  # the engine's account of this snapshot's copies, complete at its fence
 
@@ -80,10 +83,10 @@ class SnapshotStats:
     sealed_step: int = -1
     sealed: int = 0
     skipped: int = 0
-    stall_ms: float = 0.0  # fence_ms + capture_ms + seal_ms of the last sealed snapshot
+    stall_ms: float = 0.0  # fence_ms + capture_ms of the last sealed snapshot: what the training thread lost
     fence_ms: float = 0.0  # how long the optimizer step waited for the copies (GPU time on CUDA)
     capture_ms: float = 0.0  # training-thread time at the step boundary
-    seal_ms: float = 0.0  # training-thread time to record the RNG and publish the manifest
+    seal_ms: float = 0.0  # sealer time to store the RNG and publish the manifest (not on the training thread)
     issues: int = 0  # calls that queued the copies, spread over the next iteration
     issue_ms: float = 0.0  # training-thread time in those calls (not in stall_ms: it overlaps the GPU's work)
     bytes: int = 0
@@ -147,8 +150,9 @@ class OTeaCheckpointIO(CheckpointIO):
         self._persister: Persister | None = None
         self._tiers: list[FsspecTier] = []
         self._pending: _Pending | None = None  # captured, not fenced yet
-        self._landing: deque[_Pending] = deque()  # fenced, copies still in flight (GPU), sealed in order
-        self._last_rng: tuple[Any, list] | None = None  # the last RNG recording: sizes the next snapshot's records
+        self._sealer: BackgroundWorker | None = None  # fenced snapshots, sealed in order once their copies landed
+        self._abandon = False  # the sealer drops what it gets instead (after a crash)
+        self._last_rng: tuple[Any, list] | None = None  # the last RNG state stored: sizes the next snapshot's records
         self._warned: set[str] = set()
         self._crashed = False
 
@@ -181,6 +185,14 @@ class OTeaCheckpointIO(CheckpointIO):
             avoid_allreduce=self.avoid_allreduce,
         )
         self._pool.set_unmap_hook(self.engine.forget)
+        device = state.device()
+        self._sealer = BackgroundWorker(
+            "oteacheck-sealer",
+            # the copies' events are waited for on this thread, which needs the training GPU current
+            on_start=(lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None,
+            stop_on_error=False,  # every snapshot handed over is sealed or abandoned, so no slot stays taken
+        )
+        self._abandon = False
         self._persister = Persister(self._pool, list(zip(self._tiers, self.schedules)))
         self.stats.tiers = self._persister.stats()
         self._crashed = False
@@ -223,9 +235,9 @@ class OTeaCheckpointIO(CheckpointIO):
         assert self._state is not None and self._pool is not None and self.engine is not None
         if self._pending is not None:
             self._fence(self._pending)
-        self._seal_landed(keep=1)
-        started = time.perf_counter()  # the previous snapshot's seal is in its own stall
-        # a snapshot's RNG values are recorded at the next iteration start; sizing their records only needs the
+        self._wait_sealed(at_most=1)
+        started = time.perf_counter()
+        # a snapshot's RNG values are grabbed at the next iteration start; sizing their records only needs the
         # last recording (RNG states keep their shapes), which saves collecting them twice per snapshot
         document, named, rng_doc, rng = self._collect(lightning_state, self._last_rng)
         records, data_bytes = plan_layout(named + rng)
@@ -243,51 +255,58 @@ class OTeaCheckpointIO(CheckpointIO):
     def on_phase(self, event: PhaseEvent) -> None:
         """Drives the pending snapshot through iteration *t+1* (subscribed to the strategy's bubble bus)."""
         pending = self._pending
-        if pending is not None:
-            if event.phase is Phase.ITERATION_START and not pending.rng_recorded:
-                self._record_rng(pending)
-            assert self.engine is not None
-            self.engine.on_event(event)
-            if event.phase is Phase.BEFORE_STEP:
-                self._fence(pending)
-        if self._landing:
-            self._seal_landed(keep=len(self._landing))
-
-    def _record_rng(self, pending: _Pending) -> None:
-        """The RNG states at the start of the iteration after step *t*: where a resumed run restores them."""
-        rng_doc, rng_tensors = _encode_rng()
-        self._last_rng = (rng_doc, rng_tensors)
-        if _shape_of(rng_doc) != pending.rng_doc_shape or [r.nbytes for r in pending.rng_records] != [t.numel() * t.element_size() for _, t in rng_tensors]:
-            raise RuntimeError("the RNG state changed shape between capture and seal")
-        for record, (_, tensor) in zip(pending.rng_records, rng_tensors, strict=True):
-            byte_view(pending.slot.buffer, record).copy_(tensor)
-        pending.rng_doc = rng_doc
-        pending.rng_recorded = True
+        if pending is None:
+            return
+        if event.phase is Phase.ITERATION_START and pending.rng is None:
+            pending.rng = grab_rng()
+        assert self.engine is not None
+        self.engine.on_event(event)
+        if event.phase is Phase.BEFORE_STEP:
+            self._fence(pending)
 
     def _fence(self, pending: _Pending) -> None:
-        """The fence of ``pending`` (the optimizer step waits for its copies); it then waits to be sealed."""
-        assert self.engine is not None
-        if not pending.rng_recorded:
-            self._record_rng(pending)
+        """The fence of ``pending`` (the optimizer step waits for its copies); the sealer takes it from here."""
+        assert self.engine is not None and self._sealer is not None
+        if pending.rng is None:
+            pending.rng = grab_rng()
         pending.ticket = self.engine.fence()
         pending.copies = self.engine.stats  # the engine starts a new one for the next snapshot
         self._pending = None
-        self._landing.append(pending)
+        self._sealer.put(self._land, [pending])
 
-    def _seal_landed(self, keep: int) -> None:
-        """Seals, oldest first, every fenced snapshot whose copies landed; waits for all but the newest ``keep``."""
-        while self._landing:
-            head = self._landing[0]
-            if len(self._landing) <= keep and not head.ticket.done():
+    def _wait_sealed(self, at_most: int) -> None:
+        """Waits until at most ``at_most`` fenced snapshots are unsealed; raises what went wrong sealing one."""
+        if self._sealer is None:
+            return
+        error = self._sealer.wait_until(at_most)
+        if error is not None:
+            raise RuntimeError("a snapshot could not be completed (its slot was released)") from error
+
+    def _land(self, pending: _Pending) -> None:
+        """On the sealer thread: waits for the copies of ``pending``, then seals it (or abandons it)."""
+        assert self._pool is not None
+        try:
+            assert pending.ticket is not None
+            pending.ticket.wait()
+            if self._abandon:
+                self._pool.abandon(pending.slot)
                 return
-            self._landing.popleft()
-            try:
-                head.ticket.wait()
-            except BaseException:
-                assert self._pool is not None
-                self._pool.abandon(head.slot)
-                raise
-            self._seal(head)
+            self._seal(pending)
+        except BaseException:
+            self._pool.abandon(pending.slot)
+            raise
+
+    def _store_rng(self, pending: _Pending) -> Any:
+        """Writes the RNG states grabbed for ``pending`` into its slot; returns their document."""
+        assert pending.rng is not None
+        rng_doc, rng_tensors = statecodec.encode(rng_state(pending.rng), tensor_prefix="rng/")
+        rng = list(rng_tensors.items())
+        if _shape_of(rng_doc) != pending.rng_doc_shape or [r.nbytes for r in pending.rng_records] != [t.numel() * t.element_size() for _, t in rng]:
+            raise RuntimeError("the RNG state changed shape between capture and seal")
+        for record, (_, tensor) in zip(pending.rng_records, rng, strict=True):
+            byte_view(pending.slot.buffer, record).copy_(tensor)
+        self._last_rng = (rng_doc, rng)
+        return rng_doc
 
     def _seal(self, pending: _Pending) -> None:
         """Publishes a snapshot whose copies landed: the manifest is written last."""
@@ -299,7 +318,7 @@ class OTeaCheckpointIO(CheckpointIO):
             world_size=self._world_size,
             data_bytes=pending.data_bytes,
             tensors=pending.records + pending.rng_records,
-            state={"main": pending.document, "rng": pending.rng_doc},
+            state={"main": pending.document, "rng": self._store_rng(pending)},
             job=self.job_id or "",
         )
         self._pool.seal(pending.slot, manifest)
@@ -307,7 +326,7 @@ class OTeaCheckpointIO(CheckpointIO):
         s.sealed_step, s.sealed, s.bytes = pending.step, s.sealed + 1, pending.data_bytes
         s.fence_ms = pending.ticket.stall_ms()
         s.seal_ms = (time.perf_counter() - started) * 1e3
-        s.stall_ms = s.fence_ms + s.capture_ms + s.seal_ms
+        s.stall_ms = s.fence_ms + s.capture_ms
         copies = pending.copies
         assert copies is not None
         s.bytes_by_phase, s.copy_gbps = copies.bytes_by_phase, copies.gbps
@@ -318,7 +337,7 @@ class OTeaCheckpointIO(CheckpointIO):
         """Completes every snapshot taken so far now, waiting for its copies; returns the newest sealed step."""
         if self._pending is not None:
             self._fence(self._pending)
-        self._seal_landed(keep=0)
+        self._wait_sealed(at_most=0)
         return self.stats.sealed_step if self.stats.sealed_step >= 0 else None
 
     def persist_now(self, wait: bool = True, timeout: float | None = None) -> bool:
@@ -366,11 +385,13 @@ class OTeaCheckpointIO(CheckpointIO):
 
     def teardown(self) -> None:
         """Drains the persister; removes the shared memory after a normal end, keeps it after a crash."""
-        if self._pending is not None or self._landing:
-            if self._crashed:
-                self._drop_pending()
-            else:
-                self.seal_pending()
+        if self._crashed:
+            self._drop_pending()
+        else:
+            self.seal_pending()
+        if self._sealer is not None:
+            self._sealer.close()
+            self._sealer = None
         not_persisted: list[str] = []
         if self._persister is not None:
             not_persisted = self._persister.close(drain=True)
@@ -387,17 +408,15 @@ class OTeaCheckpointIO(CheckpointIO):
 
     def _drop_pending(self) -> None:
         """Abandons unsealed snapshots once their copies stopped touching their slots."""
-        if self._pending is not None and self.engine is not None:
+        self._abandon = True
+        if self._pending is not None and self.engine is not None and self._sealer is not None:
             self._pending.ticket = self.engine.fence()
-            self._landing.append(self._pending)
+            self._sealer.put(self._land, [self._pending])
         self._pending = None
-        while self._landing:
-            pending = self._landing.popleft()
-            try:
-                pending.ticket.wait()
-            finally:
-                if self._pool is not None:
-                    self._pool.abandon(pending.slot)
+        if self._sealer is not None:
+            error = self._sealer.drain()
+            if error is not None:
+                log.warning("a snapshot in flight at the crash could not be released cleanly: %s", error)
 
     def mark_crashed(self) -> None:
         """Training failed: keep the shared-memory snapshots for the restart."""
@@ -494,6 +513,7 @@ class OTeaCheckpointIO(CheckpointIO):
 
 
 def _encode_rng() -> tuple[Any, list[tuple[str, torch.Tensor]]]:
+    """The RNG states now, encoded: sizes the first snapshot's records and goes into explicit checkpoints."""
     rng_doc, rng_tensors = statecodec.encode(collect_rng(), tensor_prefix="rng/")
     return rng_doc, list(rng_tensors.items())
 

@@ -16,20 +16,34 @@ import torch
 from torchmetrics import Metric
 
 
-def collect_rng() -> dict[str, Any]:
-    """The generators' states. The two Mersenne Twister states (625 and 624 words) are tensors: as lists they were
-    about 14 KB of JSON in every snapshot's manifest, written on the training thread every iteration (int64: every
-    word fits, and the tensor needs no unsigned dtype)."""
-    version, internal, gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+RawRng = tuple[Any, Any, Any, Any]
+
+
+def grab_rng() -> RawRng:
+    """The generators' states as their own calls return them: cheap enough for the training thread at the exact
+    point of the loop they belong to; :func:`rng_state` turns them into a storable state later, elsewhere."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def rng_state(raw: RawRng) -> dict[str, Any]:
+    """The state of :func:`grab_rng`'s states. The two Mersenne Twister states (625 and 624 words) are tensors: as
+    lists they were about 14 KB of JSON in every snapshot's manifest (int64: every word fits, and the tensor needs
+    no unsigned dtype)."""
+    (version, internal, gauss), (np_kind, np_keys, np_pos, np_has_gauss, np_gauss), cpu, cuda = raw
     state: dict[str, Any] = {
         "python": {"version": version, "internal": torch.from_numpy(np.array(internal, dtype=np.int64)), "gauss": gauss},
         "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
-        "torch": torch.get_rng_state(),
+        "torch": cpu,
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if cuda is not None:
+        state["cuda"] = cuda
     return state
+
+
+def collect_rng() -> dict[str, Any]:
+    """The generators' states now."""
+    return rng_state(grab_rng())
 
 
 def restore_rng(state: dict[str, Any]) -> None:
