@@ -81,7 +81,9 @@ class Copier(Protocol):
     def mark(self, key: WindowKey) -> None: ...
     def issue(self, partitions: Sequence[Partition]) -> None: ...
     def fence(self) -> FenceTicket: ...
-    def window_ms(self) -> dict[WindowKey, float]: ...
+    def window_ms(self) -> dict[WindowKey, float]:
+        """Window durations measured since the last call (empty if none were): each measurement is learned once."""
+        ...
     def bytes_per_ms(self) -> float: ...
     def close(self) -> None: ...
 
@@ -171,7 +173,8 @@ class ThreadCopier:
         self._windows = windows
 
     def window_ms(self) -> dict[WindowKey, float]:
-        return dict(self._windows)
+        windows, self._windows = self._windows, {}
+        return windows
 
     def bytes_per_ms(self) -> float:
         return self._bandwidth.value
@@ -477,7 +480,8 @@ class CudaCopier:
             self._done_copies = keep + self._done_copies
 
     def window_ms(self) -> dict[WindowKey, float]:
-        return dict(self._windows)
+        windows, self._windows = self._windows, {}
+        return windows
 
     def bytes_per_ms(self) -> float:
         return self._bandwidth.value

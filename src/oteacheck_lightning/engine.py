@@ -92,6 +92,7 @@ class SnapshotEngine:
         self.stats = EngineStats()
         self._plan_key: tuple | None = None
         self._plan: list[Partition] = []
+        self._plan_bytes = 0
         # per slot buffer: the layout key and the byte views of its boundary records (made once, not per snapshot)
         self._boundary_views: dict[int, tuple[tuple, list[torch.Tensor]]] = {}
 
@@ -100,11 +101,11 @@ class SnapshotEngine:
         if self.scheduler.armed:
             raise RuntimeError("set_policy() while a snapshot is being copied; call it between fence and start")
         self.policy = self.scheduler.policy = SchedulePolicy(policy)
-        self._plan_key = None
 
     def plan(self, records: Sequence[TensorRecord], ahead: Sequence[int]) -> list[Partition]:
         """The partitions of the tensors at indices ``ahead`` (cached while the layout stays the same)."""
-        key = tuple((records[i].offset, records[i].nbytes, records[i].device) for i in ahead)
+        # the per-tensor plan and the bucket plan differ; eager and bubbles share one
+        key = (self.policy is SchedulePolicy.NAIVE, tuple((records[i].offset, records[i].nbytes, records[i].device) for i in ahead))
         if key != self._plan_key:
             subset = [records[i] for i in ahead]
             if self.policy is SchedulePolicy.NAIVE:
@@ -119,6 +120,7 @@ class SnapshotEngine:
                 for p in planned
             ]
             self._plan_key = key
+            self._plan_bytes = sum(p.span for p in self._plan)
         return self._plan
 
     def _views(self, buffer: torch.Tensor, records: Sequence[TensorRecord], indexes: list[int]) -> list[torch.Tensor]:
@@ -145,14 +147,14 @@ class SnapshotEngine:
         partitions = self.plan(records, ahead)
         self.copier.begin(buffer, tensors)
         self.scheduler.learn(self.copier.window_ms(), self.copier.bytes_per_ms(), self._issue_cost)
-        self.scheduler.begin(partitions)
+        self.scheduler.begin(partitions, self._plan_bytes)
         # this snapshot times every window (bubbles only: the others mark nothing)
         self.copier.time_windows = self.policy is SchedulePolicy.BUBBLES and (
             not self.scheduler.has_budgets or self._started % RETIME_EVERY == 0
         )
         self._started += 1
         self.stats = EngineStats(
-            boundary_bytes=boundary_bytes, planned_bytes=sum(p.span for p in partitions), groups=self.scheduler.groups
+            boundary_bytes=boundary_bytes, planned_bytes=self._plan_bytes, groups=self.scheduler.groups
         )
         self.stats.start_ms = (time.perf_counter() - started) * 1e3
 

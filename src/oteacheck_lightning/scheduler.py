@@ -98,6 +98,8 @@ class BubbleScheduler:
         self._queued_bytes = 0
         self._armed = False
         self._window_ms: dict[WindowKey, float] = {}
+        self._windows_learned = 0  # counts updates of _window_ms: what the groups were derived from
+        self._derived: tuple[tuple, float, dict[WindowKey, float]] | None = None  # key, copyable ms, groups
         self._history: dict[WindowKey, deque[float]] = {}
         self._history_len = history
         self._bytes_per_ms = 0.0
@@ -118,6 +120,7 @@ class BubbleScheduler:
                 self._history.setdefault(key, deque(maxlen=self._history_len)).append(ms)
             # windows of the last iteration only (a model's blocks can change); each at its shortest recent length
             self._window_ms = {key: min(self._history[key]) for key in window_ms}
+            self._windows_learned += 1
         if bytes_per_ms > 0:
             self._bytes_per_ms = bytes_per_ms
 
@@ -131,17 +134,25 @@ class BubbleScheduler:
     def armed(self) -> bool:
         return self._armed
 
-    def begin(self, partitions: Sequence[Partition]) -> None:
+    def begin(self, partitions: Sequence[Partition], planned_bytes: int | None = None) -> None:
+        """Arms a snapshot's ``partitions`` (``planned_bytes``: their total, if the caller keeps it)."""
         if self._armed:
             raise RuntimeError("begin() while a snapshot is still being scheduled; fence() it first")
         self._queue = deque(partitions)
-        self._queued_bytes = sum(p.span for p in partitions)  # kept as partitions leave: front_load reads it per window
+        # kept as partitions leave: front_load reads it per window
+        self._queued_bytes = planned_bytes if planned_bytes is not None else sum(p.span for p in partitions)
         self._armed = True
         self._clock_ms = self._busy_until_ms = 0.0
-        # copy time the windows of one iteration offer, and how much of it has passed
-        self._copyable_ms = sum(ms for key, ms in self._window_ms.items() if self._copyable(key[0]))
         self._copyable_passed_ms = 0.0
-        self._group_ms = self._groups() if self.policy is SchedulePolicy.BUBBLES else {}
+        # copy time the windows of one iteration offer, and the groups: derived again only when what they come
+        # from changed (the windows are retimed one snapshot in several), not at every snapshot
+        affordable = self._affordable_issues()
+        key = (self._windows_learned, affordable, self.avoid_allreduce, self.policy)
+        if self._derived is None or self._derived[0] != key:
+            copyable_ms = sum(ms for k, ms in self._window_ms.items() if self._copyable(k[0]))
+            groups = self._groups(copyable_ms, affordable) if self.policy is SchedulePolicy.BUBBLES else {}
+            self._derived = (key, copyable_ms, groups)
+        _, self._copyable_ms, self._group_ms = self._derived
         self.bytes_by_phase = {}
         self.fence_bytes = 0
 
@@ -183,15 +194,19 @@ class BubbleScheduler:
     def _copyable(self, phase: Phase) -> bool:
         return not (self.avoid_allreduce and phase in _ALLREDUCE_PHASES)
 
-    def _groups(self) -> dict[WindowKey, float]:
+    def _affordable_issues(self) -> int | None:
+        """How many issue calls ``host_share`` of an iteration pays for at the measured cost of one (``None``: no
+        limit)."""
+        if self.host_share is None or self._issue_ms <= 0:
+            return None
+        return int(self.host_share * sum(self._window_ms.values()) / self._issue_ms)
+
+    def _groups(self, copyable_ms: float, affordable: int | None) -> dict[WindowKey, float]:
         """The first window of each group, with the group's length: consecutive copyable windows joined until a
-        group is at least ``copyable time / issues`` long, where ``issues`` is what ``host_share`` of an iteration
-        pays for at the measured cost of one issue. A window no copy may enter ends a group."""
+        group is at least ``copyable time / affordable`` long. A window no copy may enter ends a group."""
         least_ms = 0.0  # one group per window
-        if self.host_share is not None and self._issue_ms > 0:
-            affordable = int(self.host_share * sum(self._window_ms.values()) / self._issue_ms)
-            if affordable < len(self._window_ms):
-                least_ms = self._copyable_ms / max(1, affordable)
+        if affordable is not None and affordable < len(self._window_ms):
+            least_ms = copyable_ms / max(1, affordable)
         groups: dict[WindowKey, float] = {}
         head: WindowKey | None = None
         for key, ms in self._window_ms.items():

@@ -165,3 +165,42 @@ def test_boundary_views_are_made_once_per_slot_and_dropped_before_it_is_unmapped
         assert set(engine._boundary_views) == {slots[1].data_ptr()}
     finally:
         engine.close()
+
+
+def test_switching_policies_plans_again_only_when_the_plan_kind_changes():
+    # a plan costs milliseconds on a large model: the ablation switches policies every few iterations, and
+    # planning again at every switch (or every set_policy call) was counted as the engine's cost
+    engine = SnapshotEngine(torch.device("cpu"), "bubbles", staging_bytes=1 * MiB, bucket_elements=100_000)
+    named = state(4)
+    records, _ = plan_layout(named)
+    ahead = [0, 1, 2]
+    try:
+        bucket_plan = engine.plan(records, ahead)
+        engine.set_policy("bubbles")
+        assert engine.plan(records, ahead) is bucket_plan
+        engine.set_policy("eager")  # the same bucket partitions
+        assert engine.plan(records, ahead) is bucket_plan
+        engine.set_policy("naive")  # one partition per tensor
+        per_tensor = engine.plan(records, ahead)
+        assert per_tensor is not bucket_plan and len(per_tensor) == len(ahead)
+        engine.set_policy("bubbles")
+        again = engine.plan(records, ahead)
+        assert again == bucket_plan and engine.stats is not None
+    finally:
+        engine.close()
+
+
+def test_measured_windows_are_handed_to_the_scheduler_once():
+    engine = SnapshotEngine(torch.device("cpu"), "bubbles", staging_bytes=1 * MiB)
+    named = state(5)
+    records, size = plan_layout(named)
+    try:
+        engine.start(torch.zeros(size, dtype=torch.uint8), records, [t for _, t in named], [False] * len(named))
+        for phase in ITERATION:
+            engine.on_event(PhaseEvent(phase, 1, 0))
+        engine.fence().wait()
+        windows = engine.copier.window_ms()
+        assert [key[0] for key in windows] == ITERATION
+        assert engine.copier.window_ms() == {}  # consumed: learning it again would count one measurement twice
+    finally:
+        engine.close()

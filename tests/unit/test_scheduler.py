@@ -189,3 +189,30 @@ def test_host_share_none_keeps_one_issue_per_window_and_bad_shares_are_refused()
     for bad in (0, 1, 2.0):
         with pytest.raises(ValueError, match="host_share"):
             BubbleScheduler(host_share=bad)
+
+
+def test_groups_are_derived_again_when_the_windows_or_the_issue_cost_change():
+    s = BubbleScheduler(safety=1.0, host_share=0.0005)
+    s.learn(FINE_WINDOWS, 1.0, issue_ms=0.01)
+    s.begin(parts(6, 10))
+    assert s.groups == 3
+    s.fence()
+    s.learn({}, 1.0, issue_ms=0.01)  # nothing new: the same groups
+    s.begin(parts(6, 10))
+    assert s.groups == 3
+    s.fence()
+    s.learn({}, 1.0, issue_ms=0.03)  # three times the cost per call: one issue point
+    s.begin(parts(6, 10))
+    assert s.groups == 1
+    s.fence()
+    s.learn({}, 1.0, issue_ms=0.01)
+    s.learn({key: 3 * ms for key, ms in FINE_WINDOWS.items()}, 1.0)  # the shortest recent length stays
+    s.begin(parts(6, 10))
+    assert s.groups == 3
+    s.fence()
+    # the iteration got longer everywhere: 0.05% of it pays for more calls
+    longer = {key: 4 * ms for key, ms in FINE_WINDOWS.items()}
+    for _ in range(8):
+        s.learn(longer, 1.0)
+    s.begin(parts(6, 10))
+    assert s.groups == 6
