@@ -158,6 +158,16 @@ class SnapshotEngine:
         )
         self.stats.start_ms = (time.perf_counter() - started) * 1e3
 
+    def wants_block_events(self) -> bool:
+        """Whether this snapshot needs the model-block events: to time the windows, or to issue at one. Emitting
+        them costs the training thread a few microseconds per block, so most iterations go without."""
+        return (
+            self.scheduler.armed
+            and self.policy is SchedulePolicy.BUBBLES
+            and self.pace_by_blocks
+            and (self.copier.time_windows or self.scheduler.issues_at_blocks)
+        )
+
     def on_event(self, event: PhaseEvent) -> None:
         if not self.scheduler.armed or event.phase not in BUBBLE_PHASES:
             return

@@ -264,6 +264,10 @@ class OTeaCheckpointIO(CheckpointIO):
         if event.phase is Phase.BEFORE_STEP:
             self._fence(pending)
 
+    def wants_block_events(self) -> bool:
+        """Whether the strategy should announce model-block events in this iteration."""
+        return self._pending is not None and self.engine is not None and self.engine.wants_block_events()
+
     def _fence(self, pending: _Pending) -> None:
         """The fence of ``pending`` (the optimizer step waits for its copies); the sealer takes it from here."""
         assert self.engine is not None and self._sealer is not None

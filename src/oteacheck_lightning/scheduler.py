@@ -99,7 +99,9 @@ class BubbleScheduler:
         self._armed = False
         self._window_ms: dict[WindowKey, float] = {}
         self._windows_learned = 0  # counts updates of _window_ms: what the groups were derived from
-        self._derived: tuple[tuple, float, dict[WindowKey, float]] | None = None  # key, copyable ms, groups
+        # key, copyable ms, groups, each window's expected start in the iteration
+        self._derived: tuple[tuple, float, dict[WindowKey, float], dict[WindowKey, float]] | None = None
+        self._starts: dict[WindowKey, float] = {}
         self._history: dict[WindowKey, deque[float]] = {}
         self._history_len = history
         self._bytes_per_ms = 0.0
@@ -151,8 +153,11 @@ class BubbleScheduler:
         if self._derived is None or self._derived[0] != key:
             copyable_ms = sum(ms for k, ms in self._window_ms.items() if self._copyable(k[0]))
             groups = self._groups(copyable_ms, affordable) if self.policy is SchedulePolicy.BUBBLES else {}
-            self._derived = (key, copyable_ms, groups)
-        _, self._copyable_ms, self._group_ms = self._derived
+            starts, clock = {}, 0.0
+            for k, ms in self._window_ms.items():
+                starts[k], clock = clock, clock + ms
+            self._derived = (key, copyable_ms, groups, starts)
+        _, self._copyable_ms, self._group_ms, self._starts = self._derived
         self.bytes_by_phase = {}
         self.fence_bytes = 0
 
@@ -166,7 +171,10 @@ class BubbleScheduler:
             return []
         key = window_key(event)
         window = self._window_ms.get(key, 0.0)
-        start, self._clock_ms = self._clock_ms, self._clock_ms + window
+        # a window's start comes from the measured iteration, so windows whose events are left out (block events
+        # in an iteration that issues nothing at a block) still count; a window not measured starts where we are
+        start = self._starts.get(key, self._clock_ms)
+        self._clock_ms = start + window
         if not self._copyable(event.phase):
             return []
         self._copyable_passed_ms += window
@@ -218,6 +226,12 @@ class BubbleScheduler:
                 groups[head] = 0.0
             groups[head] += ms
         return groups
+
+    @property
+    def issues_at_blocks(self) -> bool:
+        """Whether an issue point of the armed snapshot is a model-block window (else block events may be left
+        out: they would issue nothing)."""
+        return any(key[0] in BLOCK_PHASES for key in self._group_ms)
 
     @property
     def groups(self) -> int:

@@ -127,6 +127,7 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         self._restore_at_next_iteration: tuple[dict, dict] | None = None
         self.resumed_from: dict[str, Any] | None = None
         self._in_training_forward = False
+        self._announce_blocks = True  # set per iteration: whether the checkpoint IO needs block events
         self._iteration_step = 0
         self._block_hooks: list[Any] = []
 
@@ -234,7 +235,7 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
             find_blocks(self.lightning_module),
             on_forward=lambda i: self.bus.emit(Phase.FORWARD_BLOCK, self._iteration_step, block=i),
             on_backward=lambda i: self.bus.emit(Phase.BACKWARD_BLOCK, self._iteration_step, block=i),
-            active=lambda: self._in_training_forward,
+            active=lambda: self._in_training_forward and self._announce_blocks,
         )
 
     def _step(self) -> int:
@@ -256,6 +257,7 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         self.bus.emit(Phase.FORWARD_START, self._iteration_step)
+        self._announce_blocks = self.checkpoint_io.wants_block_events()
         self._in_training_forward = True
         try:
             out = super().training_step(*args, **kwargs)

@@ -204,3 +204,28 @@ def test_measured_windows_are_handed_to_the_scheduler_once():
         assert engine.copier.window_ms() == {}  # consumed: learning it again would count one measurement twice
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("policy", ["bubbles", "eager", "naive"])
+def test_block_events_are_wanted_only_to_time_the_windows_or_to_issue_at_a_block(policy):
+    engine = SnapshotEngine(torch.device("cpu"), policy, staging_bytes=1 * MiB)
+    named = state(6)
+    records, size = plan_layout(named)
+    iteration = [(Phase.ITERATION_START, None), (Phase.FORWARD_BLOCK, 0), (Phase.FORWARD_BLOCK, 1), (Phase.FORWARD_END, None)]
+    try:
+        wanted = []
+        for step in range(RETIME_EVERY + 1):
+            engine.start(torch.zeros(size, dtype=torch.uint8), records, [t for _, t in named], [False] * len(named))
+            wanted.append(engine.wants_block_events())
+            for phase, block in iteration:
+                engine.on_event(PhaseEvent(phase, step + 1, 0, block=block))
+            engine.fence().wait()
+            assert not engine.wants_block_events()  # nothing armed
+        if policy == "bubbles":
+            # timed at the first snapshot and again RETIME_EVERY later; in between one issue point (the cost of an
+            # issue call on the CPU path dwarfs this short test's iteration), at ITERATION_START
+            assert wanted == [True] + [False] * (RETIME_EVERY - 1) + [True]
+        else:
+            assert not any(wanted)
+    finally:
+        engine.close()

@@ -216,3 +216,27 @@ def test_groups_are_derived_again_when_the_windows_or_the_issue_cost_change():
         s.learn(longer, 1.0)
     s.begin(parts(6, 10))
     assert s.groups == 6
+
+
+BLOCK_WINDOWS = {(Phase.ITERATION_START, None): 10.0, (Phase.FORWARD_BLOCK, 0): 10.0, (Phase.FORWARD_BLOCK, 1): 10.0,
+                 (Phase.FORWARD_END, None): 10.0, (Phase.BACKWARD_END, None): 10.0}
+
+
+@pytest.mark.parametrize("with_block_events", [True, False])
+def test_windows_whose_events_are_left_out_still_count_in_the_budgets(with_block_events):
+    # two issue points (a 30 ms group from ITERATION_START over both blocks, a 20 ms group from FORWARD_END); the
+    # strategy leaves block events out when no group starts at a block, and the second budget must not change
+    s = BubbleScheduler(safety=1.0, host_share=0.002)
+    s.learn(BLOCK_WINDOWS, 1.0, issue_ms=0.05)
+    s.begin(parts(6, 10))
+    assert s.groups == 2 and not s.issues_at_blocks
+    events = [PhaseEvent(phase, 1, 0, block=key) if phase is Phase.FORWARD_BLOCK else ev(phase) for phase, key in BLOCK_WINDOWS]
+    issued = [len(s.on_event(e)) for e in events if with_block_events or e.phase is not Phase.FORWARD_BLOCK]
+    assert [n for n in issued if n] == [3, 2] and len(s.fence()) == 1
+
+
+def test_an_issue_point_at_a_block_needs_the_block_events():
+    s = BubbleScheduler(safety=1.0, host_share=None)  # one issue point per window
+    s.learn(BLOCK_WINDOWS, 1.0, issue_ms=0.05)
+    s.begin(parts(6, 10))
+    assert s.groups == 5 and s.issues_at_blocks
