@@ -34,7 +34,8 @@ class UnsupportedStateError(TypeError):
         )
 
 
-_PLAIN = (int, str, bool, type(None))
+_PLAIN = frozenset({int, str, bool, type(None)})
+_isfinite = math.isfinite
 
 
 class Verbatim:
@@ -85,6 +86,23 @@ def encode(obj: Any, tensor_prefix: str = "state/") -> tuple[Any, dict[str, torc
         kind = type(value)
         if kind in _PLAIN:  # exact types first: most of a state is these, and every snapshot walks it
             return value
+        if kind is float and _isfinite(value):
+            return value
+        # plain containers of plain values: their leaves are taken in place, without a call each
+        if kind is dict and TAG not in value:
+            out = {}
+            for k, v in value.items():
+                if type(k) is not str:
+                    break
+                t = type(v)
+                out[k] = v if t in _PLAIN or (t is float and _isfinite(v)) else enc(v, (path, k, "item"))
+            else:
+                return out
+        if kind is list:
+            return [
+                v if (t := type(v)) in _PLAIN or (t is float and _isfinite(v)) else enc(v, (path, i, "index"))
+                for i, v in enumerate(value)
+            ]
         if value is None or isinstance(value, bool):
             return value
         if isinstance(value, Verbatim):
@@ -114,8 +132,6 @@ def encode(obj: Any, tensor_prefix: str = "state/") -> tuple[Any, dict[str, torc
         if isinstance(value, tuple):
             return {TAG: "tuple", "items": [enc(v, (path, i, "index")) for i, v in enumerate(value)]}
         if isinstance(value, list):
-            if all(type(v) in _PLAIN for v in value):
-                return list(value)  # long lists of plain scalars (RNG states) skip the recursion
             return [enc(v, (path, i, "index")) for i, v in enumerate(value)]
         if isinstance(value, Mapping):
             if all(isinstance(k, str) for k in value) and TAG not in value:

@@ -92,3 +92,19 @@ def test_splicing_verbatim_text_never_touches_the_state_s_own_strings():
     assert json.loads(statecodec.dumps(document)) == {"a": {"k": [1, 2]}, "b": ":0", "c": "0:0", "d": ["x", {"k": [1, 2]}]}
     with pytest.raises(TypeError, match="not part of an encoded document"):
         statecodec.dumps({"x": object()})
+
+
+def test_the_fast_paths_hand_every_unusual_value_to_the_full_encoder():
+    class Name(str):
+        pass
+
+    state = {
+        "mixed_keys": {"a": 1, 2: "b"},  # a plain dict until its second key
+        "floats": [1.5, math.nan, -math.inf, 2],
+        "nested": {"lr": 0.1, "nan": math.nan, "pair": (1, 2.0), "name": Name("x")},
+    }
+    out = roundtrip(state)
+    assert out["mixed_keys"] == {"a": 1, 2: "b"}
+    assert out["floats"][0] == 1.5 and math.isnan(out["floats"][1]) and out["floats"][2:] == [-math.inf, 2]
+    assert out["nested"]["lr"] == 0.1 and math.isnan(out["nested"]["nan"]) and out["nested"]["pair"] == (1, 2.0)
+    assert out["nested"]["name"] == "x" and type(out["nested"]["name"]) is str
