@@ -18,8 +18,9 @@ State machine (one snapshot at a time; the training thread drives every transiti
   the group's budget: ``group ms x measured copy bandwidth x safety``, minus what is still in flight from earlier
   groups (an expected "copy clock"). With ``avoid_allreduce`` the backward windows, where DeepSpeed reduces
   gradient buckets, get no budget, and no group spans them.
-* ``fence`` (BEFORE_STEP of *t+1*): everything left is issued at once; the copier then waits for all of it. That
-  wait is the only stall. With ``front_load``, a window also takes whatever the rest of the iteration's windows are
+* the last group of the iteration takes everything left, whatever its budget: the fence could only issue it later.
+* ``fence`` (BEFORE_STEP of *t+1*): everything left (before any window was measured, the whole snapshot) is issued at
+  once; the copier then waits for all of it. That wait is the only stall. With ``front_load``, a window also takes whatever the rest of the iteration's windows are
   not expected to hold, so less is left for the fence (at the price of a longer queue early in the iteration).
 
 Policies (the engine's ablation rows): ``naive`` and ``eager`` issue the whole plan at ITERATION_START (``naive``
@@ -80,6 +81,7 @@ class BubbleScheduler:
         history: int = 8,
         front_load: bool = False,
         host_share: float | None = DEFAULT_HOST_SHARE,
+        last_takes_rest: bool = True,
     ) -> None:
         self.policy = SchedulePolicy(policy)
         if not 0 < safety <= 1:
@@ -94,6 +96,9 @@ class BubbleScheduler:
         self.safety = safety
         # issue at once what the rest of the iteration's windows cannot take, instead of leaving it to the fence
         self.front_load = front_load
+        # the last group issues what is left instead of leaving it to the fence (False: budgets only, for tests)
+        self.last_takes_rest = last_takes_rest
+        self._last_head: WindowKey | None = None
         self._queue: deque[Partition] = deque()
         self._queued_bytes = 0
         self._armed = False
@@ -158,6 +163,7 @@ class BubbleScheduler:
                 starts[k], clock = clock, clock + ms
             self._derived = (key, copyable_ms, groups, starts)
         _, self._copyable_ms, self._group_ms, self._starts = self._derived
+        self._last_head = next(reversed(self._group_ms), None)
         self.bytes_by_phase = {}
         self.fence_bytes = 0
 
@@ -184,6 +190,8 @@ class BubbleScheduler:
         # time this group leaves the copy engine once the copies already issued are through
         free_ms = start + span - max(self._busy_until_ms, start)
         budget = int(free_ms * self._bytes_per_ms * self.safety)
+        if self.last_takes_rest and key == self._last_head:
+            budget = self._queued_bytes
         if self.front_load:
             later = max(0.0, self._copyable_ms - (self._copyable_passed_ms - window + span)) * self._bytes_per_ms * self.safety
             budget = max(budget, int(self._queued_bytes - later))

@@ -4,7 +4,7 @@ import pytest
 
 from oteacheck_lightning.bubbles import Phase, PhaseEvent
 from oteacheck_lightning.plan import Partition, Piece
-from oteacheck_lightning.scheduler import BubbleScheduler, SchedulePolicy
+from oteacheck_lightning.scheduler import DEFAULT_HOST_SHARE, BubbleScheduler, SchedulePolicy
 
 
 def parts(n, size):
@@ -46,7 +46,7 @@ def test_before_any_measurement_bubbles_leaves_everything_to_the_fence():
 
 def test_a_window_counts_at_its_shortest_recent_length():
     # a window stretched by a wait for the copies it was given must not earn a larger budget
-    s = BubbleScheduler(safety=1.0, history=3)
+    s = BubbleScheduler(safety=1.0, history=3, last_takes_rest=False)
     for forward_ms in (100.0, 400.0, 400.0):
         s.learn({(Phase.FORWARD_START, None): forward_ms}, 1.0)
     s.begin(parts(10, 50))
@@ -58,7 +58,7 @@ def test_a_window_counts_at_its_shortest_recent_length():
 
 
 def test_budgets_follow_windows_and_bandwidth_and_the_rest_goes_to_the_fence():
-    s = BubbleScheduler(safety=1.0)
+    s = BubbleScheduler(safety=1.0, last_takes_rest=False)
     # 1 byte per ms; windows of 100 ms (forward) and 50 ms (each bucket gap)
     s.learn({(Phase.ITERATION_START, None): 0.0, (Phase.FORWARD_START, None): 100.0, (Phase.FORWARD_END, None): 0.0,
              (Phase.BUCKET_REDUCED, 0): 50.0, (Phase.BUCKET_REDUCED, 1): 50.0, (Phase.BACKWARD_END, None): 0.0}, 1.0)
@@ -111,8 +111,8 @@ def test_bad_policy_and_safety_are_refused():
 def test_front_load_issues_early_what_the_later_windows_cannot_hold():
     windows = {(Phase.ITERATION_START, None): 0.0, (Phase.FORWARD_START, None): 100.0, (Phase.FORWARD_END, None): 50.0,
                (Phase.BUCKET_REDUCED, 0): 50.0, (Phase.BUCKET_REDUCED, 1): 0.0, (Phase.BACKWARD_END, None): 0.0}
-    plain = BubbleScheduler(safety=1.0)
-    eager_enough = BubbleScheduler(safety=1.0, front_load=True)
+    plain = BubbleScheduler(safety=1.0, last_takes_rest=False)
+    eager_enough = BubbleScheduler(safety=1.0, front_load=True, last_takes_rest=False)
     for s in (plain, eager_enough):
         s.learn(windows, 1.0)  # 1 byte per ms: the iteration holds 200 bytes of copies, the snapshot is 300
         s.begin(parts(10, 30))
@@ -169,7 +169,7 @@ def test_an_expensive_issue_call_makes_one_group_of_the_whole_iteration():
 
 
 def test_a_group_never_spans_a_window_closed_to_copies():
-    s = BubbleScheduler(safety=1.0, avoid_allreduce=True)
+    s = BubbleScheduler(safety=1.0, avoid_allreduce=True, last_takes_rest=False)
     s.learn(FINE_WINDOWS, 1.0, issue_ms=5.0)
     s.begin(parts(6, 10))
     issued, rest = run_iteration(s)
@@ -226,7 +226,7 @@ BLOCK_WINDOWS = {(Phase.ITERATION_START, None): 10.0, (Phase.FORWARD_BLOCK, 0): 
 def test_windows_whose_events_are_left_out_still_count_in_the_budgets(with_block_events):
     # two issue points (a 30 ms group from ITERATION_START over both blocks, a 20 ms group from FORWARD_END); the
     # strategy leaves block events out when no group starts at a block, and the second budget must not change
-    s = BubbleScheduler(safety=1.0, host_share=0.002)
+    s = BubbleScheduler(safety=1.0, host_share=0.002, last_takes_rest=False)
     s.learn(BLOCK_WINDOWS, 1.0, issue_ms=0.05)
     s.begin(parts(6, 10))
     assert s.groups == 2 and not s.issues_at_blocks
@@ -240,3 +240,25 @@ def test_an_issue_point_at_a_block_needs_the_block_events():
     s.learn(BLOCK_WINDOWS, 1.0, issue_ms=0.05)
     s.begin(parts(6, 10))
     assert s.groups == 5 and s.issues_at_blocks
+
+
+@pytest.mark.parametrize("groups", [1, 6])
+def test_the_last_issue_point_takes_what_its_budget_does_not_hold(groups):
+    # the fence could only issue the rest later: one issue point for the whole iteration (an expensive issue call)
+    # issues the whole snapshot at once, and with one point per window the last window takes what is left
+    s = BubbleScheduler(safety=1.0, host_share=None if groups == 6 else DEFAULT_HOST_SHARE)
+    s.learn(FINE_WINDOWS, 1.0, issue_ms=5.0)  # 60 bytes of windows
+    s.begin(parts(10, 10))
+    issued, rest = run_iteration(s)
+    assert s.groups == groups and rest == [] and s.fence_bytes == 0
+    last = (Phase.ITERATION_START, None) if groups == 1 else (Phase.BACKWARD_END, None)
+    assert len(issued[last]) == (10 if groups == 1 else 5)
+
+
+def test_the_last_group_takes_nothing_closed_to_copies():
+    s = BubbleScheduler(safety=1.0, avoid_allreduce=True, host_share=None)
+    windows = {(Phase.FORWARD_START, None): 10.0, (Phase.FORWARD_END, None): 10.0, (Phase.BUCKET_REDUCED, 0): 10.0}
+    s.learn(windows, 1.0)
+    s.begin(parts(5, 10))
+    got = [len(s.on_event(ev(phase, key))) for phase, key in windows]
+    assert got == [5, 0, 0]  # FORWARD_START is the last window open to copies
