@@ -20,7 +20,8 @@ one before that, once its copies landed) and in a ``none`` block none of it (its
 still seal the last policy snapshot). ``--rounds`` sets the pairs per policy (8-iteration blocks and six pairs gave
 95% intervals 5-30% wide on H200s; these defaults, with 30-40 pairs, gave 3-11%).
 
-Modifiers for diagnosis, joined with ``+``: ``pump`` (feed the copy stream from a thread), ``coarse`` (no per-block
+Modifiers for diagnosis, joined with ``+``: ``pump`` (feed the copy stream from a thread), ``inline`` (queue the
+copies on the training thread instead of the issuer thread), ``coarse`` (no per-block
 windows), ``frontload`` (issue at once what the later windows cannot hold), ``noallreduce`` (no copies in gradient
 all-reduce windows), ``fine`` (one issue call per window instead of the groups the measured issue cost pays for),
 ``dry`` (plan and schedule, copy nothing: the training thread's share of the cost).
@@ -175,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         engine.scheduler.host_share = None if "fine" in mods else DEFAULT_HOST_SHARE
         if hasattr(engine.copier, "pump"):
             engine.copier.pump = "pump" in mods
+            engine.copier.issue_thread = "inline" not in mods
         if "issue" not in copier_issue:
             copier_issue["issue"] = engine.copier.issue
         engine.copier.issue = (lambda partitions: None) if "dry" in mods else copier_issue["issue"]

@@ -120,7 +120,8 @@ iteration start), `bubbles` (the engine: copies placed in the iteration's idle w
 points as 0.3% of the iteration pays for at the measured cost of one issue call); `+fine`: one issue call per
 window; `+coarse`: without per-block windows; `+frontload`: a window also takes what the later windows cannot
 hold; `+noallreduce`: no copies in the windows where gradients are reduced; `+dry`: plans and schedules but copies
-nothing (the training thread's share of the cost); `+pump`: a thread feeds the copy stream. A snapshot is taken every iteration. **iter ms**: GPU time from one iteration's start to the
+nothing (the training thread's share of the cost); `+pump`: a thread feeds the copy stream; `+inline`: the
+training thread queues the copies (by default the issuer thread does). A snapshot is taken every iteration. **iter ms**: GPU time from one iteration's start to the
 next's; **p10–p90**: in ms, with its width as a share of the median; **overhead**: the median over the policy's
 blocks of its block median over that of the `none` block right before it, with a 95% bootstrap interval in
 brackets; **stall ms**: per snapshot, the optimizer step's wait for the copies plus the training
