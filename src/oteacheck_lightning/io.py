@@ -40,7 +40,6 @@ from lightning.fabric.utilities.types import _PATH
 from . import statecodec
 from .bubbles import Phase, PhaseEvent
 from .copier import FenceTicket, HostCopier
-from .worker import BackgroundWorker
 from .deepspeed_state import DeepSpeedState
 from .engine import DEFAULT_STAGING_MIB, EngineStats, SnapshotEngine
 from .format import Manifest, TensorRecord, add_checksums, byte_view, load_tensors, plan_layout
@@ -50,7 +49,8 @@ from .recovery import Gather, recover
 from .scheduler import SchedulePolicy
 from .slots import DEFAULT_SHM_ROOT, Slot, SlotPool
 from .tiers import CheckpointDir, FsspecTier, LoadedRankCheckpoint, MemoryTier
-from .training_state import RawRng, collect_metrics, collect_rng, find_metrics, grab_rng, rng_state
+from .training_state import RawRng, collect_metrics, find_metrics, grab_rng, rng_state
+from .worker import BackgroundWorker
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +303,7 @@ class OTeaCheckpointIO(CheckpointIO):
     def _store_rng(self, pending: _Pending) -> Any:
         """Writes the RNG states grabbed for ``pending`` into its slot; returns their document."""
         assert pending.rng is not None
-        rng_doc, rng_tensors = statecodec.encode(rng_state(pending.rng), tensor_prefix="rng/")
-        rng = list(rng_tensors.items())
+        rng_doc, rng = _encode_rng(pending.rng)
         if _shape_of(rng_doc) != pending.rng_doc_shape or [r.nbytes for r in pending.rng_records] != [t.numel() * t.element_size() for _, t in rng]:
             raise RuntimeError("the RNG state changed shape between capture and seal")
         for record, (_, tensor) in zip(pending.rng_records, rng, strict=True):
@@ -516,9 +515,10 @@ class OTeaCheckpointIO(CheckpointIO):
             log.warning(message)
 
 
-def _encode_rng() -> tuple[Any, list[tuple[str, torch.Tensor]]]:
-    """The RNG states now, encoded: sizes the first snapshot's records and goes into explicit checkpoints."""
-    rng_doc, rng_tensors = statecodec.encode(collect_rng(), tensor_prefix="rng/")
+def _encode_rng(raw: RawRng | None = None) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
+    """The RNG states of ``raw`` (default: grabbed now), encoded: a snapshot's stored states, and those of the first
+    snapshot's sizing and of explicit checkpoints."""
+    rng_doc, rng_tensors = statecodec.encode(rng_state(raw if raw is not None else grab_rng()), tensor_prefix="rng/")
     return rng_doc, list(rng_tensors.items())
 
 

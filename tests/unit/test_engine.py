@@ -185,7 +185,7 @@ def test_switching_policies_plans_again_only_when_the_plan_kind_changes():
         assert per_tensor is not bucket_plan and len(per_tensor) == len(ahead)
         engine.set_policy("bubbles")
         again = engine.plan(records, ahead)
-        assert again == bucket_plan and engine.stats is not None
+        assert again == bucket_plan
     finally:
         engine.close()
 
