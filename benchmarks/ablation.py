@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
                               "gbps": s.copy_gbps, "by_phase": dict(s.bytes_by_phase), "sealed": s.sealed_step}
             if io.engine is not None:  # the copies of the iteration that just ended (its snapshot is fenced)
                 e = io.engine.stats
-                stats_of[step].update(issues=e.issues, issue_ms=e.issue_ms, groups=e.groups, start_ms=e.start_ms)
+                stats_of[step].update(issues=e.issues, issue_ms=e.issue_ms, issuer_ms=e.issuer_ms, groups=e.groups, start_ms=e.start_ms)
             if cuda and step == args.warmup // 2:
                 memory["baseline_peak"] = torch.cuda.max_memory_allocated() / 2**20
                 torch.cuda.reset_peak_memory_stats()
@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> None:
             # the training thread's calls that queued the copies, and its time in them
             "issues_median": _median([s.get("issues") for s in stats]),
             "issue_ms_median": _median([s.get("issue_ms") for s in stats]),
+            # the issuer thread's CPU time making those copy calls (GPU only)
+            "issuer_ms_median": _median([s.get("issuer_ms") for s in stats]),
             "groups_median": _median([s.get("groups") for s in stats]),
             # the engine's part of the capture (boundary copies, plan, arming the copier and scheduler)
             "engine_start_ms_median": _median([s.get("start_ms") for s in stats]),
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         (out / name).write_text(json.dumps(result, indent=1))
         summary[variant] = {k: result[k] for k in ("iter_ms_median", "overhead", "overhead_ci95", "stall_ms_median", "forward_ms_median",
                                                      "backward_ms_median", "fence_wait_ms_median", "copy_gbps_median",
-                                                     "capture_ms_median", "issues_median", "issue_ms_median",
+                                                     "capture_ms_median", "issues_median", "issue_ms_median", "issuer_ms_median", "groups_median",
                                                      "extra_gpu_mib", "iterations")}
     print(json.dumps({"model": args.model, "card": card, "summary": summary}, indent=1, default=str))
 

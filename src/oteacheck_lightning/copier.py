@@ -85,6 +85,9 @@ class Copier(Protocol):
         """Window durations measured since the last call (empty if none were): each measurement is learned once."""
         ...
     def bytes_per_ms(self) -> float: ...
+    def thread_ms(self) -> float:
+        """CPU time the copier's own thread spent issuing this snapshot's copies (valid after ``fence``)."""
+        ...
     def close(self) -> None: ...
 
 
@@ -178,6 +181,9 @@ class ThreadCopier:
 
     def bytes_per_ms(self) -> float:
         return self._bandwidth.value
+
+    def thread_ms(self) -> float:
+        return 0.0  # the worker copies; the issuing happens on the training thread
 
     def _copy(self, item: tuple[torch.Tensor, Sequence[torch.Tensor], Partition]) -> None:
         buffer, tensors, partition = item
@@ -338,6 +344,7 @@ class CudaCopier:
         self._issuer = BackgroundWorker("oteacheck-copy-issuer", on_start=functools.partial(torch.cuda.set_device, self.device))
         self._queued: deque[torch.cuda.Event] = deque()  # the pump's copies on the stream, oldest first
         self._flush = False
+        self._thread_ms = 0.0  # the issuer's CPU time for this snapshot (written by the issuer, read after a drain)
 
     @property
     def ring(self) -> torch.Tensor:
@@ -350,6 +357,7 @@ class CudaCopier:
         self.registry.register(buffer)
         self._buffer, self._tensors = buffer, tensors
         self._flush = False
+        self._thread_ms = 0.0
         self._host.begin(buffer, tensors)
         self.ring  # allocated on the training thread, before the issuer uses it
         self._learn()
@@ -410,14 +418,18 @@ class CudaCopier:
 
     def _enqueue_window(self, item: tuple[Sequence[Partition], torch.cuda.Event | None]) -> None:
         # on the issuer thread; no collectives here
+        started = time.thread_time()
         self._enqueue(*item)
+        self._thread_ms += (time.thread_time() - started) * 1e3
 
     def _pump_one(self, item: tuple[Partition, torch.cuda.Event | None]) -> None:
         # on the pump thread; no collectives here
         partition, gate = item
         while len(self._queued) >= self.inflight and not self._flush:
             self._queued.popleft().synchronize()  # releases the GIL while the GPU copies
+        started = time.thread_time()
         self._queued.append(self._enqueue((partition,), gate))
+        self._thread_ms += (time.thread_time() - started) * 1e3
 
     def _enqueue(self, partitions: Sequence[Partition], gate: torch.cuda.Event | None) -> torch.cuda.Event:
         """Queues the partitions' copies on the copy stream behind ``gate``, timed as one run (events and the stream
@@ -506,6 +518,11 @@ class CudaCopier:
 
     def bytes_per_ms(self) -> float:
         return self._bandwidth.value
+
+    def thread_ms(self) -> float:
+        # CPU time, not wall time: waiting for the GIL is not the issuer's cost. It includes the driver's time with
+        # the GIL released, which a host with idle cores absorbs, so the scheduler errs toward fewer issue points
+        return self._thread_ms
 
     def forget(self, buffer: torch.Tensor) -> None:
         """The slot behind ``buffer`` is about to be unmapped."""

@@ -46,6 +46,7 @@ class EngineStats:
     gbps: float = 0.0
     issues: int = 0  # issue calls, the fence's included
     issue_ms: float = 0.0  # training-thread time in them
+    issuer_ms: float = 0.0  # the copier thread's CPU time making the copy calls they queued
     groups: int = 0  # issue points the scheduler planned
     start_ms: float = 0.0  # training-thread time in start (boundary copies, planning, arming)
 
@@ -83,7 +84,9 @@ class SnapshotEngine:
         self.segment_bytes = max(4096, staging_bytes // ring_segments)
         self.bucket_elements = bucket_elements
         self.scheduler = BubbleScheduler(self.policy, avoid_allreduce=avoid_allreduce)
-        self._issue_cost = 0.0  # training-thread ms per issue call, smoothed over snapshots
+        # host ms per issue call (the training thread's and the issuer thread's), smoothed over snapshots: in a loop
+        # bound by the host both are iteration time, the issuer's through the GIL
+        self._issue_cost = 0.0
         self._started = 0
         self.copier: Copier = (
             CudaCopier(device, staging_bytes, self.segment_bytes, inflight, pump) if device.type == "cuda" else ThreadCopier()
@@ -200,8 +203,9 @@ class SnapshotEngine:
         s.bytes_by_phase = dict(self.scheduler.bytes_by_phase)
         s.fence_bytes = self.scheduler.fence_bytes
         s.gbps = self.copier.bytes_per_ms() / 1e6
+        s.issuer_ms = self.copier.thread_ms()
         if s.issues:
-            per_issue = s.issue_ms / s.issues
+            per_issue = (s.issue_ms + s.issuer_ms) / s.issues
             self._issue_cost = per_issue if not self._issue_cost else 0.7 * self._issue_cost + 0.3 * per_issue
         return ticket
 

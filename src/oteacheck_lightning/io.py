@@ -89,6 +89,7 @@ class SnapshotStats:
     seal_ms: float = 0.0  # sealer time to store the RNG and publish the manifest (not on the training thread)
     issues: int = 0  # calls that queued the copies, spread over the next iteration
     issue_ms: float = 0.0  # training-thread time in those calls (not in stall_ms: it overlaps the GPU's work)
+    issuer_ms: float = 0.0  # the copy-issuer thread's CPU time for them (on a GPU)
     bytes: int = 0
     bytes_by_phase: dict[str, int] = field(default_factory=dict)
     copy_gbps: float = 0.0
@@ -333,7 +334,7 @@ class OTeaCheckpointIO(CheckpointIO):
         copies = pending.copies
         assert copies is not None
         s.bytes_by_phase, s.copy_gbps = copies.bytes_by_phase, copies.gbps
-        s.issues, s.issue_ms = copies.issues, copies.issue_ms
+        s.issues, s.issue_ms, s.issuer_ms = copies.issues, copies.issue_ms, copies.issuer_ms
         self._persister.request(pending.step)
 
     def seal_pending(self) -> int | None:
@@ -494,6 +495,7 @@ class OTeaCheckpointIO(CheckpointIO):
             "oteacheck/seal_ms": s.seal_ms,
             "oteacheck/issues": float(s.issues),
             "oteacheck/issue_ms": s.issue_ms,
+            "oteacheck/issuer_ms": s.issuer_ms,
             "oteacheck/copy_gbps": s.copy_gbps,
             "oteacheck/snapshot_mib": s.bytes / 2**20,
             "oteacheck/skipped_snapshots": float(s.skipped),

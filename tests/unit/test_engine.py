@@ -1,5 +1,7 @@
 """The snapshot engine on its CPU path (worker thread): the same plan and scheduler as on a GPU, real copies."""
 
+import time
+
 import pytest
 import torch
 
@@ -229,3 +231,38 @@ def test_block_events_are_wanted_only_to_time_the_windows_or_to_issue_at_a_block
             assert not any(wanted)
     finally:
         engine.close()
+
+
+def test_the_copier_threads_time_counts_in_the_cost_of_an_issue():
+    # on a GPU an issuer thread makes the copy calls; in a loop bound by the host its time is iteration time (through
+    # the GIL), so the scheduler must afford fewer issue points when that thread is busy, not only when the training
+    # thread is
+    from oteacheck_lightning.copier import ThreadCopier
+
+    class BusyIssuer(ThreadCopier):
+        def __init__(self, busy_ms):
+            super().__init__()
+            self.busy_ms = busy_ms
+
+        def thread_ms(self):
+            return self.busy_ms
+
+    groups = {}
+    for busy_ms in (0.0, 1000.0):
+        engine = SnapshotEngine(torch.device("cpu"), "bubbles", staging_bytes=1 * MiB, bucket_elements=100_000)
+        engine.copier.close()
+        engine.copier = BusyIssuer(busy_ms)
+        named = state(7)
+        records, size = plan_layout(named)
+        try:
+            for step in range(4):
+                engine.start(torch.zeros(size, dtype=torch.uint8), records, [t for _, t in named], [False] * len(named))
+                for phase in ITERATION:
+                    engine.on_event(PhaseEvent(phase, step + 1, 0))
+                    time.sleep(0.03)  # windows of 30 ms: 0.3% of the iteration pays for several cheap issue calls
+                engine.fence().wait()
+                assert engine.stats.issuer_ms == busy_ms
+            groups[busy_ms] = engine.stats.groups
+        finally:
+            engine.close()
+    assert groups[1000.0] == 1 < groups[0.0]
