@@ -31,6 +31,7 @@ from torch.optim import Optimizer
 from .bubbles import BubbleBus, Phase, PhaseTimer, find_blocks, install_block_hooks
 from .deepspeed_state import DeepSpeedState, install_bucket_hook
 from .io import PRIVATE_KEY, OTeaCheckpointIO
+from .lightning_state import LightningStateDump
 from .tiers import CheckpointDir
 from .training_state import restore_metrics, restore_rng
 
@@ -130,6 +131,7 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         self._announce_blocks = True  # set per iteration: whether the checkpoint IO needs block events
         self._iteration_step = 0
         self._block_hooks: list[Any] = []
+        self._dump: LightningStateDump | None = None  # Lightning's checkpoint dict, taken at every snapshot
 
     # --- the checkpoint IO ---------------------------------------------------------------------------------
 
@@ -290,8 +292,9 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
     def take_snapshot(self) -> bool:
         """Captures the state right after the optimizer step that just ended (call from ``on_train_batch_end``)."""
         trainer = self.lightning_module.trainer
-        state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-        return self.checkpoint_io.capture(trainer.global_step, state)
+        if self._dump is None or self._dump.trainer is not trainer:
+            self._dump = LightningStateDump(trainer)
+        return self.checkpoint_io.capture(trainer.global_step, self._dump())
 
     # the weights and optimizer states are in the engine's tensors, which the checkpoint IO stores itself
     def lightning_module_state_dict(self) -> dict[str, Any]:
