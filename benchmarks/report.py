@@ -126,7 +126,8 @@ next's; **p10–p90**: in ms, with its width as a share of the median; **overhea
 blocks of its block median over that of the `none` block right before it, with a 95% bootstrap interval in
 brackets; **stall ms**: per snapshot, the optimizer step's wait for the copies plus the training
 thread's time to capture and seal it; **capture ms**: the capture alone; **issue calls (ms)**: the training
-thread's calls that queued one snapshot's copies, and its time in them (recorded since the issue-cost groups);
+thread's calls that queued one snapshot's copies, and its time in them (recorded since the issue-cost groups), then
+`+` the issuer thread's CPU time making the copy calls (recorded since 749fc1d);
 **copy GB/s**: device-to-host copy rate;
 **extra GPU MiB**: peak allocated GPU memory over that of the snapshot-free warm-up (the staging ring; one figure
 per run, as the peak is the process's); **MiB per phase**: what one snapshot copied in each phase window
@@ -259,10 +260,12 @@ def _mib_by_phase(by_phase: dict[str, float] | None) -> str:
 
 
 def _issue_cell(row: dict) -> str:
-    """Issue calls per snapshot and the training thread's time in them (recorded since the issue-cost groups)."""
+    """Issue calls per snapshot and the training thread's time in them (recorded since the issue-cost groups), plus
+    the issuer thread's (recorded since 749fc1d)."""
     if row.get("issues_median") is None:
         return "–"
-    return f"{row['issues_median']:.0f} ({row['issue_ms_median']:.2f})"
+    issuer = f" + {row['issuer_ms_median']:.2f}" if row.get("issuer_ms_median") is not None else ""
+    return f"{row['issues_median']:.0f} ({row['issue_ms_median']:.2f}{issuer})"
 
 
 def ablation_table(rows: list[dict]) -> str:
