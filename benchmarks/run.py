@@ -448,16 +448,20 @@ def _recover(args: argparse.Namespace, env: dict[str, str], source: str, shm: Pa
         result["errors"].append(f"recovery from {source}: {_error_tail(output)}")
         return
     got = json.loads(file.read_text())
+    result["recovered_step"][source] = {"step": got["resumed_step"], "source": got.get("source")}
+    if got.get("resumed_step") is None:
+        # a fresh start is not a recovery: nothing of this tier was complete when the run failed
+        result["notes"].append(f"recovery from {source} not measured: no checkpoint there at the failure (step "
+                               f"{result.get('failed_at_step')}; persist every {args.persist_every_n_steps} steps)")
+        return
     result[f"recovery_s_{source}"] = got["first_step_end_wall"] - launched
     # the same without process start-up and imports (includes finding and loading the checkpoint)
     result[f"recovery_fit_to_first_step_s_{source}"] = got.get("fit_to_first_step_s")
-    result["recovered_step"][source] = {"step": got["resumed_step"], "source": got.get("source")}
-    if got.get("resumed_step") is not None:
-        lost = result["failed_at_step"] - int(got["resumed_step"])
-        # the number that matters: a process crash (memory tier when the method has one)
-        if result["work_lost_steps"] is None:
-            result["work_lost_steps"] = lost
-        result[f"work_lost_steps_{source}"] = lost
+    lost = result["failed_at_step"] - int(got["resumed_step"])
+    # the number that matters: a process crash (memory tier when the method has one)
+    if result["work_lost_steps"] is None:
+        result["work_lost_steps"] = lost
+    result[f"work_lost_steps_{source}"] = lost
 
 
 def main(argv: list[str] | None = None) -> None:

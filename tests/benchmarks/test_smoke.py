@@ -113,3 +113,18 @@ def test_report_renders_tables_and_plots(smoke_results, tmp_path):
     assert "| gpt2-124m | 1 | `oteacheck` | 1 |" in text and "`sync-torch-save`" in text
     pytest.importorskip("matplotlib")
     assert (plots / "overhead.png").stat().st_size > 0 and (plots / "recovery.png").stat().st_size > 0
+
+
+def test_a_tier_with_nothing_on_it_at_the_failure_is_not_a_recovery(tmp_path):
+    # persisting every 1000 steps, nothing reached the disk before the simulated failure: the restart from disk is a
+    # fresh start, and its time must not be reported as a recovery time
+    cmd = [sys.executable, "-m", "benchmarks.run", "--smoke", "--model", "gpt2-124m", "--method", "oteacheck",
+           "--steps", "3", "--warmup", "1", "--persist-every-n-steps", "1000", "--recovery", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("gpt2-124m__oteacheck__*.json")
+    r = json.loads(path.read_text())
+    assert r["recovery_s_memory"] > 0 and r["recovered_step"]["memory"]["step"] is not None
+    assert r["recovered_step"]["disk"]["step"] is None and r["recovery_s_disk"] is None
+    assert "work_lost_steps_disk" not in r
+    assert any("recovery from disk not measured" in note for note in r["notes"])
