@@ -434,7 +434,8 @@ def render(rows: list[dict], images: list[str], results_rel: str, images_rel: st
         parts += [f"![{image}]({images_rel}/{image})", ""]
     parts += ablation_section(rows)
     for (card, tag), rs in sorted(groups.items()):
-        parts += [f"## {card}, matrix `{tag}`", "", _versions_line(rs),
+        conditions = sorted({r["run_conditions"] for r in rs if r.get("run_conditions")})
+        parts += [f"## {card}, matrix `{tag}`", "", *(f"Conditions: {c}\n" for c in conditions), _versions_line(rs),
                   "", table(rs), "", "<details><summary>commands</summary>", "", "```"]
         parts += sorted({r.get("command") or "" for r in rs if r.get("command")})
         parts += ["```", "", "</details>", ""]
