@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
                               "gbps": s.copy_gbps, "by_phase": dict(s.bytes_by_phase), "sealed": s.sealed_step}
             if io.engine is not None:  # the copies of the iteration that just ended (its snapshot is fenced)
                 e = io.engine.stats
-                stats_of[step].update(issues=e.issues, issue_ms=e.issue_ms, issuer_ms=e.issuer_ms, groups=e.groups, start_ms=e.start_ms)
+                stats_of[step].update(issues=e.issues, issue_ms=e.issue_ms, issuer_ms=e.issuer_ms, groups=e.groups, sync_windows=e.sync_windows, start_ms=e.start_ms)
             if cuda and step == args.warmup // 2:
                 memory["baseline_peak"] = torch.cuda.max_memory_allocated() / 2**20
                 torch.cuda.reset_peak_memory_stats()
@@ -258,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
             # the issuer thread's CPU time making those copy calls (GPU only)
             "issuer_ms_median": _median([s.get("issuer_ms") for s in stats]),
             "groups_median": _median([s.get("groups") for s in stats]),
+            # windows closed to copies because training waited for the copies there (at the last snapshot)
+            "sync_windows": stats[-1].get("sync_windows") if stats else None,
             # the engine's part of the capture (boundary copies, plan, arming the copier and scheduler)
             "engine_start_ms_median": _median([s.get("start_ms") for s in stats]),
             "mib_by_phase": {k: v / 2**20 for k, v in (stats[len(stats) // 2]["by_phase"] if stats else {}).items()},
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         (out / name).write_text(json.dumps(result, indent=1))
         summary[variant] = {k: result[k] for k in ("iter_ms_median", "overhead", "overhead_ci95", "stall_ms_median", "forward_ms_median",
                                                      "backward_ms_median", "fence_wait_ms_median", "copy_gbps_median",
-                                                     "capture_ms_median", "issues_median", "issue_ms_median", "issuer_ms_median", "groups_median",
+                                                     "capture_ms_median", "issues_median", "issue_ms_median", "issuer_ms_median", "groups_median", "sync_windows",
                                                      "extra_gpu_mib", "iterations")}
     print(json.dumps({"model": args.model, "card": card, "summary": summary}, indent=1, default=str))
 

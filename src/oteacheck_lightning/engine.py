@@ -48,6 +48,7 @@ class EngineStats:
     issue_ms: float = 0.0  # training-thread time in them
     issuer_ms: float = 0.0  # the copier thread's CPU time making the copy calls they queued
     groups: int = 0  # issue points the scheduler planned
+    sync_windows: int = 0  # windows closed to copies because training waited for them there
     start_ms: float = 0.0  # training-thread time in start (boundary copies, planning, arming)
 
 
@@ -157,7 +158,8 @@ class SnapshotEngine:
         )
         self._started += 1
         self.stats = EngineStats(
-            boundary_bytes=boundary_bytes, planned_bytes=self._plan_bytes, groups=self.scheduler.groups
+            boundary_bytes=boundary_bytes, planned_bytes=self._plan_bytes, groups=self.scheduler.groups,
+            sync_windows=len(self.scheduler.sync_windows),
         )
         self.stats.start_ms = (time.perf_counter() - started) * 1e3
 

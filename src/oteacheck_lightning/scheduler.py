@@ -19,6 +19,12 @@ State machine (one snapshot at a time; the training thread drives every transiti
   groups (an expected "copy clock"). With ``avoid_allreduce`` the backward windows, where DeepSpeed reduces
   gradient buckets, get no budget, and no group spans them.
 * the last group of the iteration takes everything left, whatever its budget: the fence could only issue it later.
+* *sync windows*: a window that stretched by at least half the copy time in flight in it, against its shortest
+  length, holds a point where training waits for the copy engine (a ``.item()``, a mask check that reads a GPU
+  tensor: a GPU serves device-to-host transfers in order, so it waits behind every snapshot byte queued before it).
+  Such a window is closed to copies from then on, like an all-reduce window: it ends a group, and the copies issued
+  before it get only the budget that is done by its start. (BERT in transformers checks its attention mask in
+  forward: with the whole snapshot queued at iteration start, forward took 94 ms instead of 18.)
 * ``fence`` (BEFORE_STEP of *t+1*): everything left (before any window was measured, the whole snapshot) is issued at
   once; the copier then waits for all of it. That wait is the only stall. With ``front_load``, a window also takes whatever the rest of the iteration's windows are
   not expected to hold, so less is left for the fence (at the price of a longer queue early in the iteration).
@@ -32,6 +38,7 @@ from an iteration no copy disturbed.
 from __future__ import annotations
 
 import enum
+import logging
 from collections import deque
 from collections.abc import Mapping, Sequence
 
@@ -54,6 +61,8 @@ BUBBLE_PHASES = frozenset(
 BLOCK_PHASES = frozenset({Phase.FORWARD_BLOCK, Phase.BACKWARD_BLOCK})
 # windows in which DeepSpeed reduces gradients (ZeRO 2/3 overlap reduction with backward)
 _ALLREDUCE_PHASES = frozenset({Phase.FORWARD_END, Phase.BACKWARD_BLOCK, Phase.BUCKET_REDUCED})
+
+log = logging.getLogger(__name__)
 
 WindowKey = tuple[Phase, int | None]
 # a loop bound by the host pays every issue call in iteration time: 0.3% of it goes to issuing
@@ -110,6 +119,11 @@ class BubbleScheduler:
         self._history: dict[WindowKey, deque[float]] = {}
         self._history_len = history
         self._bytes_per_ms = 0.0
+        # windows in which training waited for the copies (closed to copies), and the copy time expected in flight
+        # in each window the last time its event came (block events come only in some iterations; windows are
+        # learned from the last timed one)
+        self._sync_windows: set[WindowKey] = set()
+        self._inflight_ms: dict[WindowKey, float] = {}
         self._clock_ms = 0.0  # expected time since the first window of this iteration opened
         self._busy_until_ms = 0.0  # expected time the copies issued so far are done
         self.bytes_by_phase: dict[str, int] = {}
@@ -124,12 +138,29 @@ class BubbleScheduler:
             self._issue_ms = issue_ms
         if window_ms:
             for key, ms in window_ms.items():
-                self._history.setdefault(key, deque(maxlen=self._history_len)).append(ms)
+                history = self._history.setdefault(key, deque(maxlen=self._history_len))
+                if history and key not in self._sync_windows:
+                    self._detect_sync(key, ms - min(history))
+                history.append(ms)
             # windows of the last iteration only (a model's blocks can change); each at its shortest recent length
             self._window_ms = {key: min(self._history[key]) for key in window_ms}
             self._windows_learned += 1
         if bytes_per_ms > 0:
             self._bytes_per_ms = bytes_per_ms
+
+    def _detect_sync(self, key: WindowKey, stretch_ms: float) -> None:
+        inflight = self._inflight_ms.get(key, 0.0)
+        # half the copy time in flight: a host pause (the collector, the data loader) stretches a window in a loop
+        # bound by the host too, but rarely by that much, and a false sync window only moves copies later
+        if inflight >= 1.0 and stretch_ms >= max(1.0, 0.5 * inflight):
+            self._sync_windows.add(key)
+            log.info("training waited for the snapshot copies in window %s (%.1f ms longer with %.1f ms of copies in "
+                     "flight); no copies are issued across it from now on", key, stretch_ms, inflight)
+
+    @property
+    def sync_windows(self) -> frozenset[WindowKey]:
+        """Windows in which training waited for the copy engine (closed to copies)."""
+        return frozenset(self._sync_windows)
 
     @property
     def has_budgets(self) -> bool:
@@ -154,9 +185,9 @@ class BubbleScheduler:
         # copy time the windows of one iteration offer, and the groups: derived again only when what they come
         # from changed (the windows are retimed one snapshot in several), not at every snapshot
         affordable = self._affordable_issues()
-        key = (self._windows_learned, affordable, self.avoid_allreduce, self.policy)
+        key = (self._windows_learned, affordable, self.avoid_allreduce, self.policy, len(self._sync_windows))
         if self._derived is None or self._derived[0] != key:
-            copyable_ms = sum(ms for k, ms in self._window_ms.items() if self._copyable(k[0]))
+            copyable_ms = sum(ms for k, ms in self._window_ms.items() if self._copyable(k))
             groups = self._groups(copyable_ms, affordable) if self.policy is SchedulePolicy.BUBBLES else {}
             starts, clock = {}, 0.0
             for k, ms in self._window_ms.items():
@@ -169,10 +200,10 @@ class BubbleScheduler:
 
     def on_event(self, event: PhaseEvent) -> list[Partition]:
         """The partitions to issue now, at the start of the window ``event`` opens."""
-        if not self._armed or not self._queue or event.phase not in BUBBLE_PHASES:
+        if not self._armed or event.phase not in BUBBLE_PHASES:
             return []
         if self.policy is not SchedulePolicy.BUBBLES:
-            return self._take_all(event) if event.phase is Phase.ITERATION_START else []
+            return self._take_all(event) if event.phase is Phase.ITERATION_START and self._queue else []
         if not self.has_budgets:
             return []
         key = window_key(event)
@@ -181,7 +212,14 @@ class BubbleScheduler:
         # in an iteration that issues nothing at a block) still count; a window not measured starts where we are
         start = self._starts.get(key, self._clock_ms)
         self._clock_ms = start + window
-        if not self._copyable(event.phase):
+        issued = self._take(key, start, window) if self._queue else []
+        # an empty queue still has copies in flight: their time in this window is what a stretch is compared with
+        self._inflight_ms[key] = max(0.0, self._busy_until_ms - start)
+        return issued
+
+    def _take(self, key: WindowKey, start: float, window: float) -> list[Partition]:
+        """The partitions the window ``key`` (opening at ``start``, ``window`` ms long) issues."""
+        if not self._copyable(key):
             return []
         self._copyable_passed_ms += window
         span = self._group_ms.get(key)
@@ -204,11 +242,11 @@ class BubbleScheduler:
             nbytes = sum(p.span for p in issued)
             self._queued_bytes -= nbytes
             self._busy_until_ms = max(self._busy_until_ms, start) + nbytes / self._bytes_per_ms
-            self._count(event.phase.value, nbytes)
+            self._count(key[0].value, nbytes)
         return issued
 
-    def _copyable(self, phase: Phase) -> bool:
-        return not (self.avoid_allreduce and phase in _ALLREDUCE_PHASES)
+    def _copyable(self, key: WindowKey) -> bool:
+        return not (self.avoid_allreduce and key[0] in _ALLREDUCE_PHASES) and key not in self._sync_windows
 
     def _affordable_issues(self) -> int | None:
         """How many issue calls ``host_share`` of an iteration pays for at the measured cost of one (``None``: no
@@ -226,7 +264,7 @@ class BubbleScheduler:
         groups: dict[WindowKey, float] = {}
         head: WindowKey | None = None
         for key, ms in self._window_ms.items():
-            if not self._copyable(key[0]):
+            if not self._copyable(key):
                 head = None
                 continue
             if head is None or groups[head] >= least_ms:

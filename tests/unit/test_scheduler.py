@@ -52,7 +52,11 @@ def test_a_window_counts_at_its_shortest_recent_length():
     s.begin(parts(10, 50))
     assert len(s.on_event(ev(Phase.FORWARD_START))) == 2  # 100 ms, not 400
     s.fence()
+    s.begin([])  # an iteration with no copies in flight: its stretch is not a wait for them
+    s.on_event(ev(Phase.FORWARD_START))
+    s.fence()
     s.learn({(Phase.FORWARD_START, None): 400.0}, 1.0)  # the 100 ms measurement has left the history
+    assert s.sync_windows == frozenset()
     s.begin(parts(10, 50))
     assert len(s.on_event(ev(Phase.FORWARD_START))) == 8
 
@@ -262,3 +266,37 @@ def test_the_last_group_takes_nothing_closed_to_copies():
     s.begin(parts(5, 10))
     got = [len(s.on_event(ev(phase, key))) for phase, key in windows]
     assert got == [5, 0, 0]  # FORWARD_START is the last window open to copies
+
+
+def test_a_window_that_waited_for_the_copies_in_flight_is_closed_to_copies():
+    # BERT's forward reads a GPU tensor (its attention mask) early: with the snapshot queued at iteration start it
+    # waits behind every byte of it. The window that stretched with copies in flight takes none from then on, and
+    # what is issued before it is only what is done by its start
+    windows = {(Phase.ITERATION_START, None): 10.0, (Phase.FORWARD_START, None): 20.0, (Phase.FORWARD_END, None): 60.0,
+               (Phase.BACKWARD_END, None): 10.0}
+    s = BubbleScheduler(safety=1.0, host_share=None)
+    s.learn(windows, 1.0)
+    s.begin(parts(10, 10))
+    issued = {e.phase: s.on_event(e) for e in (ev(p) for p, _ in windows)}
+    s.fence()
+    assert sum(p.span for p in issued[Phase.ITERATION_START]) == 10 and s.sync_windows == frozenset()
+    # measured with copies in flight: forward waited for them (20 -> 50 ms with 20 ms of copies in it); the other
+    # windows moved by less than half their copies' time
+    s.learn({**windows, (Phase.FORWARD_START, None): 50.0, (Phase.FORWARD_END, None): 65.0}, 1.0)
+    assert s.sync_windows == {(Phase.FORWARD_START, None)}
+    s.begin(parts(10, 10))
+    issued = {e.phase: s.on_event(e) for e in (ev(p) for p, _ in windows)}
+    s.fence()
+    assert issued[Phase.FORWARD_START] == []
+    # done by forward's start: iteration start's 10 ms hold 10 bytes, nothing more
+    assert sum(p.span for p in issued[Phase.ITERATION_START]) == 10
+    assert sum(p.span for p in issued[Phase.FORWARD_END]) == 60
+    # a pause with no copies in flight is not a wait for them
+    s2 = BubbleScheduler(safety=1.0, host_share=None)
+    s2.learn(windows, 1.0)
+    s2.begin([])
+    for p, _ in windows:
+        s2.on_event(ev(p))
+    s2.fence()
+    s2.learn({**windows, (Phase.FORWARD_START, None): 50.0}, 1.0)
+    assert s2.sync_windows == frozenset()
