@@ -19,12 +19,13 @@ State machine (one snapshot at a time; the training thread drives every transiti
   groups (an expected "copy clock"). With ``avoid_allreduce`` the backward windows, where DeepSpeed reduces
   gradient buckets, get no budget, and no group spans them.
 * the last group of the iteration takes everything left, whatever its budget: the fence could only issue it later.
-* *sync windows*: a window that stretched by at least half the copy time in flight in it and 5% of the
-  iteration, against its shortest length, holds a point where training waits for the copy engine (a ``.item()``, a mask check that reads a GPU
-  tensor: a GPU serves device-to-host transfers in order, so it waits behind every snapshot byte queued before it).
-  Such a window is closed to copies from then on, like an all-reduce window: it ends a group, and the copies issued
-  before it get only the budget that is done by its start. (BERT in transformers checks its attention mask in
-  forward: with the whole snapshot queued at iteration start, forward took 94 ms instead of 18.)
+* *sync windows*: a window that stretched, against its shortest length, by at least half the copy time in flight
+  in it and by 5% of the iteration holds a point where training waits for the copy engine (a ``.item()``, a mask
+  check that reads a GPU tensor: a GPU serves device-to-host transfers in order, so it waits behind every snapshot
+  byte queued before it). Such a window is closed to copies from then on, like an all-reduce window: it ends a
+  group, and the copies issued before it get only the budget that is done by its start (unless no copyable window
+  follows it: then the last group still takes the rest). BERT in transformers checks its attention mask in forward:
+  with the whole snapshot queued at iteration start, forward took 94 ms instead of 18.
 * ``fence`` (BEFORE_STEP of *t+1*): everything left (before any window was measured, the whole snapshot) is issued at
   once; the copier then waits for all of it. That wait is the only stall. With ``front_load``, a window also takes whatever the rest of the iteration's windows are
   not expected to hold, so less is left for the fence (at the price of a longer queue early in the iteration).
