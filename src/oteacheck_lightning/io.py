@@ -83,6 +83,7 @@ class SnapshotStats:
     sealed_step: int = -1
     sealed: int = 0
     skipped: int = 0
+    persist_request_errors: int = 0  # sealed snapshots the persister could not be told of (they stay in memory)
     stall_ms: float = 0.0  # fence_ms + capture_ms of the last sealed snapshot: what the training thread lost
     fence_ms: float = 0.0  # how long the optimizer step waited for the copies (GPU time on CUDA)
     capture_ms: float = 0.0  # training-thread time at the step boundary
@@ -300,6 +301,16 @@ class OTeaCheckpointIO(CheckpointIO):
         except BaseException:
             self._pool.abandon(pending.slot)
             raise
+        # outside the guard: a sealed slot is the newest checkpoint and must never be abandoned for this
+        self._request_persist(pending.step)
+
+    def _request_persist(self, step: int) -> None:
+        assert self._persister is not None
+        try:
+            self._persister.request(step)
+        except Exception as err:  # only this step's persistence is lost; the next sealed step asks again
+            self.stats.persist_request_errors += 1
+            log.warning("could not hand the snapshot of step %d to the persister (it stays in memory): %s", step, err)
 
     def _store_rng(self, pending: _Pending) -> Any:
         """Writes the RNG states grabbed for ``pending`` into its slot; returns their document."""
@@ -335,7 +346,6 @@ class OTeaCheckpointIO(CheckpointIO):
         assert copies is not None
         s.bytes_by_phase, s.copy_gbps = copies.bytes_by_phase, copies.gbps
         s.issues, s.issue_ms, s.issuer_ms = copies.issues, copies.issue_ms, copies.issuer_ms
-        self._persister.request(pending.step)
 
     def seal_pending(self) -> int | None:
         """Completes every snapshot taken so far now, waiting for its copies; returns the newest sealed step."""
@@ -499,6 +509,7 @@ class OTeaCheckpointIO(CheckpointIO):
             "oteacheck/copy_gbps": s.copy_gbps,
             "oteacheck/snapshot_mib": s.bytes / 2**20,
             "oteacheck/skipped_snapshots": float(s.skipped),
+            "oteacheck/persist_request_errors": float(s.persist_request_errors),
         }
         for phase, nbytes in s.bytes_by_phase.items():
             out[f"oteacheck/mib_{phase}"] = nbytes / 2**20

@@ -32,3 +32,19 @@ def test_metrics_go_to_the_logger_every_log_every_n_steps_and_to_the_progress_ba
     shown = proc.stdout + proc.stderr  # the progress bar
     # TQDM writes "name=value", Rich "name: value"
     assert re.search(r"ckpt_step[=:] ?\d", shown) and re.search(r"stall_ms[=:] ?\d", shown)
+
+
+def test_a_refused_persist_request_keeps_the_sealed_snapshot_and_training_goes_on(tmp_path):
+    # the persister is told of each sealed snapshot after its seal; if that fails (injected: once, at step 4), the
+    # snapshot stays the newest in memory, training goes on, and the next due step is persisted (before, the sealed
+    # slot was abandoned and the run stopped)
+    env = harness.environment(f"request-{tmp_path.name}", tmp_path / "shm")
+    proc = harness.run(tmp_path / "root", tmp_path / "out", env, devices=1, max_steps=12, persist_every=4,
+                       csv_log_every=3, fault="persist-request-fails:4")
+    with open(tmp_path / "out" / "logs" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("oteacheck/sealed_step")]
+    assert [int(r["step"]) for r in rows] == [3, 6, 9, 12]
+    assert [float(r["oteacheck/persist_request_errors"]) for r in rows] == [0, 1, 1, 1]
+    assert float(rows[-1]["oteacheck/sealed_step"]) >= 11
+    assert float(rows[-1]["oteacheck/tier0_persisted_step"]) >= 8
+    assert "could not hand the snapshot of step 4 to the persister" in proc.stderr

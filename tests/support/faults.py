@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
+from oteacheck_lightning import persist
 from oteacheck_lightning.tiers import fsspec_tier
 
 
@@ -15,8 +16,24 @@ def install(spec: str) -> None:
     elif name == "stall-remote-persist":
         step, _, folder = arg.partition(":")
         _stall_remote_persist(int(step), folder)
+    elif name == "persist-request-fails":
+        _persist_request_fails(int(arg))
     else:
         raise ValueError(f"unknown fault {spec!r}")
+
+
+def _persist_request_fails(step: int) -> None:
+    """The persister refuses, once, to be told of the sealed snapshot of ``step`` (as if pinning it had failed)."""
+    original = persist.Persister.request
+    failed = []
+
+    def request(self, at, force=False):
+        if at == step and not failed:
+            failed.append(at)
+            raise OSError(f"injected: cannot pin the snapshot of step {at}")
+        return original(self, at, force)
+
+    persist.Persister.request = request
 
 
 def _kill_during_persist(step: int) -> None:
