@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.utilities.types import _PATH
@@ -42,7 +43,7 @@ from .bubbles import Phase, PhaseEvent
 from .copier import FenceTicket, HostCopier
 from .deepspeed_state import DeepSpeedState
 from .engine import DEFAULT_STAGING_MIB, EngineStats, SnapshotEngine
-from .format import Manifest, TensorRecord, add_checksums, byte_view, load_tensors, plan_layout
+from .format import Manifest, TensorRecord, add_checksums, load_tensors, plan_layout
 from .persist import Persister, PersistSchedule, TargetStats
 from .plan import MiB
 from .recovery import Gather, recover
@@ -68,7 +69,6 @@ class _Pending:
     slot: Slot
     records: list[TensorRecord]
     rng_records: list[TensorRecord]
-    rng_doc_shape: Any
     document: Any
     data_bytes: int
     rng: RawRng | None = None  # grabbed at the start of iteration t+1, stored by the sealer
@@ -241,7 +241,7 @@ class OTeaCheckpointIO(CheckpointIO):
         started = time.perf_counter()
         # a snapshot's RNG values are grabbed at the next iteration start; sizing their records only needs the
         # last recording (RNG states keep their shapes), which saves collecting them twice per snapshot
-        document, named, rng_doc, rng = self._collect(lightning_state, self._last_rng)
+        document, named, _, rng = self._collect(lightning_state, self._last_rng)
         records, data_bytes = plan_layout(named + rng)
         slot = self._pool.acquire(data_bytes)
         if slot is None:
@@ -250,7 +250,7 @@ class OTeaCheckpointIO(CheckpointIO):
             return False
         boundary = [name.startswith(_BOUNDARY_PREFIXES) for name, _ in named]
         self.engine.start(slot.buffer, records[: len(named)], [t for _, t in named], boundary)
-        self._pending = _Pending(step, slot, records[: len(named)], records[len(named) :], _shape_of(rng_doc), document, data_bytes)
+        self._pending = _Pending(step, slot, records[: len(named)], records[len(named) :], document, data_bytes)
         self.stats.capture_ms = (time.perf_counter() - started) * 1e3
         return True
 
@@ -316,10 +316,15 @@ class OTeaCheckpointIO(CheckpointIO):
         """Writes the RNG states grabbed for ``pending`` into its slot; returns their document."""
         assert pending.rng is not None
         rng_doc, rng = _encode_rng(pending.rng)
-        if _shape_of(rng_doc) != pending.rng_doc_shape or [r.nbytes for r in pending.rng_records] != [t.numel() * t.element_size() for _, t in rng]:
+        if len(rng) != len(pending.rng_records):
             raise RuntimeError("the RNG state changed shape between capture and seal")
-        for record, (_, tensor) in zip(pending.rng_records, rng, strict=True):
-            byte_view(pending.slot.buffer, record).copy_(tensor)
+        # through numpy: a byte view and a copy per state through torch cost the sealer more than the states' bytes
+        slot = pending.slot.buffer.numpy()
+        for record, (_, tensor) in zip(pending.rng_records, rng):
+            raw = tensor.numpy().reshape(-1).view(np.uint8)
+            if raw.nbytes != record.nbytes or tensor.dtype is not record.torch_dtype:
+                raise RuntimeError("the RNG state changed shape between capture and seal")
+            slot[record.offset : record.offset + record.nbytes] = raw
         self._last_rng = (rng_doc, rng)
         return rng_doc
 
@@ -533,13 +538,3 @@ def _encode_rng(raw: RawRng | None = None) -> tuple[Any, list[tuple[str, torch.T
     snapshot's sizing and of explicit checkpoints."""
     rng_doc, rng_tensors = statecodec.encode(rng_state(raw if raw is not None else grab_rng()), tensor_prefix="rng/")
     return rng_doc, list(rng_tensors.items())
-
-
-def _shape_of(document: Any) -> Any:
-    """The structure of a state document without its values (to check that two RNG captures line up)."""
-    if isinstance(document, dict):
-        return {k: _shape_of(v) for k, v in document.items() if k != "ref"}
-    if isinstance(document, list):
-        return len(document)
-    return type(document).__name__
-
