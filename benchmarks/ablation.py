@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shlex
 import statistics
 import sys
@@ -111,25 +110,6 @@ def _schedule(variants: list[str], args: argparse.Namespace) -> list[str]:
         for v in policies[r % len(policies):] + policies[: r % len(policies)]:  # no policy always follows another
             steps += ["none"] * args.block + [v] * args.block
     return steps
-
-
-def _paired_overhead(kept: list[dict[str, Any]], variant: str, args: argparse.Namespace) -> tuple[list[float], list[float] | None]:
-    """Ratios of each block of ``variant`` to the ``none`` block before it, and a 95% bootstrap interval of their
-    median."""
-    by_block: dict[int, list[dict[str, Any]]] = {}
-    for r in kept:
-        by_block.setdefault((r["step"] - args.warmup) // args.block, []).append(r)
-    ratios = []
-    for b, rows in sorted(by_block.items()):
-        before = by_block.get(b - 1)
-        # blocks come in pairs: none (even), then a policy (odd)
-        if b % 2 == 1 and rows[0]["variant"] == variant and before:
-            ratios.append(statistics.median(r["iter_ms"] for r in rows) / statistics.median(r["iter_ms"] for r in before))
-    if len(ratios) < 2:
-        return ratios, None
-    rng = random.Random(0)
-    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
-    return ratios, [medians[int(0.025 * len(medians))], medians[int(0.975 * len(medians)) - 1]]
 
 
 def _median(values: list[float]) -> float | None:
@@ -214,9 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     if trainer.global_rank != 0:
         return
     rows = timeline.rows()
-    # left out: the first iterations of a block (they may seal the previous block's last snapshot) and its last
-    # (it ends with the next variant's first snapshot)
-    kept = [r for r in rows if r["step"] >= args.warmup and args.skip <= (r["step"] - args.warmup) % args.block < args.block - 1]
+    kept = measure.kept_in_blocks(rows, args.warmup, args.block, args.skip)
     none_ms = _median([r["iter_ms"] for r in kept if r["variant"] == "none"])
     command = "python -m benchmarks.ablation " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     out = Path(args.out)
@@ -231,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
         # the stats of iteration s's snapshot are complete after iteration s + 1 (sealed without waiting)
         stats = [stats_of[r["step"] + 1] for r in mine if r["step"] + 1 in stats_of and variant != "none"]
         median_ms = _median([r["iter_ms"] for r in mine])
-        ratios, interval = _paired_overhead(kept, variant, args) if variant != "none" else ([1.0], [1.0, 1.0])
+        ratios, interval = (measure.paired_overhead(kept, variant, args.warmup, args.block) if variant != "none"
+                            else ([1.0], [1.0, 1.0]))
         result = {
             "status": "ok", "kind": "ablation", "run": run, "design": {"block": args.block, "skip": args.skip, "rounds": args.rounds},
             "card": card, "gpus": args.gpus, "model": args.model,

@@ -8,10 +8,13 @@ methods need first (``none`` for the OTeaCheck rows, ``none-deepspeed`` for the 
 order given. Before each run the matrix estimates its duration from the runs so far; a run that no longer fits the
 budget is skipped and listed as skipped (nothing is cut off half-way, except by ``--timeout``).
 
-After the runs, every result of this matrix (same ``--tag``; several invocations may share a tag and an
-``--out``, and then reuse each other's results, baselines included) gets its ratios to the baseline of the same
-model and GPU count: ``overhead`` (mean iteration time: the throughput cost, which also counts the iterations
-between two checkpoints), ``overhead_median`` (median iteration time), ``extra_gpu_mib`` (peak allocated delta).
+After the runs, every result of this matrix (same ``--tag``; several invocations may share a tag and an ``--out``,
+and then reuse each other's results, baselines included) gets its ratios to the baseline of the same model and GPU
+count: ``overhead`` (mean iteration time: the throughput cost, which also counts the iterations between two
+checkpoints), ``overhead_median`` (median iteration time), ``extra_gpu_mib`` (peak allocated delta). OTeaCheck's
+rows at a snapshot every iteration are paired within their own run instead (``--paired-block``, see
+``benchmarks.run``): separate processes drift by more than their cost; the ratio to the baseline's process stays as
+``overhead_separate``.
 
 ``--search-5pct`` then looks, per method, for the shortest interval whose overhead stays at or under 5%: from the
 every-iteration run's cost per checkpoint it computes the interval that should fit, runs it (long enough to hold
@@ -53,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--recovery", default="", help="comma-separated methods whose restart is measured too ('all')")
+    p.add_argument("--paired-block", type=int, default=3,
+                   help="OTeaCheck rows at every step: overhead paired within their own run, blocks of this many "
+                        "iterations (they run twice --steps, half without snapshots); 0: against the baseline's process")
     p.add_argument("--search-5pct", action="store_true", help="find each method's shortest interval within 5%%")
     p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget for this invocation")
     p.add_argument("--deadline", type=float, default=None, help="absolute end time (epoch seconds), e.g. shared by several invocations")
@@ -107,7 +113,9 @@ class Matrix:
         if got is not None:
             return got
         recovery = method in self.recovery
-        need = self.estimate(model, recovery)
+        paired = bool(self.args.paired_block) and every == 1 and method in OTEACHECK_METHODS and method != "none"
+        scale = 2.0 if paired else 1.0  # twice the iterations
+        need = self.estimate(model, recovery) * scale
         left = self.remaining()
         entry = {"tag": self.tag, "model": model, "method": method, "gpus": gpus, "every_n_steps": every}
         if need > left:
@@ -115,16 +123,19 @@ class Matrix:
             print(f"[matrix] skip {model} {method} x{gpus} n={every}: needs ~{need:.0f}s, {max(left, 0):.0f}s left", flush=True)
             return None
         a = self.args
+        steps = (steps or a.steps) * (2 if paired else 1)
         cmd = [sys.executable, "-m", "benchmarks.run", "--model", model, "--method", method, "--gpus", str(gpus),
-               "--steps", str(steps or a.steps), "--warmup", str(a.warmup), "--every-n-steps", str(every),
+               "--steps", str(steps), "--warmup", str(a.warmup), "--every-n-steps", str(every),
                "--persist-every-n-steps", str(a.persist_every_n_steps), "--staging-mib", str(a.staging_mib),
                "--out", str(self.out), "--tag", self.tag, "--timeout", str(max(30.0, min(a.timeout, left - 2)))]
         if a.smoke:
             cmd.append("--smoke")
         if recovery:
             cmd.append("--recovery")
+        if paired:
+            cmd += ["--paired-block", str(a.paired_block)]
         if a.run_seconds:
-            cmd += ["--max-seconds", str(a.run_seconds)]
+            cmd += ["--max-seconds", str(a.run_seconds * scale)]
         print(f"[matrix] run {model} {method} x{gpus} n={every} ({left:.0f}s left)", flush=True)
         if a.dry_run:
             print("  " + shlex.join(cmd))
@@ -134,7 +145,7 @@ class Matrix:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")) if p)
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         took = time.time() - started
-        self.durations.append((model, took / (2.5 if recovery else 1.0)))
+        self.durations.append((model, took / (2.5 if recovery else 1.0) / scale))
         path = self.out / result_name(model, method, gpus, every)
         result = json.loads(path.read_text()) if path.exists() else None
         status = result.get("status") if result else f"driver failed ({proc.returncode})"
@@ -155,6 +166,9 @@ class Matrix:
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        if a.paired_block and (a.paired_block < 3 or 2 * a.steps < 4 * a.paired_block):
+            raise SystemExit(f"--paired-block {a.paired_block} with --steps {a.steps}: a paired run needs blocks of at "
+                             f"least 3 iterations and --steps of at least twice the block; or --paired-block 0")
         jobs = []
         for gpus in [int(g) for g in a.gpus.split(",")]:
             for model in [m for m in a.models.split(",") if m]:
@@ -219,9 +233,13 @@ class Matrix:
             d["baseline_iter_ms_mean"] = b["iter_ms_mean"]
             d["overhead"] = d["iter_ms_mean"] / b["iter_ms_mean"]
             d["overhead_median"] = d["iter_ms_median"] / b["iter_ms_median"]
+            if d.get("overhead_paired") is not None:
+                # measured within the run: the ratios to the baseline's process only say how far processes drift
+                d["overhead_separate"], d["overhead_median_separate"] = d["overhead"], d["overhead_median"]
+                d["overhead"] = d["overhead_median"] = d["overhead_paired"]
             if d.get("peak_gpu_mib") is not None and b.get("peak_gpu_mib") is not None:
                 d["extra_gpu_mib"] = d["peak_gpu_mib"] - b["peak_gpu_mib"]
-            if d["method"] not in ("none", "none-deepspeed") and d.get("checkpoints"):
+            if d["method"] not in ("none", "none-deepspeed") and d.get("checkpoints") and d.get("overhead_paired") is None:
                 # the time checkpointing added per checkpoint, all effects included (the host stall is only part)
                 extra_ms = (d["iter_ms_mean"] - b["iter_ms_mean"]) * d["steps_measured"]
                 d["cost_ms_per_checkpoint"] = extra_ms / d["checkpoints"]

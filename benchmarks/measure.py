@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import resource
 import statistics
 import sys
@@ -98,6 +99,32 @@ def summarize(values: list[float]) -> dict[str, float | None]:
     ordered = sorted(values)
     p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
     return {"median": statistics.median(ordered), "p90": p90, "mean": statistics.fmean(ordered)}
+
+
+def kept_in_blocks(rows: list[dict[str, Any]], first_step: int, block: int, skip: int) -> list[dict[str, Any]]:
+    """The iterations (rows with a ``step``) of the blocks that start at ``first_step``, less the first ``skip`` of
+    each block (they may seal the previous block's last snapshot) and its last (it ends with the next block's
+    first snapshot)."""
+    return [r for r in rows if r["step"] >= first_step and skip <= (r["step"] - first_step) % block < block - 1]
+
+
+def paired_overhead(kept: list[dict[str, Any]], variant: str, first_step: int, block: int) -> tuple[list[float], list[float] | None]:
+    """Blocks alternate from ``first_step``: no checkpointing (even), a checkpointing variant (odd). Returns the
+    ratios of the median ``iter_ms`` of each block of ``variant`` to that of the block right before it, and a 95%
+    bootstrap interval of their median (``None`` under two pairs)."""
+    by_block: dict[int, list[dict[str, Any]]] = {}
+    for r in kept:
+        by_block.setdefault((r["step"] - first_step) // block, []).append(r)
+    ratios = []
+    for b, rows in sorted(by_block.items()):
+        before = by_block.get(b - 1)
+        if b % 2 == 1 and rows[0]["variant"] == variant and before:
+            ratios.append(statistics.median(r["iter_ms"] for r in rows) / statistics.median(r["iter_ms"] for r in before))
+    if len(ratios) < 2:
+        return ratios, None
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
+    return ratios, [medians[int(0.025 * len(medians))], medians[int(0.975 * len(medians)) - 1]]
 
 
 def peak_rss_mib() -> float:

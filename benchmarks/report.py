@@ -87,7 +87,10 @@ AdamW moments, buffers); `sync-deepspeed` saves DeepSpeed's format and `lightnin
 * **iter ms**: median and p90 of the measured iterations, from the start of one training batch to the start of
   the next (CUDA events on the training stream, so neither a host stall nor device work is missed).
 * **overhead**: mean iteration time over the baseline's (same model, GPU count and matrix run): the throughput
-  cost, which also counts the iterations between checkpoints; **ovh. median**: the same with medians.
+  cost, which also counts the iterations between checkpoints; **ovh. median**: the same with medians. OTeaCheck
+  at every iteration (*paired*): measured within its own run, as in the ablation below, blocks of iterations with
+  and without snapshots taking turns; the median ratio of each snapshot block to the block before it, with its 95%
+  bootstrap interval (separate processes of one configuration drifted by up to 20%, more than that cost).
 * **stall ms**: per checkpoint, how long the training thread was held (OTeaCheck: its `oteacheck/stall_ms`).
 * **ckpt/h**: checkpoints taken per hour of training at the measured speed (OTeaCheck: snapshots sealed in
   memory; the others: saves begun).
@@ -204,6 +207,11 @@ def table(rows: list[dict]) -> str:
         ovh = _f(r.get("overhead"), "{:.3f}x")
         if status == "estimated":
             ovh = f"~{ovh} (est.)"
+        elif r.get("paired"):
+            ovh = _overhead_cell(r) + " paired"
+            p = r["paired"]
+            note += (" " if note else "") + (f"paired in its own run: {p.get('pairs')} pairs of {p.get('block')}-iteration "
+                                             f"blocks; against the baseline's process {_f(r.get('overhead_separate'), '{:.3f}x')}")
         lines.append("| " + " | ".join([
             r["model"], str(r.get("gpus")), f"`{r['method']}`", str(r.get("every_n_steps")),
             f"{_f(r.get('iter_ms_median'))} / {_f(r.get('iter_ms_p90'))}", ovh, _f(r.get("overhead_median"), "{:.3f}x"),

@@ -12,6 +12,14 @@ same time for a fresh start, for comparison.
 
 ``overhead`` and ``extra_gpu_mib`` need the no-checkpointing run of the same model; ``benchmarks.matrix`` fills
 them in after all runs of a matrix.
+
+``--paired-block N`` (OTeaCheck methods, a snapshot every iteration) measures the overhead within this process
+instead, the way ``benchmarks.ablation`` does: after the warm-up, blocks of ``N`` iterations alternate between no
+snapshot and a snapshot every iteration, each snapshot block is compared with the block right before it, and
+``overhead_paired`` is the median of those ratios with a 95% bootstrap interval (``overhead_ci95``). Separate
+processes of one configuration differed by up to 20% on one card, more than OTeaCheck's whole cost; the other
+methods cost tens of times the iteration there, and the asynchronous ones would carry their writes into the next
+block, so they are measured against the baseline's process.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import os
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
                    help="stop measuring once training ran this long (at least 5 measured iterations)")
     p.add_argument("--timeout", type=float, default=600, help="kill a child process after this many seconds")
     p.add_argument("--recovery", action="store_true", help="simulate a failure and time the restart")
+    p.add_argument("--paired-block", type=int, default=0,
+                   help="OTeaCheck methods at every step: alternate blocks of this many iterations without and with "
+                        "snapshots, overhead paired within the run (0: off; at least 3)")
     p.add_argument("--workdir", default=None, help="checkpoint folder (default: a fresh folder under $TMPDIR)")
     p.add_argument("--tag", default=None, help="matrix run id, stored in the result")
     p.add_argument("--seed", type=int, default=1234)
@@ -141,6 +153,43 @@ class _OTeaCheckProbe:
                 self.record.durable(tier.persisted_step, self.step_end[tier.persisted_step], name)
 
 
+class PairedGate:
+    """Turns OTeaCheck's snapshots off and on in alternating blocks of ``block`` iterations from ``first_step``
+    (before it, on: the warm-up creates the slots). Runs at each batch end before the checkpoint callback (Lightning
+    calls those last), so it decides whether the snapshot taken there, copied during the iteration that starts at
+    the new global step, is taken."""
+
+    def __init__(self, first_step: int, block: int) -> None:
+        self.first_step, self.block = first_step, block
+        self.variant_of: dict[int, str] = {}
+        self._callback: Any = None
+
+    def variant(self, step: int) -> str:
+        """What iteration ``step`` (its global step at its start) carries: a snapshot's copies or none."""
+        if step < self.first_step:
+            return "warmup"
+        return "snapshot" if (step - self.first_step) // self.block % 2 else "none"
+
+    def __call__(self, trainer: Any, step: int) -> None:
+        if self._callback is None:
+            from oteacheck_lightning import OTeaCheckpoint
+
+            self._callback = next(c for c in trainer.callbacks if isinstance(c, OTeaCheckpoint))
+        self.variant_of[step] = variant = self.variant(step)
+        self._callback.snapshot_every_n_steps = 10**12 if variant == "none" else 1
+
+    def summary(self, steps: list[int], times: list[float]) -> dict[str, Any]:
+        """The paired overhead of the measured iterations (``steps``: each one's global step at its start)."""
+        from . import measure
+
+        rows = [{"step": s, "variant": self.variant_of.get(s, "warmup"), "iter_ms": t} for s, t in zip(steps, times)]
+        kept = measure.kept_in_blocks(rows, self.first_step, self.block, skip=1)
+        ratios, interval = measure.paired_overhead(kept, "snapshot", self.first_step, self.block)
+        mine = [r["iter_ms"] for r in kept if r["variant"] == "snapshot"]
+        none = [r["iter_ms"] for r in kept if r["variant"] == "none"]
+        return {"ratios": ratios, "interval": interval, "snapshot_ms": mine, "none_ms": none}
+
+
 def slot_warmup(args: argparse.Namespace) -> int:
     """OTeaCheck creates and page-locks a shared-memory slot at each of its first snapshots (3 slots, 2 more with a
     persist tier; about a second per GB), a one-time cost: a warm-up this long covers them, so the measured
@@ -176,11 +225,16 @@ def train_child(args: argparse.Namespace) -> None:
         record.notes.append(f"warm-up raised from {args.warmup} to {warmup} iterations: the snapshot slots are created "
                             "and page-locked at the first snapshots")
     # a slow warm-up may be cut short to fit the time slot, but not into the slots' creation
-    timer = measure.IterationTimer(warmup, args.steps, max_seconds=args.max_seconds, min_warmup=max(2, slot_warmup(args)))
+    # a run cut short by --max-seconds still holds two pairs of blocks
+    timer = measure.IterationTimer(warmup, args.steps, max_seconds=args.max_seconds, min_warmup=max(2, slot_warmup(args)),
+                                   min_measured=max(5, 4 * args.paired_block))
     step_end: dict[int, float] = {}
     timer.on_iteration_end.append(lambda trainer, step: step_end.__setitem__(step, time.perf_counter()))
     if args.method in methods.OTEACHECK_METHODS and args.method != "none":
         timer.on_iteration_end.append(_OTeaCheckProbe(record, step_end))
+    gate = PairedGate(warmup, args.paired_block) if args.paired_block else None
+    if gate is not None:
+        timer.on_iteration_end.append(gate)  # the timer runs before the checkpoint callback, so the gate does too
     done = {"written": False}
 
     def finish(trainer: pl.Trainer, crash: bool) -> None:
@@ -188,7 +242,7 @@ def train_child(args: argparse.Namespace) -> None:
             return
         done["written"] = True
         if trainer.global_rank == 0:
-            _write_json(args.result_file, _train_result(args, trainer, timer, record, accelerator))
+            _write_json(args.result_file, _train_result(args, trainer, timer, record, accelerator, gate))
         if crash:
             # a failure: no teardown, no flush, no clean-up; background threads die mid-write
             os._exit(17)
@@ -206,7 +260,8 @@ def train_child(args: argparse.Namespace) -> None:
     finish(trainer, crash=False)
 
 
-def _train_result(args: argparse.Namespace, trainer: Any, timer: Any, record: Any, accelerator: str) -> dict:
+def _train_result(args: argparse.Namespace, trainer: Any, timer: Any, record: Any, accelerator: str,
+                  gate: PairedGate | None = None) -> dict:
     import torch
 
     from . import measure, methods, models
@@ -214,7 +269,9 @@ def _train_result(args: argparse.Namespace, trainer: Any, timer: Any, record: An
     times = timer.iteration_ms()
     steps = timer.measured_steps()
     window = {s + 1 for s in steps}
-    stats = measure.summarize(times)
+    paired = gate.summary(steps, times) if gate is not None else None
+    # paired: the iteration times are those of the snapshot blocks' kept iterations (a snapshot every iteration)
+    stats = measure.summarize(paired["snapshot_ms"] if paired is not None else times)
     in_window = [i for i, s in enumerate(record.taken) if s in window]
     stall = measure.summarize([record.stall_ms[i] for i in in_window if i < len(record.stall_ms)] or record.stall_ms)
     durable = measure.summarize(record.durable_s)
@@ -226,6 +283,23 @@ def _train_result(args: argparse.Namespace, trainer: Any, timer: Any, record: An
     if record.every_n_steps_chosen:
         every = record.every_n_steps_chosen[-1]
     iter_s = (stats["mean"] or 0) / 1e3
+    if paired is not None and iter_s > 0:
+        checkpoints_per_hour = 3600 / iter_s  # one per iteration in the snapshot blocks
+    else:
+        checkpoints_per_hour = checkpoints / seconds * 3600 if seconds > 0 else None
+    pairing: dict[str, Any] = {}
+    if paired is not None:
+        none_median = measure.summarize(paired["none_ms"])["median"]
+        overhead = statistics.median(paired["ratios"]) if paired["ratios"] else None
+        pairing = {
+            "paired": {"block": args.paired_block, "skip": 1, "pairs": len(paired["ratios"]), "first_step": gate.first_step},
+            "overhead_paired": overhead,
+            "overhead_ci95": paired["interval"],
+            "overhead_pairs": paired["ratios"],
+            "paired_none_iter_ms_median": none_median,
+            # what a snapshot adds to the iteration that copies it, against the no-snapshot block before it
+            "cost_ms_per_checkpoint": (overhead - 1) * none_median if overhead is not None and none_median else None,
+        }
     disk_every = args.persist_every_n_steps if args.method in methods.OTEACHECK_METHODS else every
     lag_steps = (durable["median"] / iter_s) if durable["median"] is not None and iter_s > 0 else None
     return {
@@ -256,7 +330,7 @@ def _train_result(args: argparse.Namespace, trainer: Any, timer: Any, record: An
         "overhead": None,
         "overhead_median": None,
         "checkpoints": checkpoints,
-        "checkpoints_per_hour": checkpoints / seconds * 3600 if seconds > 0 else None,
+        "checkpoints_per_hour": checkpoints_per_hour,
         "stall_ms": [record.stall_ms[i] for i in in_window if i < len(record.stall_ms)],
         "stall_ms_median": stall["median"],
         "stall_ms_p90": stall["p90"],
@@ -281,6 +355,7 @@ def _train_result(args: argparse.Namespace, trainer: Any, timer: Any, record: An
         "fit_to_first_step_s": (timer.first_step_end_wall - timer.fit_called_wall
                                 if timer.first_step_end_wall and getattr(timer, "fit_called_wall", None) else None),
         "versions": measure.versions(),
+        **pairing,
     }
 
 
@@ -382,6 +457,8 @@ def _forward(args: argparse.Namespace) -> list[str]:
         out += ["--max-seconds", str(args.max_seconds)]
     if args.recovery:
         out.append("--recovery")
+    if args.paired_block:
+        out += ["--paired-block", str(args.paired_block)]
     return out
 
 
@@ -413,6 +490,7 @@ def drive(args: argparse.Namespace, command: str) -> dict:
     try:
         if args.method not in methods.METHODS:
             raise SystemExit(f"unknown method {args.method!r}; choose from {', '.join(methods.METHODS)}")
+        check_paired(args)
         launched, proc, output = _child(args, "train", result_file, env, [])
         if not result_file.exists():
             result = {**base, "status": "error", "error": _error_tail(output), "log_tail": output[-3000:]}
@@ -434,6 +512,25 @@ def drive(args: argparse.Namespace, command: str) -> dict:
     path = out / result_name(args.model, args.method, args.gpus, args.every_n_steps)
     _write_json(path, result)
     return result
+
+
+def check_paired(args: argparse.Namespace) -> None:
+    """Refuses ``--paired-block`` where pairing cannot work, saying what to change."""
+    from . import methods
+
+    if not args.paired_block:
+        return
+    if args.method not in methods.OTEACHECK_METHODS or args.method == "none":
+        raise SystemExit(f"--paired-block is for the OTeaCheck methods ({', '.join(m for m in methods.OTEACHECK_METHODS if m != 'none')}), "
+                         f"not {args.method!r}: drop it for this method")
+    if args.every_n_steps != 1:
+        raise SystemExit("--paired-block needs --every-n-steps 1 (a block holds a snapshot every iteration)")
+    if args.paired_block < 3:
+        raise SystemExit(f"--paired-block {args.paired_block}: use at least 3 (the first and the last iteration of "
+                         "each block are left out)")
+    if args.steps < 4 * args.paired_block:
+        raise SystemExit(f"--steps {args.steps} holds under two pairs of {args.paired_block}-iteration blocks; "
+                         f"use at least {4 * args.paired_block}")
 
 
 def _recover(args: argparse.Namespace, env: dict[str, str], source: str, shm: Path, result: dict) -> None:

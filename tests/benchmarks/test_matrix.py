@@ -45,6 +45,26 @@ def test_ratios_use_the_baseline_of_the_same_strategy(tmp_path):
     assert got["sync-torch-save"]["extra_gpu_mib"] == pytest.approx(64.0)
 
 
+def test_a_paired_overhead_is_the_rows_overhead_and_the_other_process_ratio_is_kept(tmp_path):
+    _result(tmp_path, "t", "none", 1, 90.0, 0)
+    _result(tmp_path, "t", "oteacheck", 1, 108.0, 10)  # its process ran 20% slower than the baseline's
+    path = tmp_path / result_name("m", "oteacheck", 1, 1)
+    data = json.loads(path.read_text())
+    data.update(overhead_paired=1.03, overhead_ci95=[1.01, 1.05], paired={"block": 3, "pairs": 20}, cost_ms_per_checkpoint=2.7)
+    path.write_text(json.dumps(data))
+    _matrix(tmp_path, "t").fill()
+    got = json.loads(path.read_text())
+    assert got["overhead"] == got["overhead_median"] == pytest.approx(1.03)
+    assert got["overhead_separate"] == pytest.approx(1.2)
+    assert got["cost_ms_per_checkpoint"] == pytest.approx(2.7)  # the paired one, not (108 - 90) ms
+
+
+def test_a_paired_block_too_long_for_the_steps_fails_at_setup(tmp_path):
+    argv = ["--models", "m", "--methods", "oteacheck", "--out", str(tmp_path), "--steps", "4", "--paired-block", "3"]
+    with pytest.raises(SystemExit, match="paired-block 3 with --steps 4"):
+        matrix_mod.Matrix(matrix_mod.parser().parse_args(argv)).plan()
+
+
 def test_search_runs_the_computed_interval_and_widens_it_once(tmp_path, monkeypatch):
     _result(tmp_path, "t", "none-deepspeed", 1, 100.0, 0)
     _result(tmp_path, "t", "sync-torch-save", 1, 300.0, 10)

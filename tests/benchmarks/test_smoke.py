@@ -33,7 +33,8 @@ def smoke_results(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
     cmd = [sys.executable, "-m", "benchmarks.matrix", "--smoke", "--models", "gpt2-124m",
            "--methods", "none,oteacheck,sync-torch-save", "--steps", "4", "--warmup", "1",
            "--persist-every-n-steps", "2", "--recovery", "oteacheck", "--out", str(out), "--budget-s", "170",
-           "--tag", "smoke-test", "--no-baselines"]  # saves a process: sync-torch-save falls back to `none`
+           "--tag", "smoke-test", "--no-baselines",  # saves a process: sync-torch-save falls back to `none`
+           "--paired-block", "0"]  # against the baseline's process here; pairing has its own test
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = {}
@@ -128,3 +129,28 @@ def test_a_tier_with_nothing_on_it_at_the_failure_is_not_a_recovery(tmp_path):
     assert r["recovered_step"]["disk"]["step"] is None and r["recovery_s_disk"] is None
     assert "work_lost_steps_disk" not in r
     assert any("recovery from disk not measured" in note for note in r["notes"])
+
+
+def test_a_paired_run_alternates_snapshot_blocks_and_pairs_each_with_the_block_before(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks.run", "--smoke", "--model", "gpt2-124m", "--method", "oteacheck",
+           "--steps", "12", "--warmup", "1", "--persist-every-n-steps", "0", "--paired-block", "3", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("gpt2-124m__oteacheck__*.json")
+    r = json.loads(path.read_text())
+    assert r["status"] == "ok", r.get("error")
+    # 12 measured iterations after the slots' warm-up: none, snapshot, none, snapshot blocks of 3
+    assert r["paired"]["block"] == 3 and r["paired"]["pairs"] == 2 and len(r["overhead_pairs"]) == 2
+    assert r["overhead_paired"] == pytest.approx(sorted(r["overhead_pairs"])[0] / 2 + sorted(r["overhead_pairs"])[1] / 2)
+    low, high = r["overhead_ci95"]
+    assert 0 < low <= r["overhead_paired"] <= high
+    # snapshots only in the snapshot blocks: the gate turned them off in between
+    assert 2 <= r["checkpoints"] <= 8
+    assert r["iter_ms_median"] > 0 and r["paired_none_iter_ms_median"] > 0 and r["checkpoints_per_hour"] > 0
+
+
+def test_pairing_a_method_it_cannot_pair_is_refused_with_what_to_change(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks.run", "--smoke", "--model", "gpt2-124m", "--method", "sync-torch-save",
+           "--steps", "12", "--paired-block", "3", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0 and "--paired-block is for the OTeaCheck methods" in proc.stderr
