@@ -168,9 +168,9 @@ def main(argv: list[str] | None = None) -> None:
 
         def on_train_batch_end(self, trainer: pl.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             step = trainer.global_step
-            s = io.stats
+            s = io.stats.last
             stats_of[step] = {"fence_ms": s.fence_ms, "stall_ms": s.stall_ms, "capture_ms": s.capture_ms, "seal_ms": s.seal_ms,
-                              "gbps": s.copy_gbps, "by_phase": dict(s.bytes_by_phase), "sealed": s.sealed_step}
+                              "gbps": s.copy_gbps, "by_phase": dict(s.bytes_by_phase), "sealed": s.step}
             if io.engine is not None:  # the copies of the iteration that just ended (its snapshot is fenced)
                 e = io.engine.stats
                 stats_of[step].update(issues=e.issues, issue_ms=e.issue_ms, issuer_ms=e.issuer_ms, groups=e.groups, sync_windows=e.sync_windows, start_ms=e.start_ms)
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
             # the engine's part of the capture (boundary copies, plan, arming the copier and scheduler)
             "engine_start_ms_median": _median([s.get("start_ms") for s in stats]),
             "mib_by_phase": {k: v / 2**20 for k, v in (stats[len(stats) // 2]["by_phase"] if stats else {}).items()},
-            "snapshot_mib_per_rank": io.stats.bytes / 2**20,
+            "snapshot_mib_per_rank": io.stats.last.bytes / 2**20,
             # the engine's GPU memory is the ring, allocated at the first snapshot and kept: the peak after the
             # snapshot-free warm-up less the warm-up's peak
             "extra_gpu_mib": (memory["peak"] - memory["baseline_peak"]) if "peak" in memory and variant != "none" else 0.0,

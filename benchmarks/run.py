@@ -133,20 +133,18 @@ class _OTeaCheckProbe:
         self.persisted: dict[str, int] = {}
 
     def __call__(self, trainer: Any, step: int) -> None:
-        io = trainer.strategy.checkpoint_io
-        stats = io.stats
-        if stats.sealed != self.sealed:
-            self.sealed = stats.sealed
-            metrics = io.metrics()
-            self.record.stall_ms.append(float(metrics["oteacheck/stall_ms"]))
-            self.record.taken.append(stats.sealed_step)
-            # the engine's own breakdown, where this version of it reports one
-            for key in ("fence_ms", "capture_ms", "seal_ms", "copy_gbps", "skipped_snapshots"):
-                if f"oteacheck/{key}" in metrics:
-                    self.record.extra.setdefault(key, []).append(float(metrics[f"oteacheck/{key}"]))
-            for key, value in metrics.items():
-                if key.startswith("oteacheck/mib_"):
-                    self.record.extra.setdefault(key[len("oteacheck/"):], []).append(float(value))
+        stats = trainer.strategy.checkpoint_io.stats
+        last = stats.last  # one sealed snapshot's numbers, published whole by the sealer
+        if last.count != self.sealed:
+            self.sealed = last.count
+            self.record.stall_ms.append(last.stall_ms)
+            self.record.taken.append(last.step)
+            # the engine's own breakdown
+            for key in ("fence_ms", "capture_ms", "seal_ms", "copy_gbps"):
+                self.record.extra.setdefault(key, []).append(float(getattr(last, key)))
+            self.record.extra.setdefault("skipped_snapshots", []).append(float(stats.skipped))
+            for phase, nbytes in last.bytes_by_phase.items():
+                self.record.extra.setdefault(f"mib_{phase}", []).append(nbytes / 2**20)
         for name, tier in stats.tiers.items():
             if tier.persisted_step != self.persisted.get(name, -1) and tier.persisted_step in self.step_end:
                 self.persisted[name] = tier.persisted_step

@@ -28,7 +28,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,20 +71,20 @@ class _Pending:
     rng_records: list[TensorRecord]
     document: Any
     data_bytes: int
+    capture_ms: float = 0.0
     rng: RawRng | None = None  # grabbed at the start of iteration t+1, stored by the sealer
     ticket: FenceTicket | None = None
     copies: EngineStats | None = None  # the engine's account of this snapshot's copies, complete at its fence
 
 
-@dataclass
-class SnapshotStats:
-    """Training-thread metrics of the in-memory snapshots."""
+@dataclass(frozen=True)
+class SealedSnapshot:
+    """The account of one sealed snapshot. The sealer publishes it whole, as one reference, so a reader on another
+    thread (the logger's, on the training thread) never mixes the numbers of two snapshots."""
 
-    sealed_step: int = -1
-    sealed: int = 0
-    skipped: int = 0
-    persist_request_errors: int = 0  # sealed snapshots the persister could not be told of (they stay in memory)
-    stall_ms: float = 0.0  # fence_ms + capture_ms of the last sealed snapshot: what the training thread lost
+    step: int = -1
+    count: int = 0  # snapshots sealed so far, this one included
+    stall_ms: float = 0.0  # fence_ms + capture_ms: what the training thread lost to this snapshot
     fence_ms: float = 0.0  # how long the optimizer step waited for the copies (GPU time on CUDA)
     capture_ms: float = 0.0  # training-thread time at the step boundary
     seal_ms: float = 0.0  # sealer time to store the RNG and publish the manifest (not on the training thread)
@@ -92,9 +92,26 @@ class SnapshotStats:
     issue_ms: float = 0.0  # training-thread time in those calls (not in stall_ms: it overlaps the GPU's work)
     issuer_ms: float = 0.0  # the copy-issuer thread's CPU time for them (on a GPU)
     bytes: int = 0
-    bytes_by_phase: dict[str, int] = field(default_factory=dict)
+    bytes_by_phase: Mapping[str, int] = field(default_factory=dict)
     copy_gbps: float = 0.0
+
+
+@dataclass
+class SnapshotStats:
+    """Metrics of the in-memory snapshots: counters, the persistent tiers' state and the last sealed snapshot."""
+
+    skipped: int = 0  # snapshots not taken: no free slot (training thread)
+    persist_request_errors: int = 0  # sealed snapshots the persister could not be told of (they stay in memory)
     tiers: dict[str, TargetStats] = field(default_factory=dict)
+    last: SealedSnapshot = field(default_factory=SealedSnapshot)
+
+    @property
+    def sealed_step(self) -> int:
+        return self.last.step
+
+    @property
+    def sealed(self) -> int:
+        return self.last.count
 
 
 class OTeaCheckpointIO(CheckpointIO):
@@ -251,7 +268,7 @@ class OTeaCheckpointIO(CheckpointIO):
         boundary = [name.startswith(_BOUNDARY_PREFIXES) for name, _ in named]
         self.engine.start(slot.buffer, records[: len(named)], [t for _, t in named], boundary)
         self._pending = _Pending(step, slot, records[: len(named)], records[len(named) :], document, data_bytes)
-        self.stats.capture_ms = (time.perf_counter() - started) * 1e3
+        self._pending.capture_ms = (time.perf_counter() - started) * 1e3
         return True
 
     def on_phase(self, event: PhaseEvent) -> None:
@@ -342,15 +359,15 @@ class OTeaCheckpointIO(CheckpointIO):
             job=self.job_id or "",
         )
         self._pool.seal(pending.slot, manifest)
-        s = self.stats
-        s.sealed_step, s.sealed, s.bytes = pending.step, s.sealed + 1, pending.data_bytes
-        s.fence_ms = pending.ticket.stall_ms()
-        s.seal_ms = (time.perf_counter() - started) * 1e3
-        s.stall_ms = s.fence_ms + s.capture_ms
         copies = pending.copies
         assert copies is not None
-        s.bytes_by_phase, s.copy_gbps = copies.bytes_by_phase, copies.gbps
-        s.issues, s.issue_ms, s.issuer_ms = copies.issues, copies.issue_ms, copies.issuer_ms
+        fence_ms = pending.ticket.stall_ms()
+        self.stats.last = SealedSnapshot(
+            step=pending.step, count=self.stats.last.count + 1, stall_ms=fence_ms + pending.capture_ms, fence_ms=fence_ms,
+            capture_ms=pending.capture_ms, seal_ms=(time.perf_counter() - started) * 1e3, issues=copies.issues,
+            issue_ms=copies.issue_ms, issuer_ms=copies.issuer_ms, bytes=pending.data_bytes,
+            bytes_by_phase=copies.bytes_by_phase, copy_gbps=copies.gbps,
+        )
 
     def seal_pending(self) -> int | None:
         """Completes every snapshot taken so far now, waiting for its copies; returns the newest sealed step."""
@@ -501,9 +518,9 @@ class OTeaCheckpointIO(CheckpointIO):
 
     def metrics(self) -> dict[str, float]:
         """Numbers for the logger: the in-memory snapshot (safe) and each tier (durable)."""
-        s = self.stats
+        s = self.stats.last
         out = {
-            "oteacheck/sealed_step": float(s.sealed_step),
+            "oteacheck/sealed_step": float(s.step),
             "oteacheck/stall_ms": s.stall_ms,
             "oteacheck/fence_ms": s.fence_ms,
             "oteacheck/capture_ms": s.capture_ms,
@@ -513,12 +530,12 @@ class OTeaCheckpointIO(CheckpointIO):
             "oteacheck/issuer_ms": s.issuer_ms,
             "oteacheck/copy_gbps": s.copy_gbps,
             "oteacheck/snapshot_mib": s.bytes / 2**20,
-            "oteacheck/skipped_snapshots": float(s.skipped),
-            "oteacheck/persist_request_errors": float(s.persist_request_errors),
+            "oteacheck/skipped_snapshots": float(self.stats.skipped),
+            "oteacheck/persist_request_errors": float(self.stats.persist_request_errors),
         }
         for phase, nbytes in s.bytes_by_phase.items():
             out[f"oteacheck/mib_{phase}"] = nbytes / 2**20
-        for i, (name, t) in enumerate(s.tiers.items()):
+        for i, (name, t) in enumerate(self.stats.tiers.items()):
             out[f"oteacheck/tier{i}_persisted_step"] = float(t.persisted_step)
             out[f"oteacheck/tier{i}_committed_step"] = float(t.committed_step)
             out[f"oteacheck/tier{i}_failures"] = float(t.failures)
