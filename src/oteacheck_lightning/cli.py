@@ -21,6 +21,7 @@ from typing import Any
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .callback import OTeaCheckpoint
+from .io import MIN_MEMORY_SLOTS
 from .strategy import OTeaCheckStrategy
 
 EXIT_CONFIG = 2
@@ -127,9 +128,9 @@ def validate(config: Any) -> list[str]:
                                   "oteacheck_lightning.OTeaCheckpointIO")
             io_args = _get(io_args, "init_args") or {}
         slots = _get(io_args, "memory_slots")
-        if slots is not None and (not isinstance(slots, int) or slots < 2):
-            raise ConfigError(f"checkpoint_io.memory_slots is {slots!r}; use at least 2 (the newest snapshot and "
-                              "one being filled), or leave it out for the default")
+        if slots is not None and (not isinstance(slots, int) or slots < MIN_MEMORY_SLOTS):
+            raise ConfigError(f"checkpoint_io.memory_slots is {slots!r}; use at least {MIN_MEMORY_SLOTS} (the newest "
+                              "snapshot, the one before it, one being filled), or leave it out for the default")
         memory_dir = _get(io_args, "memory_dir")
         if memory_dir is not None:
             memory_dir = str(memory_dir)

@@ -77,6 +77,9 @@ class _Pending:
     copies: EngineStats | None = None  # the engine's account of this snapshot's copies, complete at its fence
 
 
+MIN_MEMORY_SLOTS = 3
+
+
 @dataclass(frozen=True)
 class SealedSnapshot:
     """The account of one sealed snapshot. The sealer publishes it whole, as one reference, so a reader on another
@@ -118,9 +121,9 @@ class OTeaCheckpointIO(CheckpointIO):
     """Checkpoint IO with every-iteration in-memory snapshots and background persistence.
 
     Args:
-        memory_slots: shared-memory snapshot slots per rank; default two plus two per persistent tier, so the
-            newest snapshot, the one being filled and, per tier, the one being persisted and the one due next
-            never collide.
+        memory_slots: shared-memory snapshot slots per rank; default three plus two per persistent tier, so the
+            newest snapshot, the one before it (which a lagging peer may still need), the one being filled and, per
+            tier, the one being persisted and the one due next never collide.
         memory_dir: folder for the shared-memory slots (default ``/dev/shm``).
         job_id: names this job's shared memory, so a restarted run finds the snapshots of the crashed one; default
             the ``OTEACHECK_JOB_ID`` environment variable, else derived from the checkpoint folder.
@@ -142,8 +145,10 @@ class OTeaCheckpointIO(CheckpointIO):
         staging_mib: float = DEFAULT_STAGING_MIB,
         avoid_allreduce: bool = False,
     ) -> None:
-        if memory_slots is not None and memory_slots < 2:
-            raise ValueError(f"memory_slots must be at least 2 (got {memory_slots}): the newest snapshot and one to fill")
+        if memory_slots is not None and memory_slots < MIN_MEMORY_SLOTS:
+            raise ValueError(f"memory_slots must be at least {MIN_MEMORY_SLOTS} (got {memory_slots}): the newest snapshot, "
+                             "the one before it (a lagging peer may still need it) and one to fill; with two, the "
+                             "snapshot after an unsealed one finds no free slot and is skipped")
         try:
             self.schedule = SchedulePolicy(schedule)
         except ValueError:
@@ -194,7 +199,7 @@ class OTeaCheckpointIO(CheckpointIO):
         self._tiers = [FsspecTier(s.url or self.root, storage_options=s.storage_options) for s in self.schedules]
         # the newest snapshot, one whose copies are landing, the one being filled, and per tier one being written
         # plus one due (pinned)
-        slots = self.memory_slots or 3 + 2 * len(self._tiers)
+        slots = self.memory_slots or MIN_MEMORY_SLOTS + 2 * len(self._tiers)
         self._pool = SlotPool(self.memory_dir / f"oteacheck-{self.job_id}" / f"rank-{rank:05d}", slots)
         self.engine = SnapshotEngine(
             state.device(),
@@ -273,6 +278,12 @@ class OTeaCheckpointIO(CheckpointIO):
 
     def on_phase(self, event: PhaseEvent) -> None:
         """Drives the pending snapshot through iteration *t+1* (subscribed to the strategy's bubble bus)."""
+        if event.phase is Phase.FORWARD_END:
+            # snapshot t-1 sealed before this iteration's gradient collectives: the capture of t+1 drops the slot of
+            # t-2, and once a peer is past those collectives, every rank holds t-1. Without this wait, a rank whose
+            # sealer lagged an iteration held only t-2 while a peer had dropped it, and a crash then found no
+            # snapshot common to all ranks. Free in practice: t-1's copies landed an iteration ago.
+            self._wait_sealed(at_most=0)
         pending = self._pending
         if pending is None:
             return

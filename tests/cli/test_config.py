@@ -25,7 +25,7 @@ def fit(capsys, *overrides):
         (["--trainer.strategy=ddp"], "trainer.strategy is 'ddp'; OTeaCheck needs its own strategy. Set trainer.strategy to 'oteacheck'"),
         (["--trainer.strategy.init_args.stage=4"], "trainer.strategy.init_args.stage is 4; use 0, 1, 2 or 3"),
         (["--trainer.strategy.init_args.stage=0", "--trainer.precision=bf16-mixed"], "use stage 1, 2 or 3 for mixed precision"),
-        (["--trainer.strategy.init_args.checkpoint_io.init_args.memory_slots=1"], "checkpoint_io.memory_slots is 1; use at least 2"),
+        (["--trainer.strategy.init_args.checkpoint_io.init_args.memory_slots=2"], "checkpoint_io.memory_slots is 2; use at least 3"),
         (["--trainer.strategy.init_args.checkpoint_io.init_args.memory_dir=/nonexistent/shm"], "is not a writable folder"),
         (["--trainer.accelerator=tpu"], "trainer.accelerator is 'tpu'; OTeaCheck runs on 'gpu' (CUDA) or 'cpu'"),
         (["--checkpoint.snapshot_every_n_steps=0"], "checkpoint.snapshot_every_n_steps is 0; use an integer >= 1"),

@@ -58,6 +58,20 @@ def test_resume_from_the_last_step_of_an_epoch_keeps_the_next_epochs_data_order(
     harness.assert_bit_identical(reference, tmp_path / "out", ranks=2)
 
 
+def test_a_rank_whose_sealer_lags_still_shares_a_snapshot_with_its_peers(tmp_path, references):
+    # three slots per rank (no persistent tier). Rank 1's sealer stalls on step 8; rank 0 must not drop its slot of
+    # step 7 before rank 1 sealed 7, or a crash leaves no snapshot that both ranks hold
+    env = harness.environment(f"lagging-seal-{tmp_path.name}", tmp_path / "shm")
+    options = dict(COMMON, persist_every=0)
+    with pytest.raises(AssertionError, match="training failed"):
+        harness.run(tmp_path / "root", tmp_path / "out", env, stage=2, fault="rank1-seal-stalls-then-all-die:8", **options)
+    harness.run(tmp_path / "root", tmp_path / "out", env, stage=2, ckpt_path="last", **options)
+    resumed = [harness.resumed_from(tmp_path / "out", r) for r in range(2)]
+    assert resumed[0] is not None, "no snapshot common to both ranks: training started fresh"
+    assert [r["step"] for r in resumed] == [7, 7] and all(r["source"].startswith("memory:") for r in resumed)
+    harness.assert_bit_identical(references(2), tmp_path / "out", ranks=2)
+
+
 def test_every_sealed_snapshot_equals_the_state_after_its_step(references):
     # invariant 2, checked in the reference run of ZeRO 2 at every step
     for rank in range(2):

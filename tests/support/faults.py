@@ -18,6 +18,8 @@ def install(spec: str) -> None:
         _stall_remote_persist(int(step), folder)
     elif name == "persist-request-fails":
         _persist_request_fails(int(arg))
+    elif name == "rank1-seal-stalls-then-all-die":
+        _rank1_seal_stalls_then_all_die(int(arg))
     else:
         raise ValueError(f"unknown fault {spec!r}")
 
@@ -34,6 +36,26 @@ def _persist_request_fails(step: int) -> None:
         return original(self, at, force)
 
     persist.Persister.request = request
+
+
+def _rank1_seal_stalls_then_all_die(step: int) -> None:
+    """Rank 1's sealer stalls before sealing the snapshot of ``step`` (as if starved of CPU) for long enough that
+    rank 0 gets as far as it can, then the whole run dies."""
+    import time
+
+    from oteacheck_lightning import io
+
+    if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != "1":
+        return
+    original = io.OTeaCheckpointIO._seal
+
+    def seal(self, pending):
+        if pending.step == step:
+            time.sleep(3.0)
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        return original(self, pending)
+
+    io.OTeaCheckpointIO._seal = seal
 
 
 def _kill_during_persist(step: int) -> None:
