@@ -177,6 +177,7 @@ class OTeaCheckpointIO(CheckpointIO):
         self._sealer: BackgroundWorker | None = None  # fenced snapshots, sealed in order once their copies landed
         self._abandon = False  # the sealer drops what it gets instead (after a crash)
         self._last_rng: tuple[Any, list] | None = None  # the last RNG state stored: sizes the next snapshot's records
+        self._held_by_all = -1  # the newest snapshot step every rank has sealed (known since this iteration's forward)
         self._warned: set[str] = set()
         self._crashed = False
 
@@ -217,6 +218,7 @@ class OTeaCheckpointIO(CheckpointIO):
             stop_on_error=False,  # every snapshot handed over is sealed or abandoned, so no slot stays taken
         )
         self._abandon = False
+        self._held_by_all = -1
         self._persister = Persister(self._pool, list(zip(self._tiers, self.schedules)))
         self.stats.tiers = self._persister.stats()
         self._crashed = False
@@ -265,7 +267,7 @@ class OTeaCheckpointIO(CheckpointIO):
         # last recording (RNG states keep their shapes), which saves collecting them twice per snapshot
         document, named, _, rng = self._collect(lightning_state, self._last_rng)
         records, data_bytes = plan_layout(named + rng)
-        slot = self._pool.acquire(data_bytes)
+        slot = self._pool.acquire(data_bytes, keep_from_step=self._held_by_all if self._held_by_all >= 0 else None)
         if slot is None:
             self.stats.skipped += 1
             self._warn_once("no-slot", "no free snapshot slot (all are being persisted); skipping snapshots until one is free")
@@ -279,11 +281,12 @@ class OTeaCheckpointIO(CheckpointIO):
     def on_phase(self, event: PhaseEvent) -> None:
         """Drives the pending snapshot through iteration *t+1* (subscribed to the strategy's bubble bus)."""
         if event.phase is Phase.FORWARD_END:
-            # snapshot t-1 sealed before this iteration's gradient collectives: the capture of t+1 drops the slot of
-            # t-2, and once a peer is past those collectives, every rank holds t-1. Without this wait, a rank whose
-            # sealer lagged an iteration held only t-2 while a peer had dropped it, and a crash then found no
-            # snapshot common to all ranks. Free in practice: t-1's copies landed an iteration ago.
+            # every fenced snapshot (t-1 at a snapshot per step) sealed before this iteration's gradient collectives:
+            # once a rank is past those, every rank holds it, and the capture of t+1 keeps it (keep_from_step).
+            # Without this, a rank whose sealer lagged an iteration held only t-2 while a peer had dropped it, and a
+            # crash then found no snapshot common to all ranks. Free in practice: t-1's copies landed an iteration ago.
             self._wait_sealed(at_most=0)
+            self._held_by_all = self.stats.last.step
         pending = self._pending
         if pending is None:
             return

@@ -179,11 +179,16 @@ class SlotPool:
             sealed = [s for s in self._slots if s.state is SlotState.SEALED]
             self._newest = max(sealed, key=lambda s: self._sealed_order[s.index]) if sealed else None
 
-    def acquire(self, nbytes: int) -> Slot | None:
+    def acquire(self, nbytes: int, keep_from_step: int | None = None) -> Slot | None:
         """A slot to fill with a new snapshot, or ``None`` (counted in :attr:`skipped`) when every slot is
-        protected. Never blocks."""
+        protected. Never blocks. Protected: the newest sealed slot, slots being filled or pinned, and sealed slots
+        of ``keep_from_step`` or later (a snapshot that other ranks may hold as their newest)."""
         with self._lock:
-            candidates = [s for s in self._slots if s.state is not SlotState.FILLING and s.pins == 0 and s is not self._newest]
+            candidates = [
+                s for s in self._slots
+                if s.state is not SlotState.FILLING and s.pins == 0 and s is not self._newest
+                and not (keep_from_step is not None and s.state is SlotState.SEALED and s.step >= keep_from_step)
+            ]
             if not candidates:
                 self.skipped += 1
                 return None

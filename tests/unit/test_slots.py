@@ -41,6 +41,22 @@ def test_newest_sealed_is_never_handed_out(pool):
         assert pool.newest() is slot
 
 
+def test_a_snapshot_other_ranks_may_hold_as_their_newest_is_kept(tmp_path):
+    # four slots, one pinned by a persister: filling the next snapshot must take the oldest free one, never the step
+    # every rank is known to hold (1 here), even when it is the oldest sealed and not the newest
+    pool = SlotPool(tmp_path / "r", 4)
+    old = seal(pool, 0)
+    assert pool.pin_newest() is old
+    held, newer = seal(pool, 1), seal(pool, 2)
+    slot = pool.acquire(4096, keep_from_step=1)
+    assert slot is not None and slot not in (old, held, newer)
+    pool.seal(slot, Manifest(step=3, rank=0, world_size=1, data_bytes=4096, tensors=[], state={}))
+    # now only the pinned slot and steps >= 1 are left: skipped, not the held step overwritten
+    assert pool.acquire(4096, keep_from_step=1) is None
+    assert held.state is SlotState.SEALED and held.step == 1
+    assert pool.acquire(4096, keep_from_step=2) is held  # once every rank holds 2, step 1 may go
+
+
 def test_pinned_slot_is_never_overwritten(pool):
     first = seal(pool, 1)
     pinned = pool.pin_newest()
