@@ -1,5 +1,6 @@
 """The snapshot engine on its CPU path (worker thread): the same plan and scheduler as on a GPU, real copies."""
 
+import contextlib
 import time
 
 import pytest
@@ -24,16 +25,30 @@ def state(seed):
     ]
 
 
-@pytest.mark.parametrize("policy", ["bubbles", "eager", "naive"])
-def test_snapshot_equals_the_state_at_the_step_boundary_while_training_goes_on(policy):
-    engine = SnapshotEngine(torch.device("cpu"), policy, staging_bytes=1 * MiB, bucket_elements=100_000)
-    named = state(0)
+@contextlib.contextmanager
+def cpu_engine(policy="bubbles", seed=0, **options):
+    """A CPU engine (1 MiB ring) and the tensors of ``state(seed)`` laid out: ``(engine, named, records, size)``."""
+    engine = SnapshotEngine(torch.device("cpu"), policy, staging_bytes=1 * MiB, **options)
+    named = state(seed)
     records, size = plan_layout(named)
     try:
+        yield engine, named, records, size
+    finally:
+        engine.close()
+
+
+def start(engine, buffer, records, named, boundary=None):
+    """Begins a snapshot of ``named`` into ``buffer`` (no boundary tensors unless given)."""
+    engine.start(buffer, records, [t for _, t in named], boundary or [False] * len(named))
+
+
+@pytest.mark.parametrize("policy", ["bubbles", "eager", "naive"])
+def test_snapshot_equals_the_state_at_the_step_boundary_while_training_goes_on(policy):
+    with cpu_engine(policy, seed=0, bucket_elements=100_000) as (engine, named, records, size):
         for step in range(3):  # later steps run with learned budgets
             expected = {n: t.clone() for n, t in named}
             buffer = torch.zeros(size, dtype=torch.uint8)
-            engine.start(buffer, records, [t for _, t in named], [n.startswith(("buffer/", "state/")) for n, _ in named])
+            start(engine, buffer, records, named, [n.startswith(("buffer/", "state/")) for n, _ in named])
             # the next forward pass changes the buffers and the small state right away
             named[3][1].add_(1.0)
             named[4][1].mul_(2)
@@ -54,20 +69,13 @@ def test_snapshot_equals_the_state_at_the_step_boundary_while_training_goes_on(p
             assert stats.fence_bytes == stats.bytes_by_phase.get("before_step", 0)
             assert stats.boundary_bytes == records[3].nbytes + records[4].nbytes
             assert ticket.stall_ms() >= 0
-    finally:
-        engine.close()
 
 
 def test_a_failing_copy_surfaces_at_the_fence():
-    engine = SnapshotEngine(torch.device("cpu"), staging_bytes=1 * MiB)
-    named = state(1)
-    records, size = plan_layout(named)
-    try:
-        engine.start(torch.zeros(size // 2, dtype=torch.uint8), records, [t for _, t in named], [False] * len(named))
+    with cpu_engine(seed=1) as (engine, named, records, size):
+        start(engine, torch.zeros(size // 2, dtype=torch.uint8), records, named)
         with pytest.raises(RuntimeError, match="copying a snapshot failed"):
             engine.fence()
-    finally:
-        engine.close()
 
 
 def test_coalesce_joins_only_continuing_direct_copies():
@@ -84,13 +92,10 @@ def test_coalesce_joins_only_continuing_direct_copies():
 
 
 def test_policy_switches_between_snapshots_only_and_block_windows_can_be_ignored():
-    engine = SnapshotEngine(torch.device("cpu"), "bubbles", staging_bytes=1 * MiB)
-    named = state(1)
-    records, size = plan_layout(named)
-    try:
+    with cpu_engine(seed=1) as (engine, named, records, size):
         engine.set_policy("eager")
         engine.pace_by_blocks = False
-        engine.start(torch.zeros(size, dtype=torch.uint8), records, [t for _, t in named], [False] * len(named))
+        start(engine, torch.zeros(size, dtype=torch.uint8), records, named)
         with pytest.raises(RuntimeError, match="between fence and start"):
             engine.set_policy("naive")
         engine.on_event(PhaseEvent(Phase.FORWARD_BLOCK, 1, 0, block=0))  # ignored: no window, nothing issued
@@ -100,22 +105,17 @@ def test_policy_switches_between_snapshots_only_and_block_windows_can_be_ignored
         engine.fence().wait()
         engine.set_policy("naive")
         assert engine.policy.value == engine.scheduler.policy.value == "naive"
-    finally:
-        engine.close()
 
 
 @pytest.mark.parametrize("policy", ["bubbles", "eager", "naive"])
 def test_issue_calls_are_counted_and_timed_and_only_bubbles_times_windows(policy):
-    engine = SnapshotEngine(torch.device("cpu"), policy, staging_bytes=1 * MiB, bucket_elements=100_000)
-    named = state(2)
-    records, size = plan_layout(named)
-    marked = []
-    mark = engine.copier.mark
-    engine.copier.mark = lambda key: (marked.append(key), mark(key))
-    try:
+    with cpu_engine(policy, seed=2, bucket_elements=100_000) as (engine, named, records, size):
+        marked = []
+        mark = engine.copier.mark
+        engine.copier.mark = lambda key: (marked.append(key), mark(key))
         for step in range(RETIME_EVERY + 2):
             marked.clear()
-            engine.start(torch.zeros(size, dtype=torch.uint8), records, [t for _, t in named], [False] * len(named))
+            start(engine, torch.zeros(size, dtype=torch.uint8), records, named)
             for phase in ITERATION:
                 engine.on_event(PhaseEvent(phase, step + 1, 0))
             engine.fence().wait()
@@ -132,20 +132,15 @@ def test_issue_calls_are_counted_and_timed_and_only_bubbles_times_windows(policy
                 assert engine.scheduler.has_budgets and engine._issue_cost > 0 and s.groups >= 1
                 in_windows = sum(1 for phase in s.bytes_by_phase if phase != "before_step")
                 assert len(marked) == in_windows
-    finally:
-        engine.close()
 
 
 def test_boundary_views_are_made_once_per_slot_and_dropped_before_it_is_unmapped():
-    engine = SnapshotEngine(torch.device("cpu"), "eager", staging_bytes=1 * MiB)
-    named = state(3)
-    records, size = plan_layout(named)
-    boundary = [n.startswith(("buffer/", "state/")) for n, _ in named]
-    slots = [torch.zeros(size, dtype=torch.uint8) for _ in range(2)]
-    try:
+    with cpu_engine("eager", seed=3) as (engine, named, records, size):
+        boundary = [n.startswith(("buffer/", "state/")) for n, _ in named]
+        slots = [torch.zeros(size, dtype=torch.uint8) for _ in range(2)]
         for step in range(4):  # two snapshots into each of two slots
             buffer = slots[step % 2]
-            engine.start(buffer, records, [t for _, t in named], boundary)
+            start(engine, buffer, records, named, boundary)
             engine.on_event(PhaseEvent(Phase.ITERATION_START, step + 1, 0))
             engine.fence().wait()
             snapshot = load_tensors(type("M", (), {"tensors": records})(), buffer)
@@ -153,30 +148,25 @@ def test_boundary_views_are_made_once_per_slot_and_dropped_before_it_is_unmapped
             named[3][1].add_(1.0)  # the buffer changes between snapshots: each one holds its own value
         views = {ptr: entry[1] for ptr, entry in engine._boundary_views.items()}
         assert set(views) == {s.data_ptr() for s in slots}
-        engine.start(slots[0], records, [t for _, t in named], boundary)
+        start(engine, slots[0], records, named, boundary)
         assert engine._boundary_views[slots[0].data_ptr()][1] is views[slots[0].data_ptr()]  # reused, not remade
         engine.fence().wait()
         # a different layout (a buffer of another shape) gets views of its own
         named[3] = ("buffer/bn.running_mean", torch.randn(4, 8))
         records2, size2 = plan_layout(named)
         assert size2 <= size
-        engine.start(slots[0], records2, [t for _, t in named], boundary)
+        start(engine, slots[0], records2, named, boundary)
         assert engine._boundary_views[slots[0].data_ptr()][1] is not views[slots[0].data_ptr()]
         engine.fence().wait()
         engine.forget(slots[0])
         assert set(engine._boundary_views) == {slots[1].data_ptr()}
-    finally:
-        engine.close()
 
 
 def test_switching_policies_plans_again_only_when_the_plan_kind_changes():
     # a plan costs milliseconds on a large model: the ablation switches policies every few iterations, and
     # planning again at every switch (or every set_policy call) was counted as the engine's cost
-    engine = SnapshotEngine(torch.device("cpu"), "bubbles", staging_bytes=1 * MiB, bucket_elements=100_000)
-    named = state(4)
-    records, _ = plan_layout(named)
-    ahead = [0, 1, 2]
-    try:
+    with cpu_engine(seed=4, bucket_elements=100_000) as (engine, named, records, _):
+        ahead = [0, 1, 2]
         bucket_plan = engine.plan(records, ahead)
         engine.set_policy("bubbles")
         assert engine.plan(records, ahead) is bucket_plan
@@ -188,36 +178,26 @@ def test_switching_policies_plans_again_only_when_the_plan_kind_changes():
         engine.set_policy("bubbles")
         again = engine.plan(records, ahead)
         assert again == bucket_plan
-    finally:
-        engine.close()
 
 
 def test_measured_windows_are_handed_to_the_scheduler_once():
-    engine = SnapshotEngine(torch.device("cpu"), "bubbles", staging_bytes=1 * MiB)
-    named = state(5)
-    records, size = plan_layout(named)
-    try:
-        engine.start(torch.zeros(size, dtype=torch.uint8), records, [t for _, t in named], [False] * len(named))
+    with cpu_engine(seed=5) as (engine, named, records, size):
+        start(engine, torch.zeros(size, dtype=torch.uint8), records, named)
         for phase in ITERATION:
             engine.on_event(PhaseEvent(phase, 1, 0))
         engine.fence().wait()
         windows = engine.copier.window_ms()
         assert [key[0] for key in windows] == ITERATION
         assert engine.copier.window_ms() == {}  # consumed: learning it again would count one measurement twice
-    finally:
-        engine.close()
 
 
 @pytest.mark.parametrize("policy", ["bubbles", "eager", "naive"])
 def test_block_events_are_wanted_only_to_time_the_windows_or_to_issue_at_a_block(policy):
-    engine = SnapshotEngine(torch.device("cpu"), policy, staging_bytes=1 * MiB)
-    named = state(6)
-    records, size = plan_layout(named)
-    iteration = [(Phase.ITERATION_START, None), (Phase.FORWARD_BLOCK, 0), (Phase.FORWARD_BLOCK, 1), (Phase.FORWARD_END, None)]
-    try:
+    with cpu_engine(policy, seed=6) as (engine, named, records, size):
+        iteration = [(Phase.ITERATION_START, None), (Phase.FORWARD_BLOCK, 0), (Phase.FORWARD_BLOCK, 1), (Phase.FORWARD_END, None)]
         wanted = []
         for step in range(RETIME_EVERY + 1):
-            engine.start(torch.zeros(size, dtype=torch.uint8), records, [t for _, t in named], [False] * len(named))
+            start(engine, torch.zeros(size, dtype=torch.uint8), records, named)
             wanted.append(engine.wants_block_events())
             for phase, block in iteration:
                 engine.on_event(PhaseEvent(phase, step + 1, 0, block=block))
@@ -229,8 +209,6 @@ def test_block_events_are_wanted_only_to_time_the_windows_or_to_issue_at_a_block
             assert wanted == [True] + [False] * (RETIME_EVERY - 1) + [True]
         else:
             assert not any(wanted)
-    finally:
-        engine.close()
 
 
 def test_the_copier_threads_time_counts_in_the_cost_of_an_issue():
@@ -254,20 +232,15 @@ def test_the_copier_threads_time_counts_in_the_cost_of_an_issue():
 
     groups = {}
     for busy_ms in (0.0, 1000.0):
-        engine = SnapshotEngine(torch.device("cpu"), "bubbles", staging_bytes=1 * MiB, bucket_elements=100_000)
-        engine.copier.close()
-        engine.copier = BusyIssuer(busy_ms)
-        named = state(7)
-        records, size = plan_layout(named)
-        try:
+        with cpu_engine(seed=7, bucket_elements=100_000) as (engine, named, records, size):
+            engine.copier.close()
+            engine.copier = BusyIssuer(busy_ms)
             for step in range(4):
-                engine.start(torch.zeros(size, dtype=torch.uint8), records, [t for _, t in named], [False] * len(named))
+                start(engine, torch.zeros(size, dtype=torch.uint8), records, named)
                 for phase in ITERATION:
                     engine.on_event(PhaseEvent(phase, step + 1, 0))
                     time.sleep(0.03)  # windows of 30 ms: 0.3% of the iteration pays for several cheap issue calls
                 engine.fence().wait()
                 assert engine.stats.issuer_ms == busy_ms
             groups[busy_ms] = engine.stats.groups
-        finally:
-            engine.close()
     assert groups[1000.0] == 1 < groups[0.0]
