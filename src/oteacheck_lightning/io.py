@@ -284,7 +284,8 @@ class OTeaCheckpointIO(CheckpointIO):
             # every fenced snapshot (t-1 at a snapshot per step) sealed before this iteration's gradient collectives:
             # once a rank is past those, every rank holds it, and the capture of t+1 keeps it (keep_from_step).
             # Without this, a rank whose sealer lagged an iteration held only t-2 while a peer had dropped it, and a
-            # crash then found no snapshot common to all ranks. Free in practice: t-1's copies landed an iteration ago.
+            # crash then found no snapshot common to all ranks. t-1's copies landed an iteration ago: a short wait
+            # at most.
             self._wait_sealed(at_most=0)
             self._held_by_all = self.stats.last.step
         pending = self._pending
