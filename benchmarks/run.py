@@ -140,7 +140,7 @@ class _OTeaCheckProbe:
             self.record.stall_ms.append(last.stall_ms)
             self.record.taken.append(last.step)
             # the engine's own breakdown
-            for key in ("fence_ms", "capture_ms", "seal_ms", "copy_gbps"):
+            for key in ("fence_ms", "capture_ms", "seal_wait_ms", "seal_ms", "copy_gbps"):
                 self.record.extra.setdefault(key, []).append(float(getattr(last, key)))
             self.record.extra.setdefault("skipped_snapshots", []).append(float(stats.skipped))
             for phase, nbytes in last.bytes_by_phase.items():

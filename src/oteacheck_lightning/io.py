@@ -72,6 +72,7 @@ class _Pending:
     document: Any
     data_bytes: int
     capture_ms: float = 0.0
+    seal_wait_ms: float = 0.0  # the training thread's waits for earlier seals in the iteration that ended with it
     rng: RawRng | None = None  # grabbed at the start of iteration t+1, stored by the sealer
     ticket: FenceTicket | None = None
     copies: EngineStats | None = None  # the engine's account of this snapshot's copies, complete at its fence
@@ -87,9 +88,10 @@ class SealedSnapshot:
 
     step: int = -1
     count: int = 0  # snapshots sealed so far, this one included
-    stall_ms: float = 0.0  # fence_ms + capture_ms: what the training thread lost to this snapshot
+    stall_ms: float = 0.0  # fence_ms + capture_ms + seal_wait_ms: what the training thread lost to this snapshot
     fence_ms: float = 0.0  # how long the optimizer step waited for the copies (GPU time on CUDA)
     capture_ms: float = 0.0  # training-thread time at the step boundary
+    seal_wait_ms: float = 0.0  # training-thread time in its iteration waiting for earlier snapshots to be sealed
     seal_ms: float = 0.0  # sealer time to store the RNG and publish the manifest (not on the training thread)
     issues: int = 0  # calls that queued the copies, spread over the next iteration
     issue_ms: float = 0.0  # training-thread time in those calls (not in stall_ms: it overlaps the GPU's work)
@@ -104,6 +106,7 @@ class SnapshotStats:
     """Metrics of the in-memory snapshots: counters, the persistent tiers' state and the last sealed snapshot."""
 
     skipped: int = 0  # snapshots not taken: no free slot (training thread)
+    seal_wait_total_ms: float = 0.0  # the training thread's waits for lagging seals, all of them (training thread)
     persist_request_errors: int = 0  # sealed snapshots the persister could not be told of (they stay in memory)
     tiers: dict[str, TargetStats] = field(default_factory=dict)
     last: SealedSnapshot = field(default_factory=SealedSnapshot)
@@ -178,6 +181,7 @@ class OTeaCheckpointIO(CheckpointIO):
         self._abandon = False  # the sealer drops what it gets instead (after a crash)
         self._last_rng: tuple[Any, list] | None = None  # the last RNG state stored: sizes the next snapshot's records
         self._held_by_all = -1  # the newest snapshot step every rank has sealed (known since this iteration's forward)
+        self._seal_wait_ms = 0.0  # this iteration's waits for seals so far (stall, charged to its snapshot)
         self._warned: set[str] = set()
         self._crashed = False
 
@@ -219,6 +223,7 @@ class OTeaCheckpointIO(CheckpointIO):
         )
         self._abandon = False
         self._held_by_all = -1
+        self._seal_wait_ms = 0.0
         self._persister = Persister(self._pool, list(zip(self._tiers, self.schedules)))
         self.stats.tiers = self._persister.stats()
         self._crashed = False
@@ -261,7 +266,8 @@ class OTeaCheckpointIO(CheckpointIO):
         assert self._state is not None and self._pool is not None and self.engine is not None
         if self._pending is not None:
             self._fence(self._pending)
-        self._wait_sealed(at_most=1)
+        self._wait_sealed(at_most=1, timed=True)
+        seal_wait_ms, self._seal_wait_ms = self._seal_wait_ms, 0.0
         started = time.perf_counter()
         # a snapshot's RNG values are grabbed at the next iteration start; sizing their records only needs the
         # last recording (RNG states keep their shapes), which saves collecting them twice per snapshot
@@ -276,6 +282,7 @@ class OTeaCheckpointIO(CheckpointIO):
         self.engine.start(slot.buffer, records[: len(named)], [t for _, t in named], boundary)
         self._pending = _Pending(step, slot, records[: len(named)], records[len(named) :], document, data_bytes)
         self._pending.capture_ms = (time.perf_counter() - started) * 1e3
+        self._pending.seal_wait_ms = seal_wait_ms
         return True
 
     def on_phase(self, event: PhaseEvent) -> None:
@@ -286,7 +293,7 @@ class OTeaCheckpointIO(CheckpointIO):
             # Without this, a rank whose sealer lagged an iteration held only t-2 while a peer had dropped it, and a
             # crash then found no snapshot common to all ranks. t-1's copies landed an iteration ago: a short wait
             # at most.
-            self._wait_sealed(at_most=0)
+            self._wait_sealed(at_most=0, timed=True)
             self._held_by_all = self.stats.last.step
         pending = self._pending
         if pending is None:
@@ -312,11 +319,17 @@ class OTeaCheckpointIO(CheckpointIO):
         self._pending = None
         self._sealer.put(self._land, [pending])
 
-    def _wait_sealed(self, at_most: int) -> None:
-        """Waits until at most ``at_most`` fenced snapshots are unsealed; raises what went wrong sealing one."""
+    def _wait_sealed(self, at_most: int, timed: bool = False) -> None:
+        """Waits until at most ``at_most`` fenced snapshots are unsealed; raises what went wrong sealing one. A
+        ``timed`` wait is a stall of the training loop, charged to the next snapshot captured."""
         if self._sealer is None:
             return
+        started = time.perf_counter()
         error = self._sealer.wait_until(at_most)
+        if timed:
+            waited_ms = (time.perf_counter() - started) * 1e3
+            self._seal_wait_ms += waited_ms
+            self.stats.seal_wait_total_ms += waited_ms
         if error is not None:
             raise RuntimeError("a snapshot could not be completed (its slot was released)") from error
 
@@ -378,8 +391,10 @@ class OTeaCheckpointIO(CheckpointIO):
         assert copies is not None
         fence_ms = pending.ticket.stall_ms()
         self.stats.last = SealedSnapshot(
-            step=pending.step, count=self.stats.last.count + 1, stall_ms=fence_ms + pending.capture_ms, fence_ms=fence_ms,
-            capture_ms=pending.capture_ms, seal_ms=(time.perf_counter() - started) * 1e3, issues=copies.issues,
+            step=pending.step, count=self.stats.last.count + 1,
+            stall_ms=fence_ms + pending.capture_ms + pending.seal_wait_ms, fence_ms=fence_ms,
+            capture_ms=pending.capture_ms, seal_wait_ms=pending.seal_wait_ms,
+            seal_ms=(time.perf_counter() - started) * 1e3, issues=copies.issues,
             issue_ms=copies.issue_ms, issuer_ms=copies.issuer_ms, bytes=pending.data_bytes,
             bytes_by_phase=copies.bytes_by_phase, copy_gbps=copies.gbps,
         )
@@ -539,6 +554,7 @@ class OTeaCheckpointIO(CheckpointIO):
             "oteacheck/stall_ms": s.stall_ms,
             "oteacheck/fence_ms": s.fence_ms,
             "oteacheck/capture_ms": s.capture_ms,
+            "oteacheck/seal_wait_ms": s.seal_wait_ms,
             "oteacheck/seal_ms": s.seal_ms,
             "oteacheck/issues": float(s.issues),
             "oteacheck/issue_ms": s.issue_ms,
@@ -546,6 +562,7 @@ class OTeaCheckpointIO(CheckpointIO):
             "oteacheck/copy_gbps": s.copy_gbps,
             "oteacheck/snapshot_mib": s.bytes / 2**20,
             "oteacheck/skipped_snapshots": float(self.stats.skipped),
+            "oteacheck/seal_wait_total_ms": self.stats.seal_wait_total_ms,
             "oteacheck/persist_request_errors": float(self.stats.persist_request_errors),
         }
         for phase, nbytes in s.bytes_by_phase.items():

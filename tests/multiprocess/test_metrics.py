@@ -48,3 +48,22 @@ def test_a_refused_persist_request_keeps_the_sealed_snapshot_and_training_goes_o
     assert float(rows[-1]["oteacheck/sealed_step"]) >= 11
     assert float(rows[-1]["oteacheck/tier0_persisted_step"]) >= 8
     assert "could not hand the snapshot of step 4 to the persister" in proc.stderr
+
+
+def test_waiting_for_a_lagging_seal_is_counted_in_the_stall(tmp_path):
+    # the sealer of step 5 stalls for 1.5 s (injected): the training thread waits for it before the gradient
+    # collectives two iterations later; the wait is part of the stall of the snapshot that iteration ends with, and
+    # of the running total
+    env = harness.environment(f"seal-wait-{tmp_path.name}", tmp_path / "shm")
+    harness.run(tmp_path / "root", tmp_path / "out", env, devices=1, max_steps=10, persist_every=0, csv_log_every=1,
+                fault="seal-stalls:5:1.5")
+    with open(tmp_path / "out" / "logs" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("oteacheck/sealed_step")]
+    totals = {int(r["step"]): float(r["oteacheck/seal_wait_total_ms"]) for r in rows}
+    assert totals[5] < 500 < 1000 < totals[10], totals
+    for r in rows:
+        parts = float(r["oteacheck/fence_ms"]) + float(r["oteacheck/capture_ms"]) + float(r["oteacheck/seal_wait_ms"])
+        assert float(r["oteacheck/stall_ms"]) == pytest.approx(parts)
+    # the snapshot that carries the wait, where a log caught it as the newest sealed (the logs are per step, seals
+    # are not): step 7, as no other one waited
+    assert all(float(r["oteacheck/seal_wait_ms"]) < 500 for r in rows if float(r["oteacheck/sealed_step"]) != 7)

@@ -19,7 +19,10 @@ def install(spec: str) -> None:
     elif name == "persist-request-fails":
         _persist_request_fails(int(arg))
     elif name == "rank1-seal-stalls-then-all-die":
-        _rank1_seal_stalls_then_all_die(int(arg))
+        _seal_stalls(int(arg), 3.0, rank="1", then_die=True)
+    elif name == "seal-stalls":
+        step, _, seconds = arg.partition(":")
+        _seal_stalls(int(step), float(seconds))
     else:
         raise ValueError(f"unknown fault {spec!r}")
 
@@ -38,21 +41,22 @@ def _persist_request_fails(step: int) -> None:
     persist.Persister.request = request
 
 
-def _rank1_seal_stalls_then_all_die(step: int) -> None:
-    """Rank 1's sealer stalls before sealing the snapshot of ``step`` (as if starved of CPU) for long enough that
-    rank 0 gets as far as it can, then the whole run dies."""
+def _seal_stalls(step: int, seconds: float, rank: str | None = None, then_die: bool = False) -> None:
+    """The sealer (of ``rank``, or of every rank) stalls for ``seconds`` before sealing the snapshot of ``step``, as if
+    starved of CPU; with ``then_die`` the whole run dies then, before the seal."""
     import time
 
     from oteacheck_lightning import io
 
-    if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != "1":
+    if rank is not None and os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != rank:
         return
     original = io.OTeaCheckpointIO._seal
 
     def seal(self, pending):
         if pending.step == step:
-            time.sleep(3.0)
-            os.killpg(os.getpgid(0), signal.SIGKILL)
+            time.sleep(seconds)
+            if then_die:
+                os.killpg(os.getpgid(0), signal.SIGKILL)
         return original(self, pending)
 
     io.OTeaCheckpointIO._seal = seal
