@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
-from oteacheck_lightning.format import Manifest, add_checksums, plan_layout  # noqa: E402
+from oteacheck_lightning.format import Manifest, plan_layout, with_checksums  # noqa: E402
 from oteacheck_lightning.persist import Persister, PersistSchedule  # noqa: E402
 from oteacheck_lightning.slots import SlotPool  # noqa: E402
 from oteacheck_lightning.tiers import FsspecTier  # noqa: E402
@@ -93,7 +93,8 @@ class Persisting:
         self.step += 1
         manifest = seal(self.pool, self.step, tensors)
         if self.precompute:
-            add_checksums(manifest, self.pool.newest().memoryview(manifest.data_bytes))
+            slot = self.pool.newest()
+            slot.manifest = with_checksums(manifest, slot.memoryview(manifest.data_bytes))
         started = time.perf_counter()
         self.persister.request(self.step)
         assert self.persister.drain(600)

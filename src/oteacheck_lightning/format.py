@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -45,8 +45,11 @@ class CheckpointFormatError(ValueError):
     """A manifest or data object is malformed, from another format version, or fails verification."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TensorRecord:
+    """One tensor's place in the data object. Immutable: snapshots of one layout share their records, and a
+    checksum makes a new record (:func:`with_checksums`)."""
+
     name: str
     dtype: str
     shape: list[int]
@@ -144,10 +147,10 @@ def checksum(data: memoryview | bytes) -> str:
     return xxhash.xxh3_64_hexdigest(data)
 
 
-def add_checksums(manifest: Manifest, buffer: memoryview) -> None:
-    """Fills in each record's checksum from ``buffer`` (the rank's data object)."""
-    for r in manifest.tensors:
-        r.checksum = checksum(buffer[r.offset : r.offset + r.nbytes])
+def with_checksums(manifest: Manifest, buffer: memoryview) -> Manifest:
+    """``manifest`` with each record's checksum computed from ``buffer`` (the rank's data object)."""
+    records = [replace(r, checksum=checksum(buffer[r.offset : r.offset + r.nbytes])) for r in manifest.tensors]
+    return replace(manifest, tensors=records)
 
 
 def verify(manifest: Manifest, buffer: memoryview, where: str) -> None:

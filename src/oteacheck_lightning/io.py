@@ -43,7 +43,7 @@ from .bubbles import Phase, PhaseEvent
 from .copier import FenceTicket, HostCopier
 from .deepspeed_state import DeepSpeedState
 from .engine import DEFAULT_STAGING_MIB, EngineStats, SnapshotEngine
-from .format import Manifest, TensorRecord, add_checksums, load_tensors, plan_layout
+from .format import Manifest, TensorRecord, load_tensors, plan_layout, with_checksums
 from .persist import Persister, PersistSchedule, TargetStats
 from .plan import MiB
 from .recovery import Gather, recover
@@ -438,8 +438,7 @@ class OTeaCheckpointIO(CheckpointIO):
         manifest = Manifest(int(checkpoint.get("global_step", -1)), self._rank, self._world_size, data_bytes, records,
                             {"main": document, "rng": rng_doc}, job=self.job_id or "")
         view = memoryview(buffer.numpy())
-        add_checksums(manifest, view)
-        CheckpointDir.from_url(path).write_rank(manifest, view)
+        CheckpointDir.from_url(path).write_rank(with_checksums(manifest, view), view)
 
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         """Reads and verifies this rank's part of the checkpoint folder ``path`` (no unpickling)."""

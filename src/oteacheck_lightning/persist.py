@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .format import Manifest, add_checksums
+from .format import Manifest, with_checksums
 from .slots import Slot, SlotPool
 
 log = logging.getLogger(__name__)
@@ -346,8 +346,9 @@ class Persister:
         if manifest is None:
             raise RuntimeError(f"slot {slot.index} has no manifest")
         if not manifest.verified:
-            # computed once per snapshot, here, off the training thread
-            add_checksums(manifest, slot.memoryview(manifest.data_bytes))
+            # computed once per snapshot, here, off the training thread, and kept for the other tiers (the slot is
+            # pinned: nothing refills it meanwhile)
+            manifest = slot.manifest = with_checksums(manifest, slot.memoryview(manifest.data_bytes))
         return manifest
 
     def _record_success(self, target: _Target, manifest: Manifest, seconds: float) -> None:

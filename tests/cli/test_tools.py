@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from oteacheck_lightning import cli, tools
-from oteacheck_lightning.format import Manifest, add_checksums, plan_layout
+from oteacheck_lightning.format import Manifest, plan_layout, with_checksums
 from oteacheck_lightning.tiers import CheckpointDir, FsspecTier
 
 # a ZeRO-2-like layout: parameters a (3x4) and b (5) back to back in one flat group of 18 elements (one element of
@@ -39,8 +39,7 @@ def write_rank(directory: CheckpointDir, step: int, rank: int, param_map: bool =
     deepspeed = {"stage": 2, **({"param_map": PMAP[rank]} if param_map else {})}
     manifest = Manifest(step, rank, 2, data_bytes, records, {"main": {"deepspeed": deepspeed}, "rng": {}})
     view = memoryview(buffer.numpy())
-    add_checksums(manifest, view)
-    directory.write_rank(manifest, view)
+    directory.write_rank(with_checksums(manifest, view), view)
 
 
 def commit(directory: CheckpointDir, step: int) -> None:

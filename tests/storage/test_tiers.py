@@ -6,6 +6,7 @@ tests assert the invariants (nothing torn is visible, the previous checkpoint is
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -15,7 +16,7 @@ import uuid
 import pytest
 import torch
 
-from oteacheck_lightning.format import CheckpointFormatError, Manifest, add_checksums, byte_view, plan_layout
+from oteacheck_lightning.format import CheckpointFormatError, Manifest, byte_view, plan_layout, with_checksums
 from oteacheck_lightning.persist import Persister, PersistSchedule
 from oteacheck_lightning.recovery import recover
 from oteacheck_lightning.slots import SlotPool
@@ -54,8 +55,7 @@ def rank_checkpoint(step: int, rank: int, world_size: int = 2, numel: int = 3000
         byte_view(buffer, record).copy_(t)
     manifest = Manifest(step=step, rank=rank, world_size=world_size, data_bytes=size, tensors=records, state={"s": step})
     view = memoryview(buffer.numpy())
-    add_checksums(manifest, view)
-    return manifest, view
+    return with_checksums(manifest, view), view
 
 
 def single_rank_gather(t: torch.Tensor) -> torch.Tensor:
@@ -163,8 +163,8 @@ def test_a_flipped_bit_on_hdfs_is_reported_by_name_and_the_previous_step_is_used
 
 def seal(pool: SlotPool, step: int, rank: int, world_size: int, numel: int = 4000) -> None:
     manifest, view = rank_checkpoint(step, rank, world_size, numel)
-    for r in manifest.tensors:
-        r.checksum = None  # the persister computes them, off the training thread
+    # without checksums: the persister computes them, off the training thread
+    manifest = dataclasses.replace(manifest, tensors=[dataclasses.replace(r, checksum=None) for r in manifest.tensors])
     slot = pool.acquire(manifest.data_bytes)
     assert slot is not None, "training would have had to skip a snapshot"
     slot.memoryview(manifest.data_bytes)[:] = view

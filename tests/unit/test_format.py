@@ -7,11 +7,11 @@ from oteacheck_lightning.format import (
     ALIGN,
     CheckpointFormatError,
     Manifest,
-    add_checksums,
     byte_view,
     load_tensors,
     plan_layout,
     verify,
+    with_checksums,
 )
 
 
@@ -37,7 +37,7 @@ def test_layout_is_aligned_and_roundtrips():
 def test_checksums_detect_a_flipped_bit():
     manifest, buffer = make({"a": torch.randn(100)})
     view = memoryview(buffer.numpy())
-    add_checksums(manifest, view)
+    manifest = with_checksums(manifest, view)
     verify(manifest, view, "here")
     buffer[manifest.tensors[0].offset + 5] ^= 1
     with pytest.raises(CheckpointFormatError, match="checksum mismatch in tensor 'a'"):
@@ -46,7 +46,7 @@ def test_checksums_detect_a_flipped_bit():
 
 def test_truncated_data_is_detected():
     manifest, buffer = make({"a": torch.randn(100)})
-    add_checksums(manifest, memoryview(buffer.numpy()))
+    manifest = with_checksums(manifest, memoryview(buffer.numpy()))
     with pytest.raises(CheckpointFormatError, match="truncated"):
         verify(manifest, memoryview(buffer.numpy())[:100], "here")
 

@@ -1,5 +1,7 @@
 """The partition plan: every byte once, no partition over the ring segment, cuts on gradient-bucket boundaries."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -13,9 +15,7 @@ def layout(*specs):
     """specs: (numel, dtype, device) -> records in slot order."""
     tensors = [(f"t{i}", torch.empty(n, dtype=d)) for i, (n, d, _) in enumerate(specs)]
     records, _ = plan_layout(tensors)
-    for record, (_, _, device) in zip(records, specs):
-        record.device = device
-    return records
+    return [dataclasses.replace(record, device=device) for record, (_, _, device) in zip(records, specs)]
 
 
 def covered(records, partitions):
