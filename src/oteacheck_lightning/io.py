@@ -182,6 +182,8 @@ class OTeaCheckpointIO(CheckpointIO):
         self._last_rng: tuple[Any, list] | None = None  # the last RNG state stored: sizes the next snapshot's records
         self._held_by_all = -1  # the newest snapshot step every rank has sealed (known since this iteration's forward)
         self._seal_wait_ms = 0.0  # this iteration's waits for seals so far (stall, charged to its snapshot)
+        self._layout_key: tuple | None = None
+        self._layout_cache: tuple[list[TensorRecord], list[TensorRecord], list[bool], int] = ([], [], [], 0)
         self._warned: set[str] = set()
         self._crashed = False
 
@@ -272,18 +274,29 @@ class OTeaCheckpointIO(CheckpointIO):
         # a snapshot's RNG values are grabbed at the next iteration start; sizing their records only needs the
         # last recording (RNG states keep their shapes), which saves collecting them twice per snapshot
         document, named, _, rng = self._collect(lightning_state, self._last_rng)
-        records, data_bytes = plan_layout(named + rng)
+        records, rng_records, boundary, data_bytes = self._layout(named, rng)
         slot = self._pool.acquire(data_bytes, keep_from_step=self._held_by_all if self._held_by_all >= 0 else None)
         if slot is None:
             self.stats.skipped += 1
             self._warn_once("no-slot", "no free snapshot slot (all are being persisted); skipping snapshots until one is free")
             return False
-        boundary = [name.startswith(_BOUNDARY_PREFIXES) for name, _ in named]
-        self.engine.start(slot.buffer, records[: len(named)], [t for _, t in named], boundary)
-        self._pending = _Pending(step, slot, records[: len(named)], records[len(named) :], document, data_bytes)
+        self.engine.start(slot.buffer, records, [t for _, t in named], boundary)
+        self._pending = _Pending(step, slot, records, rng_records, document, data_bytes)
         self._pending.capture_ms = (time.perf_counter() - started) * 1e3
         self._pending.seal_wait_ms = seal_wait_ms
         return True
+
+    def _layout(self, named: list, rng: list) -> tuple[list[TensorRecord], list[TensorRecord], list[bool], int]:
+        """The slot layout of a snapshot's tensors: records of the state and of the RNG states, which tensors are
+        copied at the step boundary, and the data size. Made again only when a name, dtype, shape or device changed:
+        with hundreds of tensors (a model's BatchNorm buffers) laying them out cost the capture more than checking
+        them; the records are immutable, so the snapshots share them."""
+        key = tuple((name, t.dtype, t.shape, t.device) for name, t in named + rng)
+        if key != self._layout_key:
+            records, data_bytes = plan_layout(named + rng)
+            boundary = [name.startswith(_BOUNDARY_PREFIXES) for name, _ in named]
+            self._layout_key, self._layout_cache = key, (records[: len(named)], records[len(named) :], boundary, data_bytes)
+        return self._layout_cache
 
     def on_phase(self, event: PhaseEvent) -> None:
         """Drives the pending snapshot through iteration *t+1* (subscribed to the strategy's bubble bus)."""
