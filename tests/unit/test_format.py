@@ -67,3 +67,23 @@ def test_malformed_manifests_are_rejected(mutate, message):
     mutate(doc)
     with pytest.raises(CheckpointFormatError, match=message):
         Manifest.from_json(json.dumps(doc).encode())
+
+
+def test_a_snapshot_layout_is_made_again_only_when_a_tensor_changes():
+    # the capture keeps the layout of the last snapshot: the same records (immutable, shared by the snapshots) while
+    # nothing changed, a new layout as soon as a name, dtype, shape or device does
+    from oteacheck_lightning import OTeaCheckpointIO
+
+    io = OTeaCheckpointIO()
+    named = [("fp32/0", torch.zeros(1000)), ("buffer/bn.running_mean", torch.zeros(16)), ("state/0", torch.arange(3))]
+    rng = [("rng/0", torch.zeros(625, dtype=torch.int64))]
+    records, rng_records, boundary, size = io._layout(named, rng)
+    assert [r.name for r in records] == ["fp32/0", "buffer/bn.running_mean", "state/0"] and rng_records[0].name == "rng/0"
+    assert boundary == [False, True, True]
+    same = io._layout([(n, t.clone()) for n, t in named], [(n, t.clone()) for n, t in rng])  # new tensors, same geometry
+    assert same[0] is records and same[1] is rng_records and same[3] == size
+    for changed in ([("fp32/0", torch.zeros(2000)), *named[1:]], [("fp32/0", torch.zeros(1000, dtype=torch.float64)), *named[1:]],
+                    [("fp32/1", torch.zeros(1000)), *named[1:]]):
+        again, _, _, new_size = io._layout(changed, rng)
+        expected, expected_size = plan_layout(changed + rng)
+        assert again is not records and again == expected[:3] and new_size == expected_size
