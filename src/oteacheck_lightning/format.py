@@ -86,7 +86,7 @@ class Manifest:
     def to_json(self) -> bytes:
         # not dataclasses.asdict: it deep-copies the state document, which costs milliseconds on every seal
         doc = {f.name: getattr(self, f.name) for f in fields(self)}
-        doc["tensors"] = [dict(vars(r)) for r in self.tensors]
+        doc["tensors"] = _records_document(self.tensors)
         return statecodec.dumps(doc).encode()
 
     @classmethod
@@ -119,6 +119,22 @@ class Manifest:
             itemsize = torch.empty((), dtype=r.torch_dtype).element_size()
             if r.nbytes != numel * itemsize or r.offset < 0 or r.offset + r.nbytes > self.data_bytes:
                 raise CheckpointFormatError(f"tensor {r.name!r} does not fit the data object")
+
+
+# the records of the last manifest written and their JSON: the snapshots of one layout share their (immutable)
+# records, and writing hundreds of them out again cost the seal more than the rest of the manifest
+_last_records: tuple[tuple[TensorRecord, ...], statecodec.Verbatim] | None = None
+
+
+def _records_document(records: list[TensorRecord]) -> statecodec.Verbatim:
+    global _last_records
+    cached = _last_records  # one read: the sealer and the persisters write manifests on their own threads
+    if cached is not None and len(cached[0]) == len(records) and all(a is b for a, b in zip(cached[0], records)):
+        return cached[1]
+    # the entry holds the records themselves, so no other object can take their identities
+    document = statecodec.Verbatim([dict(vars(r)) for r in records])
+    _last_records = (tuple(records), document)
+    return document
 
 
 def plan_layout(tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[list[TensorRecord], int]:
