@@ -28,12 +28,14 @@ all-reduce windows), ``fine`` (one issue call per window instead of the groups t
 
 Per variant it writes ``ablation__<model>__<variant>__g<gpus>__<run>.json`` (``run``: the UTC start time) with the fields of the engine issue (``card``,
 ``gpus``, ``model``, ``method``, ``iter_ms_median``, ``overhead``, ``stall_ms_median``, ``extra_gpu_mib``,
-``versions``, ``command``) plus GPU time of forward, backward and optimizer step, and the bytes copied per phase.
+``versions``, ``command``) plus GPU time of forward, backward and optimizer step, the bytes copied per phase, and
+per iteration the training thread's and the process's CPU time and the garbage collector's pauses.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shlex
@@ -69,12 +71,22 @@ def parser() -> argparse.ArgumentParser:
 
 
 class _Timeline:
-    """Host time and, on a GPU, an event on the compute stream at each timed phase of each iteration."""
+    """Host time and, on a GPU, an event on the compute stream at each timed phase of each iteration; the CPU time
+    of the training thread and of the whole process, and the garbage collector's pauses, per iteration.
+
+    The loops measured here are bound by the host, so a snapshot's cost is host time: the training thread's CPU time
+    shows what it spent there (cold caches included, which timing each function alone does not show), the process's
+    what the engine's own threads spent too, and the collector's pauses whether a snapshot's objects made it run
+    more often."""
 
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
         self.marks: dict[int, dict[str, tuple[Any, float]]] = {}
+        self.cpu: dict[int, tuple[float, float]] = {}  # step -> (training thread, process) CPU seconds at its start
+        self.gc_s: dict[int, float] = {}
         self.variant_of: dict[int, str] = {}
+        self._step = -1
+        self._gc_started = 0.0
 
     def mark(self, phase: str, step: int) -> None:
         event = None
@@ -82,6 +94,16 @@ class _Timeline:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
         self.marks.setdefault(step, {})[phase] = (event, time.perf_counter())
+        if phase == "iteration_start":
+            self.cpu[step] = (time.thread_time(), time.process_time())
+            self._step = step
+
+    def on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        # gc.callbacks: any thread's collection pauses every thread, so it counts for the iteration it falls in
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_s[self._step] = self.gc_s.get(self._step, 0.0) + time.perf_counter() - self._gc_started
 
     def span_ms(self, a: tuple[Any, float], b: tuple[Any, float]) -> float:
         return a[0].elapsed_time(b[0]) if self.cuda else (b[1] - a[1]) * 1e3
@@ -97,6 +119,10 @@ class _Timeline:
             for name, a, b in (("forward_ms", "forward_start", "forward_end"), ("backward_ms", "forward_end", "backward_end"),
                                ("fence_wait_ms", "backward_end", "after_step")):
                 row[name] = self.span_ms(cur[a], cur[b]) if a in cur and b in cur else None
+            if step in self.cpu and step + 1 in self.cpu:
+                row["train_cpu_ms"] = (self.cpu[step + 1][0] - self.cpu[step][0]) * 1e3
+                row["process_cpu_ms"] = (self.cpu[step + 1][1] - self.cpu[step][1]) * 1e3
+            row["gc_ms"] = self.gc_s.get(step, 0.0) * 1e3
             out.append(row)
         return out
 
@@ -164,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     class Control(pl.Callback):
         def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
             strategy.bus.subscribe(lambda e: timeline.mark(e.phase.value, e.step) if e.phase.value in _TIMED else None)
+            gc.callbacks.append(timeline.on_gc)
             configure(trainer.global_step)
 
         def on_train_batch_end(self, trainer: pl.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -187,7 +214,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     module = models.BenchModule(models.spec(args.model, args.smoke))
     started = time.time()
-    trainer.fit(module)
+    try:
+        trainer.fit(module)
+    finally:
+        if timeline.on_gc in gc.callbacks:
+            gc.callbacks.remove(timeline.on_gc)
     if cuda:
         torch.cuda.synchronize()
         memory["peak"] = torch.cuda.max_memory_allocated() / 2**20
@@ -227,6 +258,11 @@ def main(argv: list[str] | None = None) -> None:
             "forward_ms_median": _median([r["forward_ms"] for r in mine]),
             "backward_ms_median": _median([r["backward_ms"] for r in mine]),
             "fence_wait_ms_median": _median([r["fence_wait_ms"] for r in mine]),
+            # host time per iteration: the training thread's CPU, all threads' CPU, the collector's pauses (a mean:
+            # most iterations have none)
+            "train_cpu_ms_median": _median([r.get("train_cpu_ms") for r in mine]),
+            "process_cpu_ms_median": _median([r.get("process_cpu_ms") for r in mine]),
+            "gc_ms_mean": statistics.mean(r["gc_ms"] for r in mine) if mine else None,
             "stall_ms_median": _median([s["stall_ms"] for s in stats]),
             "fence_ms_median": _median([s["fence_ms"] for s in stats]),
             "capture_ms_median": _median([s["capture_ms"] for s in stats]),
@@ -251,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
         name = f"ablation__{args.model}__{variant.replace('+', '-')}__g{args.gpus}__{run}.json"
         (out / name).write_text(json.dumps(result, indent=1))
         summary[variant] = {k: result[k] for k in ("iter_ms_median", "overhead", "overhead_ci95", "stall_ms_median", "forward_ms_median",
-                                                     "backward_ms_median", "fence_wait_ms_median", "copy_gbps_median",
+                                                     "backward_ms_median", "fence_wait_ms_median", "train_cpu_ms_median",
+                                                     "process_cpu_ms_median", "gc_ms_mean", "copy_gbps_median",
                                                      "capture_ms_median", "issues_median", "issue_ms_median", "issuer_ms_median", "groups_median", "sync_windows",
                                                      "extra_gpu_mib", "iterations")}
     print(json.dumps({"model": args.model, "card": card, "summary": summary}, indent=1, default=str))
