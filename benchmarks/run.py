@@ -437,7 +437,7 @@ def _child(args: argparse.Namespace, role: str, result_file: Path, env: dict[str
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        return launched, None, f"timed out after {args.timeout:.0f} s\n{output[-4000:]}"
+        return launched, None, f"timed out after {args.timeout:.0f} s (--timeout; killed before it wrote a result)\n{output[-4000:]}"
     return launched, subprocess.CompletedProcess(cmd, proc.returncode, output), output
 
 
@@ -491,7 +491,9 @@ def drive(args: argparse.Namespace, command: str) -> dict:
         check_paired(args)
         launched, proc, output = _child(args, "train", result_file, env, [])
         if not result_file.exists():
-            result = {**base, "status": "error", "error": _error_tail(output), "log_tail": output[-3000:]}
+            # a run killed at --timeout says so (its log's last line is whatever it printed last)
+            error = output.splitlines()[0] if proc is None else _error_tail(output)
+            result = {**base, "status": "error", "error": error, "log_tail": output[-3000:]}
         else:
             result = {**base, **json.loads(result_file.read_text()), "command": command, "tag": args.tag}
             if result.get("first_step_end_wall"):

@@ -154,3 +154,12 @@ def test_pairing_a_method_it_cannot_pair_is_refused_with_what_to_change(tmp_path
            "--steps", "12", "--paired-block", "3", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0 and "--paired-block is for the OTeaCheck methods" in proc.stderr
+
+
+def test_a_run_killed_at_its_timeout_is_reported_as_timed_out_not_by_its_last_log_line(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks.run", "--smoke", "--model", "gpt2-124m", "--method", "none",
+           "--steps", "400", "--timeout", "3", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    (result,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    assert result["status"] == "error", proc.stdout[-2000:]
+    assert result["error"].startswith("timed out after 3 s"), result["error"]
