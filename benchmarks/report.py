@@ -131,6 +131,8 @@ brackets; **stall ms**: per snapshot, the optimizer step's wait for the copies p
 thread's time to capture and seal it; **capture ms**: the capture alone; **issue calls (ms)**: the training
 thread's calls that queued one snapshot's copies, and its time in them (recorded since the issue-cost groups), then
 `+` the issuer thread's CPU time making the copy calls (recorded since 749fc1d);
+**host CPU ms**: per iteration, the CPU time of the training thread and of the whole process (every thread),
+median (recorded since bdfb793; a wait for the GPU that spins counts as CPU time);
 **copy GB/s**: device-to-host copy rate;
 **extra GPU MiB**: peak allocated GPU memory over that of the snapshot-free warm-up (the staging ring; one figure
 per run, as the peak is the process's); **MiB per phase**: what one snapshot copied in each phase window
@@ -278,15 +280,21 @@ def _issue_cell(row: dict) -> str:
 
 def ablation_table(rows: list[dict]) -> str:
     head = ("| variant | iterations | iter ms median | mean | p10–p90 ms | overhead | stall ms | capture ms "
-            "| issue calls (ms) | copy GB/s | extra GPU MiB | MiB per phase |")
-    lines = [head, "|" + "|".join([" --- "] * 12) + "|"]
+            "| issue calls (ms) | host CPU ms (training / process) | copy GB/s | extra GPU MiB | MiB per phase |")
+    lines = [head, "|" + "|".join([" --- "] * 13) + "|"]
     for r in rows:
         lines.append("| " + " | ".join([
             f"`{_variant(r)}`", str(len(r["iter_ms"]) if r.get("iter_ms") else r.get("iterations")),
             _f(r.get("iter_ms_median")), _f(r.get("iter_ms_mean")), _spread(r), _overhead_cell(r),
-            _f(r.get("stall_ms_median")), _f(r.get("capture_ms_median")), _issue_cell(r), _f(r.get("copy_gbps_median")),
+            _f(r.get("stall_ms_median")), _f(r.get("capture_ms_median")), _issue_cell(r), _cpu_cell(r), _f(r.get("copy_gbps_median")),
             _f(r.get("extra_gpu_mib"), "{:.0f}"), _mib_by_phase(r.get("mib_by_phase"))]) + " |")
     return "\n".join(lines)
+
+
+def _cpu_cell(r: dict) -> str:
+    if r.get("train_cpu_ms_median") is None:
+        return "–"
+    return f"{_f(r['train_cpu_ms_median'])} / {_f(r.get('process_cpu_ms_median'))}"
 
 
 def _versions_line(rows: list[dict]) -> str:
