@@ -129,5 +129,7 @@ class OTeaCheckpoint(ModelCheckpoint):
             pl.utilities.rank_zero_warn("the final snapshot was not persisted within 10 minutes")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        trainer.strategy.checkpoint_io.mark_crashed()
+        io = trainer.strategy.checkpoint_io
+        if isinstance(io, OTeaCheckpointIO):  # otherwise setup refused the strategy: that error is the one to see
+            io.mark_crashed()
         super().on_exception(trainer, pl_module, exception)
