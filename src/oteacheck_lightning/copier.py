@@ -479,7 +479,10 @@ class CudaCopier:
         copies_done = torch.cuda.Event()
         copies_done.record(self.stream)
         compute = self._compute
-        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        # the sealer waits on ``after``, up to an iteration: a blocking event lets its thread sleep there instead of
+        # spinning a core (by default CUDA spins while fewer contexts than cores are active; eight ranks per host
+        # would keep eight cores busy waiting)
+        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True, blocking=True)
         before.record(compute)
         compute.wait_event(copies_done)  # optimizer step t+1 runs only after snapshot t left the GPU
         after.record(compute)

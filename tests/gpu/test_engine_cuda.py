@@ -155,3 +155,30 @@ def test_training_run_snapshots_match_the_live_state(tmp_path, shm_dir):
                 persist_every=10, check_snapshots=True)
     check = json.loads((tmp_path / "out" / "snapshot-check-rank0.json").read_text())
     assert check["checked"] >= 20 and check["mismatched"] == 0
+
+
+def test_waiting_for_a_snapshots_copies_sleeps_instead_of_spinning_a_core(shm_dir):
+    # the sealer waits on the fence ticket for up to an iteration; spinning would cost a core per rank
+    import time
+
+    named = make_state(16)
+    records, size = plan_layout(named)
+    pool = SlotPool(shm_dir / "slots", 3)
+    engine = SnapshotEngine(torch.device("cuda"), "bubbles", staging_bytes=16 * MiB)
+    pool.set_unmap_hook(engine.forget)
+    boundary = [n.startswith("buffer/") for n, _ in named]
+    try:
+        slot = pool.acquire(size)
+        engine.start(slot.buffer, records, [t for _, t in named], boundary)
+        engine.on_event(PhaseEvent(Phase.ITERATION_START, 1, 0, None))
+        torch.cuda._sleep(600_000_000)  # GPU work before the fence point: 0.3 s at 2 GHz, longer at lower clocks
+        ticket = engine.fence()
+        wall, cpu = time.perf_counter(), time.thread_time()
+        ticket.wait()
+        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+        pool.abandon(slot)
+    finally:
+        pool.close(remove=True)
+        engine.close()
+    assert wall > 0.1, f"the wait took {wall:.3f} s; the GPU work before the fence should have made it longer"
+    assert cpu < 0.25 * wall, f"the waiting thread used {cpu:.3f} s of CPU in {wall:.3f} s: it spun"
