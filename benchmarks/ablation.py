@@ -29,12 +29,14 @@ all-reduce windows), ``fine`` (one issue call per window instead of the groups t
 Per variant it writes ``ablation__<model>__<variant>__g<gpus>__<run>.json`` (``run``: the UTC start time) with the fields of the engine issue (``card``,
 ``gpus``, ``model``, ``method``, ``iter_ms_median``, ``overhead``, ``stall_ms_median``, ``extra_gpu_mib``,
 ``versions``, ``command``) plus GPU time of forward, backward and optimizer step, the bytes copied per phase, and
-per iteration the training thread's and the process's CPU time and the garbage collector's pauses.
+per iteration the training thread's and the process's CPU time, its waits for the GPU (``torch.cuda.synchronize``,
+``Tensor.item``) and the garbage collector's pauses.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -42,6 +44,7 @@ import shlex
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,8 @@ import torch
 from . import measure, models
 
 DEFAULT_VARIANTS = "none,naive,eager,bubbles"
+# calls in which the training thread waits for the GPU (DeepSpeed synchronizes the device at the end of backward)
+_GPU_WAITS = ((torch.cuda, "synchronize"), (torch.Tensor, "item"))
 _TIMED = ("iteration_start", "forward_start", "forward_end", "backward_end", "before_step", "after_step")
 
 
@@ -84,6 +89,7 @@ class _Timeline:
         self.marks: dict[int, dict[str, tuple[Any, float]]] = {}
         self.cpu: dict[int, tuple[float, float]] = {}  # step -> (training thread, process) CPU seconds at its start
         self.gc_s: dict[int, float] = {}
+        self.sync_s: dict[int, float] = {}  # the training thread's waits for the GPU (synchronize, .item())
         self.variant_of: dict[int, str] = {}
         self._step = -1
         self._gc_started = 0.0
@@ -97,6 +103,23 @@ class _Timeline:
         if phase == "iteration_start":
             self.cpu[step] = (time.thread_time(), time.process_time())
             self._step = step
+
+    def timed_wait(self, fn: Any) -> Any:
+        """``fn`` (a call that waits for the GPU), its wall time added to the iteration's when the training thread
+        calls it: a wait that spins is CPU time, so this tells waiting from working."""
+        training = threading.get_ident()
+
+        @functools.wraps(fn)
+        def wait(*args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() != training:
+                return fn(*args, **kwargs)
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.sync_s[self._step] = self.sync_s.get(self._step, 0.0) + time.perf_counter() - started
+
+        return wait
 
     def on_gc(self, phase: str, info: dict[str, Any]) -> None:
         # gc.callbacks: any thread's collection pauses every thread, so it counts for the iteration it falls in
@@ -123,6 +146,7 @@ class _Timeline:
                 row["train_cpu_ms"] = (self.cpu[step + 1][0] - self.cpu[step][0]) * 1e3
                 row["process_cpu_ms"] = (self.cpu[step + 1][1] - self.cpu[step][1]) * 1e3
             row["gc_ms"] = self.gc_s.get(step, 0.0) * 1e3
+            row["sync_wait_ms"] = self.sync_s.get(step, 0.0) * 1e3
             out.append(row)
         return out
 
@@ -191,6 +215,9 @@ def main(argv: list[str] | None = None) -> None:
         def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
             strategy.bus.subscribe(lambda e: timeline.mark(e.phase.value, e.step) if e.phase.value in _TIMED else None)
             gc.callbacks.append(timeline.on_gc)
+            for owner, name in _GPU_WAITS:
+                originals.append((owner, name, getattr(owner, name)))
+                setattr(owner, name, timeline.timed_wait(getattr(owner, name)))
             configure(trainer.global_step)
 
         def on_train_batch_end(self, trainer: pl.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -214,11 +241,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     module = models.BenchModule(models.spec(args.model, args.smoke))
     started = time.time()
+    originals: list[tuple[Any, str, Any]] = []
     try:
         trainer.fit(module)
     finally:
         if timeline.on_gc in gc.callbacks:
             gc.callbacks.remove(timeline.on_gc)
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
     if cuda:
         torch.cuda.synchronize()
         memory["peak"] = torch.cuda.max_memory_allocated() / 2**20
@@ -263,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
             "train_cpu_ms_median": _median([r.get("train_cpu_ms") for r in mine]),
             "process_cpu_ms_median": _median([r.get("process_cpu_ms") for r in mine]),
             "gc_ms_mean": statistics.mean(r["gc_ms"] for r in mine) if mine else None,
+            # of the training thread's time, waiting for the GPU in torch.cuda.synchronize and Tensor.item
+            "sync_wait_ms_median": _median([r.get("sync_wait_ms") for r in mine]),
             "stall_ms_median": _median([s["stall_ms"] for s in stats]),
             "fence_ms_median": _median([s["fence_ms"] for s in stats]),
             "capture_ms_median": _median([s["capture_ms"] for s in stats]),
@@ -288,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         (out / name).write_text(json.dumps(result, indent=1))
         summary[variant] = {k: result[k] for k in ("iter_ms_median", "overhead", "overhead_ci95", "stall_ms_median", "forward_ms_median",
                                                      "backward_ms_median", "fence_wait_ms_median", "train_cpu_ms_median",
-                                                     "process_cpu_ms_median", "gc_ms_mean", "copy_gbps_median",
+                                                     "process_cpu_ms_median", "gc_ms_mean", "sync_wait_ms_median", "copy_gbps_median",
                                                      "capture_ms_median", "issues_median", "issue_ms_median", "issuer_ms_median", "groups_median", "sync_windows",
                                                      "extra_gpu_mib", "iterations")}
     print(json.dumps({"model": args.model, "card": card, "summary": summary}, indent=1, default=str))

@@ -132,7 +132,8 @@ thread's time to capture and seal it; **capture ms**: the capture alone; **issue
 thread's calls that queued one snapshot's copies, and its time in them (recorded since the issue-cost groups), then
 `+` the issuer thread's CPU time making the copy calls (recorded since 749fc1d);
 **host CPU ms**: per iteration, the CPU time of the training thread and of the whole process (every thread),
-median (recorded since bdfb793; a wait for the GPU that spins counts as CPU time);
+median (recorded since bdfb793; a wait for the GPU that spins counts as CPU time), and in brackets the training
+thread's time in `torch.cuda.synchronize` and `Tensor.item` (recorded in runs after 2026-11-28 03:00 UTC);
 **copy GB/s**: device-to-host copy rate;
 **extra GPU MiB**: peak allocated GPU memory over that of the snapshot-free warm-up (the staging ring; one figure
 per run, as the peak is the process's); **MiB per phase**: what one snapshot copied in each phase window
@@ -294,7 +295,10 @@ def ablation_table(rows: list[dict]) -> str:
 def _cpu_cell(r: dict) -> str:
     if r.get("train_cpu_ms_median") is None:
         return "–"
-    return f"{_f(r['train_cpu_ms_median'])} / {_f(r.get('process_cpu_ms_median'))}"
+    cell = f"{_f(r['train_cpu_ms_median'])} / {_f(r.get('process_cpu_ms_median'))}"
+    if r.get("sync_wait_ms_median") is not None:
+        cell += f" (GPU waits {_f(r['sync_wait_ms_median'])})"
+    return cell
 
 
 def _versions_line(rows: list[dict]) -> str:
