@@ -76,13 +76,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 class _Timeline:
-    """Host time and, on a GPU, an event on the compute stream at each timed phase of each iteration; the CPU time
-    of the training thread and of the whole process, and the garbage collector's pauses, per iteration.
+    """Host time and, on a GPU, an event on the compute stream at each timed phase of each iteration; per
+    iteration the CPU time of the training thread and of the whole process, the training thread's waits for the GPU
+    and the garbage collector's pauses.
 
-    The loops measured here are bound by the host, so a snapshot's cost is host time: the training thread's CPU time
-    shows what it spent there (cold caches included, which timing each function alone does not show), the process's
-    what the engine's own threads spent too, and the collector's pauses whether a snapshot's objects made it run
-    more often."""
+    The loops measured here are mostly bound by the host, so a snapshot's cost is mostly host time: the training
+    thread's CPU time shows what it spent (cold caches included, which timing each function alone does not show),
+    the process's what the engine's own threads spent too, the waits how much of that CPU time was a wait for the
+    GPU that spins, and the collector's pauses whether a snapshot's objects made it run more often."""
 
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
