@@ -21,7 +21,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+import torch
+
 from .io import OTeaCheckpointIO
+from .pace import PersistPace
 from .persist import PersistSchedule
 
 
@@ -64,6 +67,7 @@ class OTeaCheckpoint(ModelCheckpoint):
         self.log_metrics = log_metrics
         self.root: str | None = str(dirpath) if dirpath is not None else None
         self._last_snapshot_step = -1
+        self._pace = PersistPace()
 
     @property
     def state_key(self) -> str:
@@ -99,6 +103,11 @@ class OTeaCheckpoint(ModelCheckpoint):
         if step > 0 and step != self._last_snapshot_step and step % self.snapshot_every_n_steps == 0:
             self._last_snapshot_step = step
             trainer.strategy.take_snapshot()
+        io = trainer.strategy.checkpoint_io
+        if io.paces_persistence:
+            agreed = self._pace.on_step(step, lambda local: _largest_over_ranks(trainer, local))
+            if agreed is not None:
+                io.pace_persistence(*agreed, self.snapshot_every_n_steps)
         if self.log_metrics:
             self._report(trainer, pl_module)
 
@@ -122,6 +131,10 @@ class OTeaCheckpoint(ModelCheckpoint):
             pl_module.log("ckpt_step", metrics["oteacheck/sealed_step"], on_step=True, prog_bar=True, logger=False, batch_size=1)
             pl_module.log("stall_ms", metrics["oteacheck/stall_ms"], on_step=True, prog_bar=True, logger=False, batch_size=1)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._pace.start(trainer.global_step)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         io = trainer.strategy.checkpoint_io
@@ -133,3 +146,9 @@ class OTeaCheckpoint(ModelCheckpoint):
         if isinstance(io, OTeaCheckpointIO):  # otherwise setup refused the strategy: that error is the one to see
             io.mark_crashed()
         super().on_exception(trainer, pl_module, exception)
+
+
+def _largest_over_ranks(trainer: pl.Trainer, value: float) -> float:
+    """The largest ``value`` over the ranks (a collective: every rank calls it at the same step)."""
+    tensor = torch.tensor(value, dtype=torch.float64, device=trainer.strategy.root_device)
+    return float(trainer.strategy.reduce(tensor, reduce_op="max"))

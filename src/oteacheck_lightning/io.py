@@ -226,7 +226,7 @@ class OTeaCheckpointIO(CheckpointIO):
         self._abandon = False
         self._held_by_all = -1
         self._seal_wait_ms = 0.0
-        self._persister = Persister(self._pool, list(zip(self._tiers, self.schedules)))
+        self._persister = Persister(self._pool, list(zip(self._tiers, self.schedules)), paced=world_size > 1)
         self.stats.tiers = self._persister.stats()
         self._crashed = False
 
@@ -418,6 +418,17 @@ class OTeaCheckpointIO(CheckpointIO):
             self._fence(self._pending)
         self._wait_sealed(at_most=0)
         return self.stats.sealed_step if self.stats.sealed_step >= 0 else None
+
+    @property
+    def paces_persistence(self) -> bool:
+        """Whether time-based persist schedules need step intervals agreed by the ranks (:mod:`.pace`)."""
+        return self._world_size > 1 and any(s.every_n_seconds is not None for s in self.schedules)
+
+    def pace_persistence(self, from_step: int, seconds_per_step: float, step_multiple: int) -> None:
+        """Time schedules fire every ``every_n_seconds / seconds_per_step`` steps from ``from_step`` on (training
+        thread, the same values on every rank)."""
+        assert self._persister is not None
+        self._persister.pace(from_step, seconds_per_step, step_multiple)
 
     def persist_now(self, wait: bool = True, timeout: float | None = None) -> bool:
         """Persists the newest sealed snapshot to every tier now (e.g. at the end of training)."""

@@ -24,9 +24,9 @@ Commit protocol of a periodic checkpoint of step *s* in one tier (see :mod:`.tie
 5. the other ranks remove their files of steps the coordinator took out of sight, at their next retention pass.
 
 Coordinating through storage keeps torch.distributed on the training thread only (invariant 8) and keeps the
-training thread free of storage waits (invariant 5). A step that some rank never writes (its tier failed, or a
-time-based schedule fired at different steps on different ranks) is never committed: the coordinator drops it when
-a newer step commits or after ``commit_timeout_seconds``, and retention removes its files.
+training thread free of storage waits (invariant 5). Time schedules with several ranks fire at step intervals the
+ranks agreed on (:mod:`.pace`), so they too request the same steps everywhere. A step that some rank never writes
+(its tier failed) is never committed: the coordinator drops it when a newer step commits or after ``commit_timeout_seconds``, and retention removes its files.
 
 When storage is slower than the schedule, a request that arrives while the previous one is still due replaces it
 (the newest sealed snapshot wins) and is counted in ``skipped``; at most two slots per tier are pinned (one being
@@ -70,8 +70,9 @@ class PersistSchedule:
             ``None`` means the checkpoint callback's ``dirpath``.
         every_n_steps: persist the snapshot of every step that is a multiple of this (the same steps on every
             rank, so each of them can be committed).
-        every_n_seconds: persist the newest snapshot when this much time passed since the last request. Measured
-            per rank, so with several ranks prefer ``every_n_steps``: only steps every rank wrote are committed.
+        every_n_seconds: persist the newest snapshot when this much time passed since the last request. With
+            several ranks, about this often, at a step interval every rank agrees on (see :mod:`.pace`), so that
+            every rank persists the same steps and they can be committed.
         keep_last: number of committed checkpoints kept in this tier (older ones are removed); ``None`` keeps all.
         storage_options: passed to the fsspec filesystem (for ``hdfs://``: hdfs-native client settings).
         commit_timeout_seconds: how long rank 0 waits for the other ranks' files of a step before giving it up.
@@ -158,6 +159,8 @@ class _Target:
     warned: bool = False
     # coordinator only: step -> (world size, monotonic deadline)
     commits: dict[int, tuple[int, float]] = field(default_factory=dict)
+    # with several ranks: every_n_seconds as agreed step intervals, (from step, every n steps), newest last
+    paced: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Persister:
@@ -170,8 +173,11 @@ class Persister:
         retries: int = 3,
         backoff_seconds: float = 0.5,
         poll_seconds: float = 0.05,
+        paced: bool = False,
     ) -> None:
         self.pool = pool
+        # several ranks: time schedules fire at the agreed step intervals of pace(), never by this rank's clock
+        self.paced = paced
         self.targets = [_Target(tier, schedule) for tier, schedule in targets]
         self.retries = retries
         self.backoff_seconds = backoff_seconds
@@ -192,7 +198,7 @@ class Persister:
             if self._closed:
                 return
             for t in self.targets:
-                if not (force or t.schedule.is_due(step, now - t.last_request)):
+                if not (force or self._due(t, step, now)):
                     continue
                 slot = self.pool.pin_newest()
                 if slot is None:
@@ -202,6 +208,25 @@ class Persister:
                     t.stats.skipped += 1
                 t.pending, t.last_request = slot, now
             self._cond.notify_all()
+
+    def _due(self, t: _Target, step: int, now: float) -> bool:
+        schedule = t.schedule
+        if not self.paced or schedule.every_n_seconds is None:
+            return schedule.is_due(step, now - t.last_request)
+        if schedule.every_n_steps is not None and step % schedule.every_n_steps == 0:
+            return True
+        every = next((n for first, n in reversed(t.paced) if first <= step), None)
+        return every is not None and step % every == 0
+
+    def pace(self, from_step: int, seconds_per_step: float, step_multiple: int = 1) -> None:
+        """From ``from_step`` on, time schedules fire every ``every_n_seconds / seconds_per_step`` steps (a
+        multiple of ``step_multiple``, the snapshot interval); called with the same values on every rank."""
+        with self._cond:
+            for t in self.targets:
+                if t.schedule.every_n_seconds is None:
+                    continue
+                snapshots = max(1, round(t.schedule.every_n_seconds / (max(seconds_per_step, 1e-9) * step_multiple)))
+                t.paced = t.paced[-1:] + [(from_step, snapshots * step_multiple)]  # the previous one still applies before
 
     def stats(self) -> dict[str, TargetStats]:
         return {t.tier.name: t.stats for t in self.targets}

@@ -136,3 +136,18 @@ def test_a_full_local_disk_warns_and_training_goes_on(tmp_path, reference):
         assert stats["failures"] >= 1 and stats["outages"] >= 1 and "No space left" in stats["last_error"]
     assert tier_stats(out, 0, str(disk))["persisted"] >= 1  # it did write until the disk was full
     harness.assert_bit_identical(reference, out, ranks=2)
+
+
+def test_a_time_schedule_with_two_ranks_persists_steps_both_agreed_on_so_they_commit(tmp_path):
+    """After its first time-scheduled request, rank 1's persister counts from half an interval earlier (out of step
+    with rank 0, as after a late start). Measured per rank, the two ranks then persisted different steps and none
+    committed (steps 1 and 60 of 60 on the old code); the ranks now agree on a step interval for the seconds, so
+    they persist the same steps, which commit at one spacing."""
+    disk = tmp_path / "disk"
+    out, env = tmp_path / "out", harness.environment(f"paced-{tmp_path.name}", tmp_path / "shm")
+    harness.run(tmp_path / "root", out, env, stage=2, devices=2, max_steps=60, sleep=0.05, persist=[f"{disk}:1s:all"],
+                fault="rank1-persist-clock-early:0.5")
+    committed = FsspecTier(str(disk)).committed_steps()
+    during = [s for s in committed if s < 60]  # the last step is persisted at the end of training in any case
+    assert len(during) >= 2, f"committed steps {committed}"
+    assert len({b - a for a, b in zip(during, during[1:])}) == 1, f"committed steps {committed}"

@@ -20,6 +20,8 @@ def install(spec: str) -> None:
         _persist_request_fails(int(arg))
     elif name == "rank1-seal-stalls-then-all-die":
         _seal_stalls(int(arg), 3.0, rank="1", then_die=True)
+    elif name == "rank1-persist-clock-early":
+        _persist_clock_early(float(arg), rank="1")
     elif name == "seal-stalls":
         step, _, seconds = arg.partition(":")
         _seal_stalls(int(step), float(seconds))
@@ -37,6 +39,25 @@ def _persist_request_fails(step: int) -> None:
             failed.append(at)
             raise OSError(f"injected: cannot pin the snapshot of step {at}")
         return original(self, at, force)
+
+    persist.Persister.request = request
+
+
+def _persist_clock_early(seconds: float, rank: str) -> None:
+    """After its first time-scheduled request, the persister of ``rank`` counts from ``seconds`` earlier than the
+    others, as when a rank's clock or schedule is out of step with its peers'."""
+    if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != rank:
+        return
+    original = persist.Persister.request
+    shifted = []
+
+    def request(self, step, force=False):
+        before = [t.last_request for t in self.targets]
+        original(self, step, force)
+        for target, last in zip(self.targets, before):
+            if not shifted and not force and target.last_request != last:
+                shifted.append(step)
+                target.last_request -= seconds
 
     persist.Persister.request = request
 

@@ -115,3 +115,40 @@ def test_schedules_are_validated():
         PersistSchedule(keep_last=0)
     assert PersistSchedule(every_n_steps=None, every_n_seconds=1.0).is_due(3, 1.5)
     assert not PersistSchedule(every_n_steps=10).is_due(3, 1e9)
+
+
+def test_with_several_ranks_a_time_schedule_fires_only_at_the_agreed_step_interval(tmp_path, pool):
+    tier = FsspecTier(str(tmp_path / "disk"))
+    # world size 1 here: the commit needs this rank only, so a step persisted is a step committed
+    persister = Persister(pool, [(tier, PersistSchedule(every_n_steps=None, every_n_seconds=1.0, keep_last=None))], paced=True)
+    for step in range(1, 61):
+        if step == 10:
+            persister.pace(from_step=20, seconds_per_step=0.1, step_multiple=2)  # 1 s: 10 steps, a multiple of 2
+        if step == 35:
+            persister.pace(from_step=45, seconds_per_step=0.04, step_multiple=2)  # 1 s: 25 steps, rounded to 24
+        snapshot(pool, step)
+        persister.request(step)  # no waiting: by this rank's clock nothing would be due this fast
+        assert persister.drain(30)
+    persister.close(drain=True)
+    # nothing before the first agreement applied, every 10 steps until the second applied, then every 24
+    assert tier.committed_steps(0) == [20, 30, 40, 48]
+
+
+def test_the_ranks_agree_on_their_pace_at_the_same_steps_with_the_slowest_ranks_seconds(monkeypatch):
+    from oteacheck_lightning import pace
+
+    clock = iter(float(i) for i in range(1000))  # one second per call: each mark reads the clock once
+    monkeypatch.setattr(pace.time, "perf_counter", lambda: next(clock))
+    pacer, asked = pace.PersistPace(), []
+
+    def largest(local):
+        asked.append(local)
+        return 2 * local  # a slower peer
+
+    pacer.start(100)
+    agreed = {step: pacer.on_step(step, largest) for step in range(100, 100 + pace.PACE_FIRST + pace.PACE_EVERY + 1)}
+    first, again = 100 + pace.PACE_FIRST, 100 + pace.PACE_FIRST + pace.PACE_EVERY
+    assert {s for s, a in agreed.items() if a is not None} == {first, again}
+    # measured between the mark at step 105 and step 115 (1 s on this clock), doubled by the slower peer
+    assert asked[0] == pytest.approx(1.0 / (pace.PACE_FIRST - pace.PACE_FROM))
+    assert agreed[first] == (first + pace.PACE_AHEAD, pytest.approx(2 * asked[0]))
