@@ -597,6 +597,8 @@ class OTeaCheckpointIO(CheckpointIO):
             out[f"oteacheck/tier{i}_outage_s"] = t.outage_seconds
             out[f"oteacheck/tier{i}_skipped"] = float(t.skipped)
             out[f"oteacheck/tier{i}_healthy"] = float(t.healthy)
+            if t.paced_every_n_steps:  # what every_n_seconds became, with several ranks
+                out[f"oteacheck/tier{i}_paced_every_n_steps"] = float(t.paced_every_n_steps)
         return out
 
     def _warn_once(self, key: str, message: str) -> None:

@@ -139,6 +139,7 @@ class TargetStats:
     commit_timeouts: int = 0
     last_seconds: float = 0.0
     last_bytes: int = 0
+    paced_every_n_steps: int = 0  # with several ranks: the agreed step interval of every_n_seconds (0: none yet)
 
     @property
     def last_gbps(self) -> float:
@@ -227,6 +228,7 @@ class Persister:
                     continue
                 snapshots = max(1, round(t.schedule.every_n_seconds / (max(seconds_per_step, 1e-9) * step_multiple)))
                 t.paced = t.paced[-1:] + [(from_step, snapshots * step_multiple)]  # the previous one still applies before
+                t.stats.paced_every_n_steps = snapshots * step_multiple
 
     def stats(self) -> dict[str, TargetStats]:
         return {t.tier.name: t.stats for t in self.targets}

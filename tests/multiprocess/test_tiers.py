@@ -150,4 +150,7 @@ def test_a_time_schedule_with_two_ranks_persists_steps_both_agreed_on_so_they_co
     committed = FsspecTier(str(disk)).committed_steps()
     during = [s for s in committed if s < 60]  # the last step is persisted at the end of training in any case
     assert len(during) >= 2, f"committed steps {committed}"
-    assert len({b - a for a, b in zip(during, during[1:])}) == 1, f"committed steps {committed}"
+    spacing = {b - a for a, b in zip(during, during[1:])}
+    assert len(spacing) == 1, f"committed steps {committed}"
+    # both ranks report the interval they agreed on, the one the commits show
+    assert [tier_stats(out, rank, str(disk))["paced_every_n_steps"] for rank in range(2)] == [spacing.pop()] * 2

@@ -132,6 +132,7 @@ def test_with_several_ranks_a_time_schedule_fires_only_at_the_agreed_step_interv
     persister.close(drain=True)
     # nothing before the first agreement applied, every 10 steps until the second applied, then every 24
     assert tier.committed_steps(0) == [20, 30, 40, 48]
+    assert persister.stats()[tier.name].paced_every_n_steps == 24  # the metric shows what the seconds became
 
 
 def test_the_ranks_agree_on_their_pace_at_the_same_steps_with_the_slowest_ranks_seconds(monkeypatch):
