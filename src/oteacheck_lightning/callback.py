@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-
-import torch
 
 from .io import OTeaCheckpointIO
 from .pace import PersistPace

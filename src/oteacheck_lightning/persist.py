@@ -26,7 +26,8 @@ Commit protocol of a periodic checkpoint of step *s* in one tier (see :mod:`.tie
 Coordinating through storage keeps torch.distributed on the training thread only (invariant 8) and keeps the
 training thread free of storage waits (invariant 5). Time schedules with several ranks fire at step intervals the
 ranks agreed on (:mod:`.pace`), so they too request the same steps everywhere. A step that some rank never writes
-(its tier failed) is never committed: the coordinator drops it when a newer step commits or after ``commit_timeout_seconds``, and retention removes its files.
+(its tier failed) is never committed: the coordinator drops it when a newer step commits or after
+``commit_timeout_seconds``, and retention removes its files.
 
 When storage is slower than the schedule, a request that arrives while the previous one is still due replaces it
 (the newest sealed snapshot wins) and is counted in ``skipped``; at most two slots per tier are pinned (one being
