@@ -111,10 +111,15 @@ class PersistSchedule:
         timing = {"every_n_steps": None, "every_n_seconds": float(every[:-1])} if every.endswith("s") else {"every_n_steps": int(every)}
         return cls(url=url, keep_last=None if keep == "all" else int(keep), **timing, **kwargs)
 
-    def is_due(self, step: int, seconds_since_last: float) -> bool:
+    def is_due(self, step: int, seconds_since_last: float | None, seconds_as_steps: int | None = None) -> bool:
+        """Whether ``step`` is to be persisted. ``seconds_since_last`` ``None``: the time schedule is paced in steps
+        (several ranks, :mod:`.pace`), due at multiples of ``seconds_as_steps`` once the ranks agreed on it."""
         by_steps = self.every_n_steps is not None and step % self.every_n_steps == 0
-        by_time = self.every_n_seconds is not None and seconds_since_last >= self.every_n_seconds
-        return by_steps or by_time
+        if self.every_n_seconds is None:
+            return by_steps
+        if seconds_since_last is not None:
+            return by_steps or seconds_since_last >= self.every_n_seconds
+        return by_steps or (seconds_as_steps is not None and step % seconds_as_steps == 0)
 
 
 @dataclass
@@ -212,13 +217,10 @@ class Persister:
             self._cond.notify_all()
 
     def _due(self, t: _Target, step: int, now: float) -> bool:
-        schedule = t.schedule
-        if not self.paced or schedule.every_n_seconds is None:
-            return schedule.is_due(step, now - t.last_request)
-        if schedule.every_n_steps is not None and step % schedule.every_n_steps == 0:
-            return True
-        every = next((n for first, n in reversed(t.paced) if first <= step), None)
-        return every is not None and step % every == 0
+        if not self.paced:
+            return t.schedule.is_due(step, now - t.last_request)
+        # the agreed interval that applies at this step (none before the first agreement)
+        return t.schedule.is_due(step, None, next((n for first, n in reversed(t.paced) if first <= step), None))
 
     def pace(self, from_step: int, seconds_per_step: float, step_multiple: int = 1) -> None:
         """From ``from_step`` on, time schedules fire every ``every_n_seconds / seconds_per_step`` steps (a

@@ -115,6 +115,9 @@ def test_schedules_are_validated():
         PersistSchedule(keep_last=0)
     assert PersistSchedule(every_n_steps=None, every_n_seconds=1.0).is_due(3, 1.5)
     assert not PersistSchedule(every_n_steps=10).is_due(3, 1e9)
+    # paced in steps (several ranks): the step schedule still counts, the time one only once agreed
+    both = PersistSchedule(every_n_steps=10, every_n_seconds=1.0)
+    assert both.is_due(20, None) and not both.is_due(6, None) and both.is_due(6, None, 3) and not both.is_due(7, None, 3)
 
 
 def test_with_several_ranks_a_time_schedule_fires_only_at_the_agreed_step_interval(tmp_path, pool):
