@@ -26,6 +26,10 @@ windows), ``frontload`` (issue at once what the later windows cannot hold), ``no
 all-reduce windows), ``fine`` (one issue call per window instead of the groups the measured issue cost pays for),
 ``dry`` (plan and schedule, copy nothing: the training thread's share of the cost).
 
+``--profile-rounds K`` appends ``K`` rounds run under the torch profiler (left out of the overheads) and writes
+where each policy's extra time went, by operator and CUDA runtime call, to ``profile__<model>__g<gpus>__<run>.json``
+(see :mod:`benchmarks.attribution`).
+
 Per variant it writes ``ablation__<model>__<variant>__g<gpus>__<run>.json`` (``run``: the UTC start time) with the fields of the engine issue (``card``,
 ``gpus``, ``model``, ``method``, ``iter_ms_median``, ``overhead``, ``stall_ms_median``, ``extra_gpu_mib``,
 ``versions``, ``command``) plus GPU time of forward, backward and optimizer step, the bytes copied per phase, and
@@ -52,7 +56,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from . import measure, models
+from . import attribution, measure, models
 
 DEFAULT_VARIANTS = "none,naive,eager,bubbles"
 # calls in which the training thread waits for the GPU (DeepSpeed synchronizes the device at the end of backward)
@@ -70,6 +74,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=40, help="blocks of each policy (each after a block of none)")
     p.add_argument("--warmup", type=int, default=16, help="iterations before measuring (half with snapshots)")
     p.add_argument("--staging-mib", type=int, default=64)
+    p.add_argument("--profile-rounds", type=int, default=0, help="extra rounds under the torch profiler (attribution)")
     p.add_argument("--out", required=True, help="results folder")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU (checks the harness, measures nothing)")
     return p
@@ -159,7 +164,7 @@ def _schedule(variants: list[str], args: argparse.Namespace) -> list[str]:
     # created and page-locked (about a second per slot) before anything is measured
     policies = [v for v in variants if v != "none"]
     steps = ["none"] * (args.warmup // 2) + [policies[0]] * (args.warmup - args.warmup // 2)
-    for r in range(args.rounds):
+    for r in range(args.rounds + args.profile_rounds):
         for v in policies[r % len(policies):] + policies[: r % len(policies)]:  # no policy always follows another
             steps += ["none"] * args.block + [v] * args.block
     return steps
@@ -180,6 +185,9 @@ def main(argv: list[str] | None = None) -> None:
         variants = ["none", *variants]
     schedule = _schedule(variants, args)
     cuda = not args.smoke and torch.cuda.is_available()
+    # the profiled rounds come last, so they disturb none of the measured ones
+    profiled_from = args.warmup + args.rounds * (len(variants) - 1) * 2 * args.block
+    profiler = attribution.IterationProfiler(profiled_from, len(schedule) - 1, cuda) if args.profile_rounds else None
     pl.seed_everything(1234)
     workdir = tempfile.mkdtemp(prefix="oteacheck-ablation-")
     io = OTeaCheckpointIO(job_id=f"ablation-{os.getpid()}", staging_mib=args.staging_mib)
@@ -217,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     class Control(pl.Callback):
         def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
             strategy.bus.subscribe(lambda e: timeline.mark(e.phase.value, e.step) if e.phase.value in _TIMED else None)
+            if profiler is not None:
+                strategy.bus.subscribe(lambda e: profiler.iteration_start(e.step) if e.phase.value == "iteration_start" else None)
             gc.callbacks.append(timeline.on_gc)
             for owner, name in _GPU_WAITS:
                 originals.append((owner, name, getattr(owner, name)))
@@ -248,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         trainer.fit(module)
     finally:
+        if profiler is not None:
+            profiler.close()
         if timeline.on_gc in gc.callbacks:
             gc.callbacks.remove(timeline.on_gc)
         for owner, name, fn in originals:
@@ -257,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         memory["peak"] = torch.cuda.max_memory_allocated() / 2**20
     if trainer.global_rank != 0:
         return
-    rows = timeline.rows()
+    rows = [r for r in timeline.rows() if r["step"] < profiled_from]
     kept = measure.kept_in_blocks(rows, args.warmup, args.block, args.skip)
     none_ms = _median([r["iter_ms"] for r in kept if r["variant"] == "none"])
     command = "python -m benchmarks.ablation " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -327,6 +339,13 @@ def main(argv: list[str] | None = None) -> None:
                                                      "process_cpu_ms_median", "gc_ms_mean", "sync_wait_ms_median", "copy_gbps_median",
                                                      "capture_ms_median", "issues_median", "issue_ms_median", "issuer_ms_median", "groups_median", "sync_windows",
                                                      "extra_gpu_mib", "iterations")}
+    if profiler is not None:
+        profiled_kept = {s for s in range(profiled_from, len(schedule)) if args.skip <= (s - args.warmup) % args.block < args.block - 1}
+        profile = attribution.compare(profiler.per_iteration(), timeline.variant_of, profiled_kept)
+        profile.update(run=run, card=card, gpus=args.gpus, model=args.model, rounds=args.profile_rounds,
+                       versions=versions, command=command)
+        (out / f"profile__{args.model}__g{args.gpus}__{run}.json").write_text(json.dumps(profile, indent=1))
+        summary["profile"] = {v: d["largest_ms"][:8] for v, d in profile["differences"].items()}
     print(json.dumps({"model": args.model, "card": card, "summary": summary}, indent=1, default=str))
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import attribution
+
 pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +26,7 @@ def test_every_variant_gets_its_iterations_and_a_ratio_to_no_checkpointing_of_th
     rounds, block, skip = 2, 5, 1
     cmd = [sys.executable, "-m", "benchmarks.ablation", "--smoke", "--model", "gpt2-124m", "--variants",
            "none,eager,bubbles,bubbles+coarse,bubbles+frontload,bubbles+fine", "--rounds", str(rounds), "--block", str(block), "--skip", str(skip),
-           "--warmup", "4", "--out", str(tmp_path)]
+           "--warmup", "4", "--profile-rounds", "1", "--out", str(tmp_path)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = {json.loads(p.read_text())["variant"]: json.loads(p.read_text()) for p in tmp_path.glob("ablation__*.json")}
@@ -55,3 +57,14 @@ def test_every_variant_gets_its_iterations_and_a_ratio_to_no_checkpointing_of_th
         assert sum(r["mib_by_phase"].values()) == pytest.approx(r["snapshot_mib_per_rank"], rel=0.2)
     assert set(results["eager"]["mib_by_phase"]) == {"iteration_start"} and results["eager"]["issues_median"] == 1
     assert not any(k.endswith("_block") for k in results["bubbles+coarse"]["mib_by_phase"])
+    # the profiled round (left out of the counts above) says, per policy, where its time went against none's
+    (profile_file,) = tmp_path.glob("profile__gpt2-124m__g1__*.json")
+    profile = json.loads(profile_file.read_text())
+    assert profile["iterations"] == {"none": len(policies) * (block - skip - 1), **{v: block - skip - 1 for v in policies}}
+    assert set(profile["differences"]) == set(policies)
+    top = {row["name"] for row in profile["none_top_ms"]}
+    assert attribution.PYTHON in top and any(name.startswith("aten::") for name in top)
+    for variant in policies:
+        difference = profile["differences"][variant]
+        assert difference["training_thread_ms"]["none"] > 0 and difference["training_thread_ms"][variant] > 0
+        assert all(row["delta"] == pytest.approx(row[variant] - row["none"], abs=2e-4) for row in difference["largest_ms"])
