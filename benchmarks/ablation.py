@@ -24,7 +24,8 @@ Modifiers for diagnosis, joined with ``+``: ``pump`` (feed the copy stream from 
 copies on the training thread instead of the issuer thread), ``coarse`` (no per-block
 windows), ``frontload`` (issue at once what the later windows cannot hold), ``noallreduce`` (no copies in gradient
 all-reduce windows), ``fine`` (one issue call per window instead of the groups the measured issue cost pays for),
-``dry`` (plan and schedule, copy nothing: the training thread's share of the cost).
+``dry`` (plan and schedule, copy nothing: the training thread's share of the cost), ``paced`` (the copy stream
+sleeps after each partition for as long as it takes at ``PACE_GBPS``: the same bytes at about half the link's rate).
 
 ``--profile-rounds K`` appends ``K`` rounds run under the torch profiler (left out of the overheads) and writes
 where each policy's extra time went, by operator and CUDA runtime call, to ``profile__<model>__g<gpus>__<run>.json``
@@ -59,6 +60,8 @@ import torch
 from . import attribution, measure, models
 
 DEFAULT_VARIANTS = "none,naive,eager,bubbles"
+# the paced modifier's copy rate (each partition is followed by a GPU sleep as long as it takes at this rate)
+PACE_GBPS = 50.0
 # calls in which the training thread waits for the GPU (DeepSpeed synchronizes the device at the end of backward)
 _GPU_WAITS = ((torch.cuda, "synchronize"), (torch.Tensor, "item"))
 _TIMED = ("iteration_start", "forward_start", "forward_end", "backward_end", "before_step", "after_step")
@@ -218,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         if hasattr(engine.copier, "pump"):
             engine.copier.pump = "pump" in mods
             engine.copier.issue_thread = "inline" not in mods
+            engine.copier.pace_gbps = PACE_GBPS if "paced" in mods else None
         if "issue" not in copier_issue:
             copier_issue["issue"] = engine.copier.issue
         engine.copier.issue = (lambda partitions: None) if "dry" in mods else copier_issue["issue"]
