@@ -166,6 +166,35 @@ def load(dirs: list[Path], include_smoke: bool) -> list[dict]:
     return rows
 
 
+def load_profiles(dirs: list[Path]) -> dict[tuple, dict]:
+    """The ablation's profile attributions (``profile__*.json``) by (model, GPUs, run)."""
+    out = {}
+    for d in dirs:
+        for path in sorted(Path(d).glob("profile__*.json")):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(data, dict) and "differences" in data:
+                out[(data.get("model"), data.get("gpus"), data.get("run"))] = data
+    return out
+
+
+def profile_table(profile: dict, top: int = 12) -> list[str]:
+    """Per policy, the names whose time per iteration changed most against no checkpointing, in the profiled rounds."""
+    parts = [f"Where the time went, in {profile.get('rounds', '?')} more rounds under the torch profiler (its own cost "
+             "is in every number; read the differences): milliseconds per iteration of self CPU time on the training "
+             "thread by operator or CUDA runtime call, on other threads as `[thread id]`, GPU busy time as `[gpu]`.", ""]
+    for variant, d in profile["differences"].items():
+        train = d["training_thread_ms"]
+        parts += [f"`{variant}` ({profile['iterations'].get(variant, 0)} iterations against "
+                  f"{profile['iterations'].get('none', 0)}): training thread {train['none']:.1f} → {train[variant]:.1f} ms", "",
+                  f"| name | none | {variant} | difference |", "| --- | --- | --- | --- |"]
+        parts += [f"| `{r['name']}` | {r['none']:.3f} | {r[variant]:.3f} | {r['delta']:+.3f} |" for r in d["largest_ms"][:top]]
+        parts.append("")
+    return parts
+
+
 def is_ablation(row: dict) -> bool:
     return row.get("kind") == "ablation"
 
@@ -316,7 +345,7 @@ def _ablation_notes(rows: list[dict]) -> list[str]:
             for note, variants in variants_of.items()]
 
 
-def ablation_section(rows: list[dict]) -> list[str]:
+def ablation_section(rows: list[dict], profiles: dict[tuple, dict] | None = None) -> list[str]:
     runs = ablation_runs(rows)
     if not runs:
         return []
@@ -337,6 +366,9 @@ def ablation_section(rows: list[dict]) -> list[str]:
         notes = _ablation_notes(rs)
         if notes:
             parts += ["Notes:", ""] + [f"* {n}" for n in notes] + [""]
+        profile = (profiles or {}).get((model, gpus, run))
+        if profile:
+            parts += profile_table(profile)
     return parts
 
 
@@ -428,7 +460,8 @@ def plots(rows: list[dict], outdir: Path) -> list[str]:
     return made
 
 
-def render(rows: list[dict], images: list[str], results_rel: str, images_rel: str = "benchmarks") -> str:
+def render(rows: list[dict], images: list[str], results_rel: str, images_rel: str = "benchmarks",
+           profiles: dict[tuple, dict] | None = None) -> str:
     parts = ["# Benchmarks", ""]
     measured = [r for r in rows if r.get("status") == "ok"]
     if not measured:
@@ -452,7 +485,7 @@ def render(rows: list[dict], images: list[str], results_rel: str, images_rel: st
               "run.", ""]
     for image in images:
         parts += [f"![{image}]({images_rel}/{image})", ""]
-    parts += ablation_section(rows)
+    parts += ablation_section(rows, profiles)
     for (card, tag), rs in sorted(groups.items()):
         conditions = sorted({r["run_conditions"] for r in rs if r.get("run_conditions")})
         parts += [f"## {card}, matrix `{tag}`", "", *(f"Conditions: {c}\n" for c in conditions), _versions_line(rs),
@@ -485,7 +518,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError:
         images_rel = str(Path(args.plots).resolve())
     md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text(render(rows, images, results_rel, images_rel))
+    profiles = load_profiles([Path(d) for d in args.results])
+    md.write_text(render(rows, images, results_rel, images_rel, profiles))
     print(f"wrote {md} ({len(rows)} results) and {len(images)} plots")
 
 

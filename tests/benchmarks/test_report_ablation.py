@@ -89,3 +89,21 @@ def test_ablation_plot_is_written_and_matrix_plots_ignore_it(tmp_path):
     assert (tmp_path / "plots" / "ablation.png").stat().st_size > 0
     only_ablation = [r for r in report.load([tmp_path / "results"], include_smoke=False) if report.is_ablation(r)]
     assert report.plots(only_ablation, tmp_path / "only") == ["ablation.png"]
+
+
+def test_a_profile_of_the_run_is_shown_under_its_ablation_table(tmp_path):
+    results = tmp_path / "results"
+    _write_results(results)
+    profile = {"model": "m", "gpus": 1, "run": "", "rounds": 5, "iterations": {"none": 10, "bubbles": 5},
+               "differences": {"bubbles": {"training_thread_ms": {"none": 60.0, "bubbles": 63.5},
+                                           "largest_ms": [{"name": "cudaLaunchKernel", "none": 9.0, "bubbles": 11.25, "delta": 2.25}]}}}
+    (results / "profile__m__g1__r.json").write_text(json.dumps(profile))
+    md = tmp_path / "benchmarks.md"
+    report.main(["--results", str(results), "--markdown", str(md), "--plots", str(tmp_path / "plots")])
+    text = md.read_text()
+    section = text[text.index("## Engine ablation"):text.index("## Card, matrix `t`")]
+    assert section.index("| `bubbles+coarse` |") < section.index("Where the time went, in 5 more rounds")
+    assert "`bubbles` (5 iterations against 10): training thread 60.0 → 63.5 ms" in section
+    assert "| `cudaLaunchKernel` | 9.000 | 11.250 | +2.250 |" in section
+    # a profile is not a result row of the matrix
+    assert "profile" not in text[text.index("## Card, matrix `t`"):]
