@@ -39,6 +39,10 @@ Or by hand, on any machine with CUDA GPUs:
 # the engine's ablation: its policies interleaved in one process per model, against no checkpointing
 python -m benchmarks.ablation --model gpt2-124m --gpus 1 \\
     --variants none,naive,eager,bubbles --out docs/benchmarks/results
+# ... and where a policy's extra time goes: 5 more rounds under the torch profiler, summed per iteration by operator
+# and CUDA runtime call (profile__<model>__g<gpus>__<run>.json; the profiled rounds are left out of the overheads)
+python -m benchmarks.ablation --model gpt2-124m --gpus 1 --variants none,bubbles \\
+    --profile-rounds 5 --out docs/benchmarks/results
 # issue 3: the engine against no checkpointing and its ablations, one GPU
 python -m benchmarks.matrix --models gpt2-124m,gpt2-355m \\
     --methods none,oteacheck-naive,oteacheck-eager,oteacheck --out docs/benchmarks/results --budget-s 540
