@@ -25,7 +25,9 @@ copies on the training thread instead of the issuer thread), ``coarse`` (no per-
 windows), ``frontload`` (issue at once what the later windows cannot hold), ``noallreduce`` (no copies in gradient
 all-reduce windows), ``fine`` (one issue call per window instead of the groups the measured issue cost pays for),
 ``dry`` (plan and schedule, copy nothing: the training thread's share of the cost), ``paced`` (the copy stream
-sleeps after each partition for as long as it takes at ``PACE_GBPS``: the same bytes at about half the link's rate).
+sleeps after each partition for as long as it takes at ``PACE_GBPS``: the same bytes at about half the link's rate),
+``pinned`` (copy into one ``cudaHostAlloc`` buffer instead of the registered shared-memory slot: whether the kind
+of host memory matters; the slot then holds no snapshot, so use it only here).
 
 ``--profile-rounds K`` appends ``K`` rounds run under the torch profiler (left out of the overheads) and writes
 where each policy's extra time went, by operator and CUDA runtime call, to ``profile__<model>__g<gpus>__<run>.json``
@@ -173,6 +175,18 @@ def _schedule(variants: list[str], args: argparse.Namespace) -> list[str]:
     return steps
 
 
+def _begin_pinned(begin: Any, buffers: dict[int, torch.Tensor], buffer: torch.Tensor, tensors: Any) -> None:
+    """A copier's ``begin`` with a page-locked buffer from ``cudaHostAlloc`` (one per size, reused) in place of the
+    slot; page-locked already, so it is not registered."""
+    scratch = buffers.get(buffer.numel())
+    if scratch is None:
+        scratch = buffers[buffer.numel()] = torch.empty(buffer.numel(), dtype=torch.uint8, pin_memory=True)
+    registry = getattr(begin.__self__, "registry", None)
+    if registry is not None:
+        registry._registered[scratch.data_ptr()] = scratch.numel()  # nothing to register: it is pinned
+    begin(scratch, tensors)
+
+
 def _median(values: list[float]) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -200,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     stats_of: dict[int, dict[str, Any]] = {}
     memory: dict[str, float] = {}
     copier_issue: dict[str, Any] = {}
+    pinned: dict[int, torch.Tensor] = {}  # the pinned modifier's buffer by size
 
     def variant_for(step: int) -> str:
         return schedule[min(step, len(schedule) - 1)]
@@ -223,8 +238,9 @@ def main(argv: list[str] | None = None) -> None:
             engine.copier.issue_thread = "inline" not in mods
             engine.copier.pace_gbps = PACE_GBPS if "paced" in mods else None
         if "issue" not in copier_issue:
-            copier_issue["issue"] = engine.copier.issue
+            copier_issue["issue"], copier_issue["begin"] = engine.copier.issue, engine.copier.begin
         engine.copier.issue = (lambda partitions: None) if "dry" in mods else copier_issue["issue"]
+        engine.copier.begin = functools.partial(_begin_pinned, copier_issue["begin"], pinned) if "pinned" in mods and cuda else copier_issue["begin"]
 
     class Control(pl.Callback):
         def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
