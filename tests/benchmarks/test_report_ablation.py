@@ -106,4 +106,4 @@ def test_a_profile_of_the_run_is_shown_under_its_ablation_table(tmp_path):
     assert "`bubbles` (5 iterations against 10): training thread 60.0 → 63.5 ms" in section
     assert "| `cudaLaunchKernel` | 9.000 | 11.250 | +2.250 |" in section
     # a profile is not a result row of the matrix
-    assert "profile" not in text[text.index("## Card, matrix `t`"):]
+    assert "Where the time went" not in text[text.index("## Card, matrix `t`"):]
