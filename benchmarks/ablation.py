@@ -24,10 +24,11 @@ Modifiers for diagnosis, joined with ``+``: ``pump`` (feed the copy stream from 
 copies on the training thread instead of the issuer thread), ``coarse`` (no per-block
 windows), ``frontload`` (issue at once what the later windows cannot hold), ``noallreduce`` (no copies in gradient
 all-reduce windows), ``fine`` (one issue call per window instead of the groups the measured issue cost pays for),
-``dry`` (plan and schedule, copy nothing: the training thread's share of the cost), ``paced`` (the copy stream
-sleeps after each partition for as long as it takes at ``PACE_GBPS``: the same bytes at about half the link's rate),
-``pinned`` (copy into one ``cudaHostAlloc`` buffer instead of the registered shared-memory slot: whether the kind
-of host memory matters; the slot then holds no snapshot, so use it only here).
+``dry`` (plan and schedule, copy nothing: the training thread's share of the cost), ``pinned`` (copy into one
+``cudaHostAlloc`` buffer instead of the registered shared-memory slot: whether the kind of host memory matters; the
+slot then holds no snapshot, so use it only here). A ``paced`` modifier (a GPU sleep after each partition on the
+copy stream, to copy at half the link's rate) was tried at 83442d0 and removed: on an H100 it cost 1.359x, as
+DeepSpeed's device-wide synchronize at the end of backward waits for the copy stream's sleeps too.
 
 ``--profile-rounds K`` appends ``K`` rounds run under the torch profiler (left out of the overheads) and writes
 where each policy's extra time went, by operator and CUDA runtime call, to ``profile__<model>__g<gpus>__<run>.json``
@@ -62,8 +63,6 @@ import torch
 from . import attribution, measure, models
 
 DEFAULT_VARIANTS = "none,naive,eager,bubbles"
-# the paced modifier's copy rate (each partition is followed by a GPU sleep as long as it takes at this rate)
-PACE_GBPS = 50.0
 # calls in which the training thread waits for the GPU (DeepSpeed synchronizes the device at the end of backward)
 _GPU_WAITS = ((torch.cuda, "synchronize"), (torch.Tensor, "item"))
 _TIMED = ("iteration_start", "forward_start", "forward_end", "backward_end", "before_step", "after_step")
@@ -236,7 +235,6 @@ def main(argv: list[str] | None = None) -> None:
         if hasattr(engine.copier, "pump"):
             engine.copier.pump = "pump" in mods
             engine.copier.issue_thread = "inline" not in mods
-            engine.copier.pace_gbps = PACE_GBPS if "paced" in mods else None
         if "issue" not in copier_issue:
             copier_issue["issue"], copier_issue["begin"] = engine.copier.issue, engine.copier.begin
         engine.copier.issue = (lambda partitions: None) if "dry" in mods else copier_issue["issue"]

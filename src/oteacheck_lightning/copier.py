@@ -302,14 +302,11 @@ class CudaCopier:
             bounded by the scheduler's per-window budget instead.
         issue_thread: without the pump, queue each window's copies from the issuer thread (default) rather than
             from the training thread.
-        pace_gbps: if set, the copy stream idles after each partition for as long as the partition would take at
-            this rate (a GPU sleep, no host involvement), so the transfers' average rate stays below the link's.
-            An experiment: whether the host slows less with the same bytes copied at a lower rate.
     """
 
     def __init__(
         self, device: torch.device, staging_bytes: int, segment_bytes: int, inflight: int = 1, pump: bool = False,
-        issue_thread: bool = True, pace_gbps: float | None = None,
+        issue_thread: bool = True,
     ) -> None:
         if segment_bytes > staging_bytes:
             raise ValueError(f"a partition ({segment_bytes} bytes) must fit the staging ring ({staging_bytes} bytes)")
@@ -322,8 +319,6 @@ class CudaCopier:
         self.inflight = inflight
         self.pump = pump
         self.issue_thread = issue_thread
-        self.pace_gbps = pace_gbps
-        self._cycles_per_ms: float | None = None  # the GPU clock, for the pace's sleeps (measured at first use)
         self.stream = torch.cuda.Stream(device=self.device)
         self.registry = HostMemoryRegistry()
         self._ring: torch.Tensor | None = None
@@ -401,8 +396,7 @@ class CudaCopier:
         if not self.pump:
             if not on_gpu:
                 return
-            # paced copies sleep after each partition, so they are not joined
-            runs = on_gpu if self.pace_gbps else self._coalesced(on_gpu)
+            runs = self._coalesced(on_gpu)
             if self.issue_thread:
                 self._issuer.put(self._enqueue_window, [(runs, gate)])
             else:
@@ -448,25 +442,10 @@ class CudaCopier:
             start.record(self.stream)
             for partition in partitions:
                 self._copy(partition)
-                if self.pace_gbps:
-                    torch.cuda._sleep(int(self._clock_rate() * partition.span / (self.pace_gbps * 1e6)))
             end.record(self.stream)
         with self._done_lock:
             self._done_copies.append((start, end, sum(p.span for p in partitions)))
         return end
-
-    def _clock_rate(self) -> float:
-        """GPU clock cycles per ms, as ``torch.cuda._sleep`` counts them (measured once, on the copy stream)."""
-        if self._cycles_per_ms is None:
-            cycles = 5_000_000
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            with torch.cuda.stream(self.stream):
-                start.record(self.stream)
-                torch.cuda._sleep(cycles)
-                end.record(self.stream)
-            end.synchronize()
-            self._cycles_per_ms = cycles / max(start.elapsed_time(end), 1e-3)
-        return self._cycles_per_ms
 
     def _copy(self, partition: Partition) -> None:
         assert self._buffer is not None
