@@ -188,7 +188,9 @@ def profile_table(profile: dict, top: int = 12) -> list[str]:
     """Per policy, the names whose time per iteration changed most against no checkpointing, in the profiled rounds."""
     parts = [f"Where the time went, in {profile.get('rounds', '?')} more rounds under the torch profiler (its own cost "
              "is in every number; read the differences): milliseconds per iteration of self CPU time on the training "
-             "thread by operator or CUDA runtime call, on other threads as `[thread id]`, GPU busy time as `[gpu]`.", ""]
+             "thread by operator or CUDA runtime call, on other threads as `[thread id]`, GPU busy time as `[gpu]` (summed over "
+             "streams). The profiler now and then stops to flush its buffers (`Buffer Flush`, `Activity Buffer Request`, "
+             "and the calls it interrupts): over a few iterations one flush moves a mean by milliseconds.", ""]
     for variant, d in profile["differences"].items():
         train = d["training_thread_ms"]
         parts += [f"`{variant}` ({profile['iterations'].get(variant, 0)} iterations against "
