@@ -24,7 +24,10 @@ Modifiers for diagnosis, joined with ``+``: ``pump`` (feed the copy stream from 
 copies on the training thread instead of the issuer thread), ``coarse`` (no per-block
 windows), ``frontload`` (issue at once what the later windows cannot hold), ``noallreduce`` (no copies in gradient
 all-reduce windows), ``fine`` (one issue call per window instead of the groups the measured issue cost pays for),
-``dry`` (plan and schedule, copy nothing: the training thread's share of the cost), ``pinned`` (copy into one
+``dry`` (plan and schedule, copy nothing: the training thread's share of the cost), ``split`` (one copy call per
+partition, not per contiguous run: on an H100 the training thread's kernel launches took 1.2 ms longer per
+iteration while a coalesced snapshot was in flight; does the driver push a large copy's pieces inside later calls?),
+``pinned`` (copy into one
 ``cudaHostAlloc`` buffer instead of the registered shared-memory slot: whether the kind of host memory matters; the
 slot then holds no snapshot, so use it only here). A ``paced`` modifier (a GPU sleep after each partition on the
 copy stream, to copy at half the link's rate) was tried at 83442d0 and removed: on an H100 it cost 1.359x, as
@@ -235,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         if hasattr(engine.copier, "pump"):
             engine.copier.pump = "pump" in mods
             engine.copier.issue_thread = "inline" not in mods
+            engine.copier.coalesce = "split" not in mods
         if "issue" not in copier_issue:
             copier_issue["issue"], copier_issue["begin"] = engine.copier.issue, engine.copier.begin
         engine.copier.issue = (lambda partitions: None) if "dry" in mods else copier_issue["issue"]

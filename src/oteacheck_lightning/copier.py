@@ -319,6 +319,9 @@ class CudaCopier:
         self.inflight = inflight
         self.pump = pump
         self.issue_thread = issue_thread
+        # join contiguous partitions into one copy call (fewer calls); False queues each partition as its own copy,
+        # for the ablation's question whether the driver defers part of a large copy's work into later API calls
+        self.coalesce = True
         self.stream = torch.cuda.Stream(device=self.device)
         self.registry = HostMemoryRegistry()
         self._ring: torch.Tensor | None = None
@@ -396,7 +399,7 @@ class CudaCopier:
         if not self.pump:
             if not on_gpu:
                 return
-            runs = self._coalesced(on_gpu)
+            runs = self._coalesced(on_gpu) if self.coalesce else on_gpu
             if self.issue_thread:
                 self._issuer.put(self._enqueue_window, [(runs, gate)])
             else:
