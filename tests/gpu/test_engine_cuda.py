@@ -53,13 +53,15 @@ def iteration(engine, step, named, work, compute):
     return ticket, work
 
 
-@pytest.mark.parametrize("policy", ["bubbles", "bubbles-pump", "eager", "naive"])
+@pytest.mark.parametrize("policy", ["bubbles", "bubbles-pump", "bubbles-split", "eager", "naive"])
 def test_snapshot_t_equals_the_state_after_step_t_while_training_continues(shm_dir, policy):
     named = make_state(32)
     records, size = plan_layout(named)
     pool = SlotPool(shm_dir / "slots", 3)
-    engine = SnapshotEngine(torch.device("cuda"), policy.removesuffix("-pump"), staging_bytes=16 * MiB,
-                            bucket_elements=5_000_000, pump=policy.endswith("-pump"))
+    base = policy.split("-")[0]
+    engine = SnapshotEngine(torch.device("cuda"), base, staging_bytes=16 * MiB, bucket_elements=5_000_000,
+                            pump=policy.endswith("-pump"))
+    engine.copier.coalesce = not policy.endswith("-split")  # one copy call per partition
     pool.set_unmap_hook(engine.forget)
     boundary = [n.startswith("buffer/") for n, _ in named]
     work = torch.randn(1024, 1024, device="cuda")
