@@ -27,9 +27,8 @@ all-reduce windows), ``fine`` (one issue call per window instead of the groups t
 ``dry`` (plan and schedule, copy nothing: the training thread's share of the cost), ``split`` (one copy call per
 partition, not per contiguous run: on an H100 the training thread's kernel launches took 1.2 ms longer per
 iteration while a coalesced snapshot was in flight; does the driver push a large copy's pieces inside later calls?),
-``pinned`` (copy into one
-``cudaHostAlloc`` buffer instead of the registered shared-memory slot: whether the kind of host memory matters; the
-slot then holds no snapshot, so use it only here). A ``paced`` modifier (a GPU sleep after each partition on the
+``pinned`` (copy into one ``cudaHostAlloc`` buffer instead of the registered shared-memory slot: whether the kind
+of host memory matters; the slot then holds no snapshot, so use it only here). A ``paced`` modifier (a GPU sleep after each partition on the
 copy stream, to copy at half the link's rate) was tried at 83442d0 and removed: on an H100 it cost 1.359x, as
 DeepSpeed's device-wide synchronize at the end of backward waits for the copy stream's sleeps too.
 
@@ -242,7 +241,9 @@ def main(argv: list[str] | None = None) -> None:
         if "issue" not in copier_issue:
             copier_issue["issue"], copier_issue["begin"] = engine.copier.issue, engine.copier.begin
         engine.copier.issue = (lambda partitions: None) if "dry" in mods else copier_issue["issue"]
-        engine.copier.begin = functools.partial(_begin_pinned, copier_issue["begin"], pinned) if "pinned" in mods and cuda else copier_issue["begin"]
+        engine.copier.begin = copier_issue["begin"]
+        if "pinned" in mods and cuda:
+            engine.copier.begin = functools.partial(_begin_pinned, copier_issue["begin"], pinned)
 
     class Control(pl.Callback):
         def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
