@@ -40,16 +40,12 @@ class IterationProfiler:
         self.steps: dict[str, int] = {}  # marker name -> step
 
     def iteration_start(self, step: int) -> None:
-        if self._range is not None:
-            self._range.__exit__(None, None, None)
-            self._range = None
+        self._end_range()
         if step == self.first and not self._running:
             self._profiler.start()
             self._running = True
-        if self._running and step > self.last:
-            self._profiler.stop()
-            self._running = False
-            return
+        if step > self.last:
+            self._stop()
         if self._running:
             name = f"{_MARKER}-{step}"
             self.steps[name] = step
@@ -57,9 +53,15 @@ class IterationProfiler:
             self._range.__enter__()
 
     def close(self) -> None:
+        self._end_range()
+        self._stop()
+
+    def _end_range(self) -> None:
         if self._range is not None:
             self._range.__exit__(None, None, None)
             self._range = None
+
+    def _stop(self) -> None:
         if self._running:
             self._profiler.stop()
             self._running = False

@@ -17,6 +17,7 @@ import math
 import random
 import statistics
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,35 +154,34 @@ ABLATION_VARIANT_ORDER = ("none", "naive", "eager", "bubbles")
 VERSION_KEYS = ("torch", "lightning", "deepspeed", "cuda", "python", "transformers", "torchvision", "oteacheck_commit")
 
 
-def load(dirs: list[Path], include_smoke: bool) -> list[dict]:
-    rows = []
+def _json_objects(dirs: list[Path], pattern: str) -> Iterator[tuple[Path, dict]]:
+    """The JSON objects in the files of ``dirs`` matching ``pattern``; unreadable files and other JSON are skipped."""
     for d in dirs:
-        for path in sorted(Path(d).glob("*.json")):
+        for path in sorted(Path(d).glob(pattern)):
             try:
                 data = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError):
                 continue
-            if not isinstance(data, dict) or "method" not in data or "model" not in data:
-                continue
-            if data.get("smoke") and not include_smoke:
-                continue
-            data["_file"] = path.name
-            rows.append(data)
+            if isinstance(data, dict):
+                yield path, data
+
+
+def load(dirs: list[Path], include_smoke: bool) -> list[dict]:
+    rows = []
+    for path, data in _json_objects(dirs, "*.json"):
+        if "method" not in data or "model" not in data:
+            continue
+        if data.get("smoke") and not include_smoke:
+            continue
+        data["_file"] = path.name
+        rows.append(data)
     return rows
 
 
 def load_profiles(dirs: list[Path]) -> dict[tuple, dict]:
     """The ablation's profile attributions (``profile__*.json``) by (model, GPUs, run)."""
-    out = {}
-    for d in dirs:
-        for path in sorted(Path(d).glob("profile__*.json")):
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            if isinstance(data, dict) and "differences" in data:
-                out[(data.get("model"), data.get("gpus"), data.get("run"))] = data
-    return out
+    return {(data.get("model"), data.get("gpus"), data.get("run")): data
+            for _, data in _json_objects(dirs, "profile__*.json") if "differences" in data}
 
 
 def profile_table(profile: dict, top: int = 12) -> list[str]:
