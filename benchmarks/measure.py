@@ -120,11 +120,16 @@ def paired_overhead(kept: list[dict[str, Any]], variant: str, first_step: int, b
         before = by_block.get(b - 1)
         if b % 2 == 1 and rows[0]["variant"] == variant and before:
             ratios.append(statistics.median(r["iter_ms"] for r in rows) / statistics.median(r["iter_ms"] for r in before))
-    if len(ratios) < 2:
-        return ratios, None
+    return ratios, median_ci95(ratios)
+
+
+def median_ci95(values: list[float]) -> list[float] | None:
+    """A 95% bootstrap interval of the median of ``values`` (``None`` under two values); seeded, so reruns agree."""
+    if len(values) < 2:
+        return None
     rng = random.Random(0)
-    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
-    return ratios, [medians[int(0.025 * len(medians))], medians[int(0.975 * len(medians)) - 1]]
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(2000))
+    return [medians[int(0.025 * len(medians))], medians[int(0.975 * len(medians)) - 1]]
 
 
 def peak_rss_mib() -> float:

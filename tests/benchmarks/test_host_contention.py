@@ -1,0 +1,43 @@
+"""benchmarks.host_contention: its ratio arithmetic on made-up rows, and one real --smoke run on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import host_contention
+
+
+def test_each_condition_is_compared_to_idle_in_the_same_round():
+    rows = [
+        {"round": 0, "work": "python", "condition": "idle", "wall_ms": 10.0},
+        {"round": 0, "work": "python", "condition": "d2h", "wall_ms": 12.0},
+        {"round": 0, "work": "memcpy", "condition": "idle", "wall_ms": 4.0},
+        {"round": 0, "work": "memcpy", "condition": "d2h", "wall_ms": 6.0},
+        {"round": 1, "work": "python", "condition": "idle", "wall_ms": 20.0},  # a slow round: its idle is slow too
+        {"round": 1, "work": "python", "condition": "d2h", "wall_ms": 22.0},
+        {"round": 2, "work": "python", "condition": "d2h", "wall_ms": 99.0},  # no idle in that round: left out
+    ]
+    out = host_contention.ratios_to_idle(rows, "wall_ms")
+    assert out["python"]["d2h"]["ratios"] == [pytest.approx(1.2), pytest.approx(1.1)]
+    assert out["python"]["d2h"]["median"] == pytest.approx(1.15)
+    assert out["python"]["d2h"]["ci95"][0] >= 1.1 and out["python"]["d2h"]["ci95"][1] <= 1.2
+    assert out["memcpy"]["d2h"] == {"ratios": [pytest.approx(1.5)], "median": pytest.approx(1.5), "ci95": None}
+    assert "idle" not in out["python"]
+
+
+def test_smoke_run_times_every_work_under_every_condition_and_writes_a_result(tmp_path):
+    result = host_contention.main(["--smoke", "--rounds", "3", "--work-ms", "5", "--out", str(tmp_path)])
+    written = json.loads(next(tmp_path.glob("host_contention__*.json")).read_text())
+    assert written["wall_ratio"] == json.loads(json.dumps(result["wall_ratio"]))
+    # one warm-up round left out, then every (condition, work) once per round
+    assert len(written["rows"]) == 3 * len(host_contention.SMOKE_CONDITIONS) * 2
+    assert {(r["condition"], r["work"]) for r in written["rows"]} == {
+        (c, w) for c in host_contention.SMOKE_CONDITIONS for w in ("python", "memcpy")}
+    for work in ("python", "memcpy"):
+        summary = written["wall_ratio"][work]["host-copy"]
+        assert len(summary["ratios"]) == 3 and all(r > 0 for r in summary["ratios"])
+        assert summary["ci95"][0] <= summary["median"] <= summary["ci95"][1]
+    assert written["covered_fraction"] == 1.0
+    assert written["command"].endswith("--smoke --rounds 3 --work-ms 5 --out " + str(tmp_path))
