@@ -248,8 +248,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rng.shuffle(order)
         rows += [dict(row, round=rnd) for row in run_round(order, work, under)]
 
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     result: dict[str, Any] = {
         "kind": "host_contention",
+        "run": stamp,
+        "smoke": args.smoke,
         "card": measure.card(),
         "host_cpu": _cpu_model(),
         "cpus": os.cpu_count(),
@@ -268,7 +271,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     path = out / f"host_contention__g1__{stamp}.json"
     path.write_text(json.dumps(result, indent=1))
     for kind, per_condition in result["wall_ratio"].items():

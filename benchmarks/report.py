@@ -184,6 +184,42 @@ def load_profiles(dirs: list[Path]) -> dict[tuple, dict]:
             for _, data in _json_objects(dirs, "profile__*.json") if "differences" in data}
 
 
+def load_contention(dirs: list[Path]) -> list[dict]:
+    """The results of ``benchmarks.host_contention`` measured on a GPU (its CPU smoke runs measure nothing)."""
+    return [data for _, data in _json_objects(dirs, "host_contention__*.json")
+            if data.get("kind") == "host_contention" and not data.get("smoke") and data.get("wall_ratio")]
+
+
+def contention_section(results: list[dict]) -> list[str]:
+    """Per run: each kind of host work's time while the GPU copies, over its time idle in the same round."""
+    if not results:
+        return []
+    parts = ["## Does a copy in flight slow the host?", "",
+             "`python -m benchmarks.host_contention`: host work timed alone (`idle`) and while the GPU copies "
+             "device to host (`d2h`, the engine's copy), host to device (`h2d`) or device to device (`d2d`); each "
+             "piece of work against idle in the same round, median ratio and 95% bootstrap interval. `python` is a "
+             "pure-Python loop, `memcpy` one single-threaded host copy, `launch` tiny kernel launches (host time "
+             "only).", ""]
+    for r in sorted(results, key=lambda r: r.get("run", "")):
+        conditions = sorted({c for per in r["wall_ratio"].values() for c in per})
+        gbps = ", ".join(f"{c} {v:.0f}" for c, v in sorted((r.get("copy_gbps") or {}).items()))
+        parts += [f"### {r.get('card', '?')}, host {r.get('host_cpu') or '?'} ({r.get('cpus', '?')} CPUs), "
+                  f"{r.get('rounds', '?')} rounds, run {r.get('run', '?')}", "",
+                  f"Copy GB/s: {gbps or '-'}; the copies outlasted the work in {r.get('covered_fraction', 0):.0%} of "
+                  f"the pieces. {_versions_line([r])}. Command: `{r.get('command', '?')}`", "",
+                  "| work | idle ms | " + " | ".join(f"`{c}`" for c in conditions) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in conditions) + " |"]
+        for work, per in r["wall_ratio"].items():
+            cells = []
+            for c in conditions:
+                s = per.get(c)
+                ci = s and s.get("ci95")
+                cells.append("–" if not s else f"{s['median']:.3f}x" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+            parts.append(f"| {work} | {_f(r.get('idle_ms_median', {}).get(work))} | " + " | ".join(cells) + " |")
+        parts.append("")
+    return parts
+
+
 def profile_table(profile: dict, top: int = 12) -> list[str]:
     """Per policy, the names whose time per iteration changed most against no checkpointing, in the profiled rounds."""
     parts = [f"Where the time went, in {profile.get('rounds', '?')} more rounds under the torch profiler (its own cost "
@@ -467,7 +503,7 @@ def plots(rows: list[dict], outdir: Path) -> list[str]:
 
 
 def render(rows: list[dict], images: list[str], results_rel: str, images_rel: str = "benchmarks",
-           profiles: dict[tuple, dict] | None = None) -> str:
+           profiles: dict[tuple, dict] | None = None, contention: list[dict] | None = None) -> str:
     parts = ["# Benchmarks", ""]
     measured = [r for r in rows if r.get("status") == "ok"]
     if not measured:
@@ -492,6 +528,7 @@ def render(rows: list[dict], images: list[str], results_rel: str, images_rel: st
     for image in images:
         parts += [f"![{image}]({images_rel}/{image})", ""]
     parts += ablation_section(rows, profiles)
+    parts += contention_section(contention or [])
     for (card, tag), rs in sorted(groups.items()):
         conditions = sorted({r["run_conditions"] for r in rs if r.get("run_conditions")})
         parts += [f"## {card}, matrix `{tag}`", "", *(f"Conditions: {c}\n" for c in conditions), _versions_line(rs),
@@ -525,7 +562,8 @@ def main(argv: list[str] | None = None) -> None:
         images_rel = str(Path(args.plots).resolve())
     md.parent.mkdir(parents=True, exist_ok=True)
     profiles = load_profiles([Path(d) for d in args.results])
-    md.write_text(render(rows, images, results_rel, images_rel, profiles))
+    contention = load_contention([Path(d) for d in args.results])
+    md.write_text(render(rows, images, results_rel, images_rel, profiles, contention))
     print(f"wrote {md} ({len(rows)} results) and {len(images)} plots")
 
 

@@ -41,3 +41,24 @@ def test_smoke_run_times_every_work_under_every_condition_and_writes_a_result(tm
         assert summary["ci95"][0] <= summary["median"] <= summary["ci95"][1]
     assert written["covered_fraction"] == 1.0
     assert written["command"].endswith("--smoke --rounds 3 --work-ms 5 --out " + str(tmp_path))
+
+
+def test_the_report_shows_gpu_runs_and_leaves_out_smoke_runs(tmp_path):
+    from benchmarks import report
+
+    host_contention.main(["--smoke", "--rounds", "2", "--work-ms", "5", "--out", str(tmp_path)])
+    assert report.load_contention([tmp_path]) == []  # a CPU smoke run measures nothing
+    measured = {
+        "kind": "host_contention", "smoke": False, "run": "20261206T020000Z", "card": "NVIDIA H200",
+        "host_cpu": "Xeon", "cpus": 16, "rounds": 15, "command": "python -m benchmarks.host_contention --out r",
+        "copy_gbps": {"d2h": 54.6, "d2d": 1500.0}, "covered_fraction": 1.0, "idle_ms_median": {"python": 40.2},
+        "versions": {"torch": "2.11.0"},
+        "wall_ratio": {"python": {"d2h": {"median": 1.25, "ci95": [1.2, 1.3]}, "d2d": {"median": 1.01, "ci95": None}}},
+    }
+    (tmp_path / "host_contention__g1__20261206T020000Z.json").write_text(json.dumps(measured))
+    loaded = report.load_contention([tmp_path])
+    assert [r["run"] for r in loaded] == ["20261206T020000Z"]
+    text = "\n".join(report.contention_section(loaded))
+    assert "| work | idle ms | `d2d` | `d2h` |" in text
+    assert "| python | 40.2 | 1.010x | 1.250x [1.200, 1.300] |" in text
+    assert "d2d 1500, d2h 55" in text and "torch 2.11.0" in text
