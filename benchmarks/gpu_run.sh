@@ -11,7 +11,8 @@
 #   4. the other models (BERT-large QA, ViT-B/16, ResNet-50): paired ablations, none, oteacheck, the comparison;
 #   5. GPT-2 355M comparison; 6. each method's shortest interval within 5%.
 #
-# Results: $OUT/results/*.json, a report in $OUT/benchmarks.md and $OUT/plots/, the log in $OUT/gpu_run.log.
+# Results: $OUT/results/*.json, a report in $OUT/benchmarks.md and $OUT/plots/, the log in $OUT/gpu_run.log
+# (with BENCH_PACK=1, results and plots in one archive, $OUT/bench-out.tar.gz).
 # To publish: copy $OUT/results/*.json to docs/benchmarks/results/ and run python -m benchmarks.report.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -116,3 +117,9 @@ matrix --models gpt2-124m,gpt2-355m --methods oteacheck,checkfreq,dcp-async,sync
 echo "== report"
 $PY -m benchmarks.report --results "$OUT/results" "$OUT/results/recovery" --markdown "$OUT/benchmarks.md" --plots "$OUT/plots" || true
 echo "== done in $(( $(date +%s) - START )) s; results in $OUT/results"
+# BENCH_PACK=1: one archive instead of many files (a machine that sends back only a few files per call)
+if [ "${BENCH_PACK:-0}" = 1 ]; then
+    tar -C "$OUT" -czf "$OUT/bench-out.tar.gz" results plots benchmarks.md 2>/dev/null
+    rm -rf "$OUT/results" "$OUT/plots"
+    echo "== packed into $OUT/bench-out.tar.gz"
+fi
