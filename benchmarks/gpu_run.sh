@@ -119,7 +119,13 @@ $PY -m benchmarks.report --results "$OUT/results" "$OUT/results/recovery" --mark
 echo "== done in $(( $(date +%s) - START )) s; results in $OUT/results"
 # BENCH_PACK=1: one archive instead of many files (a machine that sends back only a few files per call)
 if [ "${BENCH_PACK:-0}" = 1 ]; then
-    tar -C "$OUT" -czf "$OUT/bench-out.tar.gz" results plots benchmarks.md 2>/dev/null
-    rm -rf "$OUT/results" "$OUT/plots"
-    echo "== packed into $OUT/bench-out.tar.gz"
+    packed=()
+    for name in results plots benchmarks.md; do [ -e "$OUT/$name" ] && packed+=("$name"); done
+    # the loose files go only once the archive holds them
+    if tar -C "$OUT" -czf "$OUT/bench-out.tar.gz" "${packed[@]}"; then
+        rm -rf "$OUT/results" "$OUT/plots"
+        echo "== packed ${packed[*]} into $OUT/bench-out.tar.gz"
+    else
+        echo "!! packing failed: results left in $OUT/results"
+    fi
 fi
