@@ -63,6 +63,7 @@ import lightning.pytorch as pl
 import torch
 
 from . import attribution, measure, models
+from .methods import zero2_options
 
 DEFAULT_VARIANTS = "none,naive,eager,bubbles"
 # calls in which the training thread waits for the GPU (DeepSpeed synchronizes the device at the end of backward)
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     workdir = tempfile.mkdtemp(prefix="oteacheck-ablation-")
     io = OTeaCheckpointIO(job_id=f"ablation-{os.getpid()}", staging_mib=args.staging_mib)
     policy_cb = OTeaCheckpoint(dirpath=workdir, persist=[], log_metrics=False)
-    strategy = OTeaCheckStrategy(stage=2, checkpoint_io=io)
+    strategy = OTeaCheckStrategy(checkpoint_io=io, **zero2_options(cuda))
     timeline = _Timeline(cuda)
     stats_of: dict[int, dict[str, Any]] = {}
     memory: dict[str, float] = {}

@@ -38,6 +38,7 @@ import lightning.pytorch as pl
 import torch
 
 from . import measure, models
+from .methods import zero2_options
 
 
 def _pieces() -> list[tuple[str, str, Any, str]]:
@@ -122,7 +123,7 @@ def _run(args: argparse.Namespace, timings: _Timings, pieces: list[tuple[str, st
             measured["iteration_ms"] = (time.perf_counter() - measured["start"]) / args.steps * 1e3
 
     trainer = pl.Trainer(
-        accelerator="cuda" if cuda else "cpu", devices=1, strategy=OTeaCheckStrategy(stage=2, checkpoint_io=io),
+        accelerator="cuda" if cuda else "cpu", devices=1, strategy=OTeaCheckStrategy(checkpoint_io=io, **zero2_options(cuda)),
         precision="bf16-mixed" if cuda else "32-true", max_steps=args.warmup + args.steps,
         callbacks=[Window(), OTeaCheckpoint(dirpath=workdir, persist=[], log_metrics=False)], logger=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,

@@ -79,6 +79,19 @@ class Record:
 
 # --- strategies ----------------------------------------------------------------------------------------------
 
+# gradient bucket size (elements) of the CPU smoke runs: DeepSpeed allocates its bucket buffers anew every step, and
+# at Lightning's default of 2e8 elements that took most of a tiny model's step on the CPU (on a GPU the caching
+# allocator reuses them, so GPU runs keep the default)
+CPU_BUCKET_ELEMENTS = 1 << 18
+
+
+def zero2_options(on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed options every benchmark strategy gets: ZeRO stage 2, and small buckets on the CPU."""
+    if on_gpu:
+        return dict(stage=2)
+    return dict(stage=2, reduce_bucket_size=CPU_BUCKET_ELEMENTS, allgather_bucket_size=CPU_BUCKET_ELEMENTS)
+
+
 
 class BenchDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's DeepSpeedStrategy; on CPU (the smoke runs) it takes DeepSpeed's CPU accelerator with gloo, the
@@ -152,7 +165,7 @@ class AsyncIODeepSpeedStrategy(BenchDeepSpeedStrategy):
 
 def make_strategy(method: str, accelerator: str, record: Record, args: Any) -> tuple[Any, list, list, bool]:
     """(strategy, callbacks, plugins, enable_checkpointing) for ``method``."""
-    common = dict(stage=2)
+    common = zero2_options(accelerator == "cuda")
     if method in OTEACHECK_METHODS:
         from oteacheck_lightning import OTeaCheckpoint, OTeaCheckpointIO, OTeaCheckStrategy, PersistSchedule
 

@@ -24,7 +24,7 @@ import lightning.pytorch as pl
 import torch
 
 from . import measure, models
-from .methods import BenchDeepSpeedStrategy
+from .methods import BenchDeepSpeedStrategy, zero2_options
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> None:
         timer.cuda = cuda  # --smoke trains on the CPU even where a GPU is present
         callbacks: list[pl.Callback] = [timer]
         if which.startswith("ds"):
-            strategy: pl.strategies.Strategy = BenchDeepSpeedStrategy(stage=2)
+            strategy: pl.strategies.Strategy = BenchDeepSpeedStrategy(**zero2_options(cuda))
         else:
-            strategy = OTeaCheckStrategy(stage=2, checkpoint_io=OTeaCheckpointIO(job_id=f"baseline-{os.getpid()}-{n}"))
+            strategy = OTeaCheckStrategy(**zero2_options(cuda), checkpoint_io=OTeaCheckpointIO(job_id=f"baseline-{os.getpid()}-{n}"))
             callbacks.append(OTeaCheckpoint(dirpath=root, persist=[], log_metrics=False, snapshot_every_n_steps=10**12))
         if which in ("ds-async", "ot-sync"):
             strategy.config.setdefault("timers", {}).setdefault("throughput", {})["synchronized"] = which == "ot-sync"

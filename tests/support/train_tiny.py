@@ -130,6 +130,9 @@ def main() -> None:
     p.add_argument("--root", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--stage", type=int, default=2)
+    # a few small buckets: the plan is cut on several bucket boundaries, and on the CPU DeepSpeed does not allocate
+    # its default 2e8-element bucket buffers every step (that took most of each step)
+    p.add_argument("--reduce-bucket-size", type=int, default=256)
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=24)
     p.add_argument("--persist-every", type=int, default=5)
@@ -172,7 +175,8 @@ def main() -> None:
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
-        strategy=OTeaCheckStrategy(stage=args.stage, checkpoint_io=OTeaCheckpointIO()),
+        strategy=OTeaCheckStrategy(stage=args.stage, checkpoint_io=OTeaCheckpointIO(), reduce_bucket_size=args.reduce_bucket_size,
+                                   allgather_bucket_size=args.reduce_bucket_size),
         max_steps=args.max_steps,
         callbacks=[OTeaCheckpoint(dirpath=args.root, persist=persist), Recorder(out, args.sleep, args.kill_at, args.check_snapshots)],
         logger=CSVLogger(out / "logs", name="", version="") if args.csv_log_every else False,
