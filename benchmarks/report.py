@@ -190,6 +190,12 @@ def load_contention(dirs: list[Path]) -> list[dict]:
             if data.get("kind") == "host_contention" and not data.get("smoke") and data.get("wall_ratio")]
 
 
+def _coverage_note(result: dict) -> str:
+    if "retries" not in result:  # runs before the queue grew on demand: uncovered pieces were in the ratios
+        return " (ratios are lower bounds where the work outlasted its copies)"
+    return f" ({result['retries']} pieces retried with longer queues; uncovered ones are left out of the ratios)"
+
+
 def contention_section(results: list[dict]) -> list[str]:
     """Per run: each kind of host work's time while the GPU copies, over its time idle in the same round."""
     if not results:
@@ -206,7 +212,7 @@ def contention_section(results: list[dict]) -> list[str]:
         parts += [f"### {r.get('card', '?')}, host {r.get('host_cpu') or '?'} ({r.get('cpus', '?')} CPUs), "
                   f"{r.get('rounds', '?')} rounds, run {r.get('run', '?')}", "",
                   f"Copy GB/s: {gbps or '-'}; the copies outlasted the work in {r.get('covered_fraction', 0):.0%} of "
-                  f"the pieces. {_versions_line([r])}. Command: `{r.get('command', '?')}`", "",
+                  f"the pieces{_coverage_note(r)}. {_versions_line([r])}. Command: `{r.get('command', '?')}`", "",
                   "| work | idle ms | " + " | ".join(f"`{c}`" for c in conditions) + " |",
                   "| --- | --- | " + " | ".join("---" for _ in conditions) + " |"]
         for work, per in r["wall_ratio"].items():

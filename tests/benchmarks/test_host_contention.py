@@ -27,6 +27,31 @@ def test_each_condition_is_compared_to_idle_in_the_same_round():
     assert "idle" not in out["python"]
 
 
+def test_a_piece_its_copies_did_not_cover_is_timed_again_with_a_longer_queue_that_is_kept():
+    work = host_contention.HostWork(None, memcpy_mib=1)
+    work.python_n = 1000
+    asked = []
+
+    def under(condition, kind, factor):
+        asked.append((condition, kind, factor))
+        return lambda: condition == "idle" or factor >= 10  # copies queued for < 10x the work end before it
+
+    factors = {}
+    rows = host_contention.run_round([("idle", "python"), ("d2h", "python")], work, under, factors)
+    assert [a[2] for a in asked] == [3.0, 3.0, 6.0, 12.0]
+    assert [(r["condition"], r["covered"], r["retries"], r["queue_factor"]) for r in rows] == [
+        ("idle", True, 0, 3.0), ("d2h", True, 2, 12.0)]
+    asked.clear()
+    host_contention.run_round([("d2h", "python")], work, under, factors)  # the next round starts where this one ended
+    assert asked == [("d2h", "python", 12.0)]
+    # a piece never covered is recorded as such, after the last retry, and the ratios leave it out
+    never = host_contention.run_round([("d2d", "python")], work, lambda c, k, f: (lambda: False), factors)
+    assert never[0]["covered"] is False and never[0]["retries"] == host_contention.MAX_RETRIES
+    rows = [{"round": 0, "work": "python", "condition": "idle", "wall_ms": 10.0},
+            {"round": 0, "work": "python", "condition": "d2d", "wall_ms": 11.0, "covered": False}]
+    assert host_contention.ratios_to_idle(rows, "wall_ms") == {}
+
+
 def test_smoke_run_times_every_work_under_every_condition_and_writes_a_result(tmp_path):
     result = host_contention.main(["--smoke", "--rounds", "3", "--work-ms", "5", "--out", str(tmp_path)])
     written = json.loads(next(tmp_path.glob("host_contention__*.json")).read_text())
@@ -62,3 +87,8 @@ def test_the_report_shows_gpu_runs_and_leaves_out_smoke_runs(tmp_path):
     assert "| work | idle ms | `d2d` | `d2h` |" in text
     assert "| python | 40.2 | 1.010x | 1.250x [1.200, 1.300] |" in text
     assert "d2d 1500, d2h 55" in text and "torch 2.11.0" in text
+    assert "lower bounds" in text  # this run predates the retries: its uncovered pieces were in the ratios
+    measured.update(retries=4, run="20261206T030000Z")
+    (tmp_path / "host_contention__g1__20261206T030000Z.json").write_text(json.dumps(measured))
+    newer = "\n".join(report.contention_section(report.load_contention([tmp_path])[1:]))
+    assert "4 pieces retried with longer queues" in newer and "lower bounds" not in newer
