@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import random
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Iterator
@@ -508,6 +509,67 @@ def plots(rows: list[dict], outdir: Path) -> list[str]:
     return made
 
 
+SUMMARY_MODELS = ("gpt2-124m", "gpt2-355m", "bert-large-qa", "vit-b16", "resnet50")
+SUMMARY_METHODS = (("oteacheck", "OTeaCheck"), ("torchsnapshot", "torchsnapshot"), ("dcp-async", "DCP async"),
+                   ("checkfreq", "CheckFreq"), ("lightning-async", "Lightning async"),
+                   ("sync-deepspeed", "sync DeepSpeed"), ("sync-torch-save", "sync `torch.save`"))
+
+
+def _short_card(card: str | None) -> str:
+    for name in ("H100", "H200", "A100"):
+        if card and name in card:
+            return name
+    return card or "?"
+
+
+def _tag_order(tag: str | None) -> int:
+    """Matrix tags carry the session's run counter at their end (``gpu-models12``); none is the earliest."""
+    digits = re.search(r"(\d+)$", tag or "")
+    return int(digits.group(1)) if digits else 0
+
+
+def summary_section(rows: list[dict]) -> list[str]:
+    """One table to choose by: per model, each method's newest measured cost of a checkpoint every iteration on one
+    GPU, and the engine's newest paired ablation per kind of card."""
+    measured = [r for r in rows if r.get("status", "ok") == "ok" and r.get("gpus") == 1 and r.get("every_n_steps") == 1
+                and r.get("every_n_steps_requested", 1) == 1 and r.get("overhead") is not None]
+    engine: dict[tuple[str, str], dict] = {}
+    for r in measured:
+        if is_ablation(r) and r.get("variant") == "bubbles":
+            key = (r["model"], _short_card(r.get("card")))
+            if key not in engine or r.get("run", "") > engine[key].get("run", ""):
+                engine[key] = r
+    newest: dict[tuple[str, str], dict] = {}
+    for r in measured:
+        if not is_ablation(r):
+            key = (r["model"], r["method"])
+            if key not in newest or _tag_order(r.get("tag")) > _tag_order(newest[key].get("tag")):
+                newest[key] = r
+    models = [m for m in SUMMARY_MODELS if any(k[0] == m for k in (*engine, *newest))]
+    if not models:
+        return []
+    parts = ["## At a glance: a checkpoint every iteration, one GPU", "",
+             "Iteration time with a checkpoint every iteration over the same loop without checkpoints. **Engine**: "
+             "OTeaCheck's paired ablation (`bubbles` against `none` in one process, 95% interval), the newest run per "
+             "kind of card; the other columns: the newest matrix run of each method (each against the baseline of "
+             "its own strategy, in separate processes, which drift by several percent; OTeaCheck's newer matrix "
+             "rows are paired in their own run, with a 95% interval), with its card and tag. A dash: not measured. Every run is in the sections below.", "",
+             "| model | engine | " + " | ".join(label for _, label in SUMMARY_METHODS) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in SUMMARY_METHODS) + " |"]
+    for model in models:
+        cells = ["; ".join(f"{_overhead_cell(r)} {card}" for (m, card), r in sorted(engine.items()) if m == model) or "–"]
+        for method, _ in SUMMARY_METHODS:
+            r = newest.get((model, method))
+            if r is None:
+                cells.append("–")
+                continue
+            ci = r.get("overhead_ci95") if r.get("overhead_paired") is not None else None
+            how = f" [{ci[0]:.3f}, {ci[1]:.3f}] paired" if ci else (", separate processes" if method == "oteacheck" else "")
+            cells.append(f"{r['overhead']:.3g}x{how} ({_short_card(r.get('card'))}, `{r.get('tag')}`)")
+        parts.append(f"| {model} | " + " | ".join(cells) + " |")
+    return parts + [""]
+
+
 def render(rows: list[dict], images: list[str], results_rel: str, images_rel: str = "benchmarks",
            profiles: dict[tuple, dict] | None = None, contention: list[dict] | None = None) -> str:
     parts = ["# Benchmarks", ""]
@@ -531,6 +593,7 @@ def render(rows: list[dict], images: list[str], results_rel: str, images_rel: st
     parts += [f"Measured results: {counted}, JSON files in `{results_rel}`. Only the rows below exist; anything not "
               "listed was not measured. `ovh.` is against no checkpointing on the same strategy in the same matrix "
               "run.", ""]
+    parts += summary_section(rows)
     for image in images:
         parts += [f"![{image}]({images_rel}/{image})", ""]
     parts += ablation_section(rows, profiles)
