@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark run for the GPU machine (no network; torch, lightning, transformers, torchvision in its image):
-# installs the wheels carried in .whl/ (deepspeed and its small dependencies, torchsnapshot), then runs, by
+# installs the wheels carried in .whl/ (deepspeed and its small dependencies; torchsnapshot with importlib-metadata,
+# zipp, lazy-importer, aiofiles and nest-asyncio, which some images lack), then runs, by
 # priority, as much as fits in BENCH_TOTAL_S seconds (default 540, i.e. a 10-minute window with room to spare):
 #
 #   1. issue 3: benchmarks.ablation (none, naive, eager, bubbles interleaved in one run) on GPT-2 124M and 355M,
@@ -36,7 +37,8 @@ import importlib, inspect, shutil
 import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO GPU")
-for name in ("lightning", "deepspeed", "transformers", "torchvision", "torchdata", "xxhash", "torchsnapshot", "matplotlib"):
+for name in ("lightning", "deepspeed", "transformers", "torchvision", "torchdata", "xxhash", "torchsnapshot", "matplotlib",
+             "torchsnapshot.snapshot"):
     try:
         mod = importlib.import_module(name)
         print(f"  {name} {getattr(mod, '__version__', '?')}")
