@@ -92,7 +92,6 @@ def zero2_options(on_gpu: bool) -> dict[str, Any]:
     return dict(stage=2, reduce_bucket_size=CPU_BUCKET_ELEMENTS, allgather_bucket_size=CPU_BUCKET_ELEMENTS)
 
 
-
 class BenchDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's DeepSpeedStrategy; on CPU (the smoke runs) it takes DeepSpeed's CPU accelerator with gloo, the
     way OTeaCheckStrategy does, because Lightning's own refuses anything but CUDA. On CUDA it is unchanged."""
