@@ -30,5 +30,10 @@ def test_every_piece_of_a_snapshot_is_timed_per_iteration(tmp_path):
     assert "issue-window" not in rows  # CUDA only
     for r in rows.values():
         assert r["wall_ms_median"] > 0 and r["cpu_ms_median"] >= 0 and r["cpu_ms_per_iteration"] >= 0
+        assert 0 <= r["self_cpu_ms_per_iteration"] <= r["cpu_ms_per_iteration"] + 1e-9
+    # the capture calls timed pieces (collect, acquire, engine.start): its own time leaves theirs out
+    nested = sum(rows[p]["cpu_ms_per_iteration"] for p in ("collect", "acquire", "engine.start"))
+    capture = rows["capture"]
+    assert capture["self_cpu_ms_per_iteration"] == pytest.approx(capture["cpu_ms_per_iteration"] - nested, abs=0.05)
     assert got["iteration_ms"] > 0 and got["command"].startswith("python -m benchmarks.host_time --smoke")
     assert "capture" in proc.stdout  # the table
