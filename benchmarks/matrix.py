@@ -43,6 +43,12 @@ from .run import ROOT, result_name
 BUDGET = 0.05
 
 
+def interval_within_budget(cost_ms: float, base_ms: float) -> int:
+    """The shortest checkpoint interval (steps) at which ``cost_ms`` per checkpoint, spread over the interval, adds
+    at most ``BUDGET`` to an iteration of ``base_ms``."""
+    return max(1, math.ceil(round(cost_ms / (BUDGET * base_ms), 6)))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.matrix", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", required=True, help="comma-separated")
@@ -263,7 +269,7 @@ class Matrix:
                 continue
             base_ms = d["baseline_iter_ms_mean"]
             cost = d.get("cost_ms_per_checkpoint") or (d["iter_ms_mean"] - base_ms)
-            n = max(2, math.ceil(round(cost / (BUDGET * base_ms), 6)))
+            n = max(2, interval_within_budget(cost, base_ms))
             for attempt in range(2):
                 steps = max(self.args.steps, 3 * n)
                 fits = steps * base_ms / 1e3 < 0.5 * max(self.remaining(), 0) and steps <= 600

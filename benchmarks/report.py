@@ -567,6 +567,69 @@ def summary_section(rows: list[dict]) -> list[str]:
             how = f" [{ci[0]:.3f}, {ci[1]:.3f}] paired" if ci else (", separate processes" if method == "oteacheck" else "")
             cells.append(f"{r['overhead']:.3g}x{how} ({_short_card(r.get('card'))}, `{r.get('tag')}`)")
         parts.append(f"| {model} | " + " | ".join(cells) + " |")
+    return parts + [""] + interval_section(rows, newest, engine, models)
+
+
+def _interval_cell(model: str, method: str, rows: list[dict], newest_every: dict | None) -> str:
+    """A method's shortest interval within the 5% budget: measured where a run at a longer interval stayed within
+    it, 1 where the every-iteration run did, else estimated from the every-iteration run's cost per checkpoint."""
+    from .matrix import BUDGET, interval_within_budget
+
+    within = [r for r in rows if r["model"] == model and r["method"] == method and r.get("status") == "ok"
+              and r.get("gpus") == 1 and (r.get("every_n_steps") or 1) > 1 and r.get("overhead") is not None
+              and r["overhead"] <= 1 + BUDGET]
+    if within:
+        best = min(within, key=lambda r: r["every_n_steps"])
+        return f"{best['every_n_steps']} ({_short_card(best.get('card'))}, `{best.get('tag')}`)"
+    if newest_every is None:
+        return "–"
+    r = newest_every
+    where = f"{_short_card(r.get('card'))}, `{r.get('tag')}`"
+    if r["overhead"] <= 1 + BUDGET:
+        return f"1 ({where})"
+    base = r.get("baseline_iter_ms_mean") or r.get("baseline_iter_ms_median")
+    cost = r.get("cost_ms_per_checkpoint")
+    if cost is None and base and r.get("iter_ms_mean") is not None:
+        cost = r["iter_ms_mean"] - base
+    if not base or cost is None:
+        return "–"
+    return f"~{interval_within_budget(cost, base)} estimated ({where})"
+
+
+def _engine_interval_cell(model: str, engine: dict[tuple[str, str], dict]) -> str | None:
+    """OTeaCheck's interval from its paired ablations, per kind of card (the matrix's separate processes drift by
+    more than the cost)."""
+    from .matrix import BUDGET, interval_within_budget
+
+    cells = []
+    for (m, card), r in sorted(engine.items()):
+        if m != model:
+            continue
+        ratio = r["overhead"]
+        cells.append(f"1 ({card})" if ratio <= 1 + BUDGET else f"~{interval_within_budget(ratio - 1, 1.0)} estimated ({card})")
+    return "; ".join(cells) or None
+
+
+def interval_section(rows: list[dict], newest: dict[tuple[str, str], dict], engine: dict[tuple[str, str], dict],
+                     models: list[str]) -> list[str]:
+    parts = ["### The shortest interval within 5%", "",
+             "Steps between checkpoints at which each method costs at most 5% (CheckFreq's budget). A plain number was "
+             "measured at that interval (or at every iteration); `~n estimated` spreads the every-iteration run's "
+             "measured cost per checkpoint over n iterations of its baseline, without a run at that interval. "
+             "OTeaCheck's comes from the engine's paired ablation of each kind of card.", "",
+             "| model | " + " | ".join(label for _, label in SUMMARY_METHODS) + " |",
+             "| --- | " + " | ".join("---" for _ in SUMMARY_METHODS) + " |"]
+    for model in models:
+        cells = [_interval_cell(model, method, rows, newest.get((model, method))) for method, _ in SUMMARY_METHODS]
+        from_engine = _engine_interval_cell(model, engine)
+        if from_engine:
+            matrix_row = newest.get((model, "oteacheck"))
+            # a paired matrix row on a kind of card the ablations did not run on adds its own interval
+            paired_elsewhere = (matrix_row is not None and matrix_row.get("overhead_paired") is not None
+                                and (model, _short_card(matrix_row.get("card"))) not in engine)
+            i = [m for m, _ in SUMMARY_METHODS].index("oteacheck")
+            cells[i] = from_engine + (f"; {cells[i]}" if paired_elsewhere else "")
+        parts.append(f"| {model} | " + " | ".join(cells) + " |")
     return parts + [""]
 
 

@@ -31,7 +31,7 @@ def test_each_cell_is_the_newest_every_iteration_result_on_one_gpu():
                 overhead_paired=0.999, overhead_ci95=[0.906, 1.152]),
         dict(_matrix("bert-large-qa", "dcp-async", None, "gpu-compare14"), status="error"),
     ]
-    text = "\n".join(report.summary_section(rows))
+    text = "\n".join(report.summary_section(rows)).split("### The shortest interval")[0]
     lines = {line.split(" | ")[0]: line.removesuffix(" |") for line in text.splitlines()
              if line.startswith("| gpt2") or line.startswith("| bert")}
     assert set(lines) == {"| gpt2-124m", "| bert-large-qa"}  # only models with a result
@@ -44,6 +44,40 @@ def test_each_cell_is_the_newest_every_iteration_result_on_one_gpu():
     bert = lines["| bert-large-qa"].split(" | ")
     assert bert[1] == "–" and bert[2] == "0.999x [0.906, 1.152] paired (H100, `gpu-compare13`)"
     assert bert[4] == "–"  # the failed DCP run is not a result
+
+
+def test_the_shortest_interval_within_5pct_is_measured_where_a_run_shows_it_and_estimated_otherwise():
+    from benchmarks.matrix import interval_within_budget
+
+    # 2 s per checkpoint on a 100 ms iteration: 5 ms a step allows one checkpoint in 400 steps
+    assert interval_within_budget(2000.0, 100.0) == 400 and interval_within_budget(2001.0, 100.0) == 401
+    assert interval_within_budget(1.0, 100.0) == 1
+    rows = [
+        _engine("gpt2-124m", 1.009, "20261205T231323Z", "NVIDIA H100 80GB HBM3", [1.008, 1.011]),
+        _engine("gpt2-124m", 1.098, "20261128T064346Z", "NVIDIA H200", [1.05, 1.17]),
+        _matrix("gpt2-124m", "sync-deepspeed", 49.0, "gpu-compare", baseline_iter_ms_mean=100.0,
+                cost_ms_per_checkpoint=4800.0),
+        _matrix("gpt2-124m", "dcp-async", 30.0, "gpu-search7", iter_ms_mean=3000.0, baseline_iter_ms_mean=100.0),
+        _matrix("gpt2-124m", "checkfreq", 36.0, "gpu-search7", baseline_iter_ms_mean=100.0, cost_ms_per_checkpoint=3500.0),
+        # CheckFreq's own choice, measured within the budget: it wins over the estimate
+        _matrix("gpt2-124m", "checkfreq", 1.04, "gpu-search7", every_n_steps=294, every_n_steps_requested=0),
+        _matrix("bert-large-qa", "oteacheck", 0.999, "gpu-compare13", card="NVIDIA H100 80GB HBM3",
+                overhead_paired=0.999, overhead_ci95=[0.906, 1.152]),
+        _engine("bert-large-qa", 1.072, "20261206T025116Z", "NVIDIA H200", [1.017, 1.242]),
+    ]
+    interval_table = "\n".join(report.summary_section(rows)).split("### The shortest interval")[1]
+    lines = [line.removesuffix(" |").split(" | ") for line in interval_table.splitlines()
+             if line.startswith("| gpt2") or line.startswith("| bert")]
+    intervals = {cells[0].removeprefix("| "): cells for cells in lines if len(cells) == 1 + len(report.SUMMARY_METHODS)}
+    column = {m: i + 1 for i, (m, _) in enumerate(report.SUMMARY_METHODS)}
+    gpt2 = intervals["gpt2-124m"]
+    assert gpt2[column["oteacheck"]] == "1 (H100); ~2 estimated (H200)"  # 9.8% allows one snapshot in two steps
+    assert gpt2[column["sync-deepspeed"]] == "~960 estimated (H200, `gpu-compare`)"
+    assert gpt2[column["dcp-async"]] == "~580 estimated (H200, `gpu-search7`)"  # cost from the iteration times
+    assert gpt2[column["checkfreq"]] == "294 (H200, `gpu-search7`)"
+    assert gpt2[column["torchsnapshot"]] == "–"
+    # the H100's paired matrix row adds its interval next to the H200's ablation
+    assert intervals["bert-large-qa"][column["oteacheck"]] == "~2 estimated (H200); 1 (H100, `gpu-compare13`)"
 
 
 def test_no_results_no_table():
