@@ -553,7 +553,8 @@ def summary_section(rows: list[dict]) -> list[str]:
              "OTeaCheck's paired ablation (`bubbles` against `none` in one process, 95% interval), the newest run per "
              "kind of card; the other columns: the newest matrix run of each method (each against the baseline of "
              "its own strategy, in separate processes, which drift by several percent; OTeaCheck's newer matrix "
-             "rows are paired in their own run, with a 95% interval), with its card and tag. A dash: not measured. Every run is in the sections below.", "",
+             "rows are paired in their own run, with a 95% interval), with its card and tag. A dash: not measured. "
+             "Every run is in the sections below.", "",
              "| model | engine | " + " | ".join(label for _, label in SUMMARY_METHODS) + " |",
              "| --- | --- | " + " | ".join("---" for _ in SUMMARY_METHODS) + " |"]
     for model in models:
@@ -606,7 +607,8 @@ def _engine_interval_cell(model: str, engine: dict[tuple[str, str], dict]) -> st
         if m != model:
             continue
         ratio = r["overhead"]
-        cells.append(f"1 ({card})" if ratio <= 1 + BUDGET else f"~{interval_within_budget(ratio - 1, 1.0)} estimated ({card})")
+        estimate = f"~{interval_within_budget(ratio - 1, 1.0)} estimated"  # the cost in iterations per snapshot
+        cells.append(f"1 ({card})" if ratio <= 1 + BUDGET else f"{estimate} ({card})")
     return "; ".join(cells) or None
 
 
