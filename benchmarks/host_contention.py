@@ -167,8 +167,9 @@ class HostCopies:
             self._thread.join()
 
 
-# a piece whose copies ended before it is timed again with a queue this much longer, this many times at most
-QUEUE_GROWTH, MAX_RETRIES = 2.0, 3
+# copies are first queued for this many times a work's idle time; a piece whose copies ended before it is timed
+# again with a queue QUEUE_GROWTH times longer, MAX_RETRIES times at most
+FIRST_QUEUE_FACTOR, QUEUE_GROWTH, MAX_RETRIES = 3.0, 2.0, 3
 
 
 def run_round(order: list[tuple[str, str]], work: HostWork, under: Callable[[str, str, float], Callable[[], bool]],
@@ -180,7 +181,7 @@ def run_round(order: list[tuple[str, str]], work: HostWork, under: Callable[[str
     rows = []
     for condition, kind in order:
         for attempt in range(MAX_RETRIES + 1):
-            factor = queue_factor.get((condition, kind), 3.0)
+            factor = queue_factor.get((condition, kind), FIRST_QUEUE_FACTOR)
             finish = under(condition, kind, factor)
             wall_ms, cpu_ms = work.run(kind)
             covered = finish()

@@ -49,6 +49,11 @@ def interval_within_budget(cost_ms: float, base_ms: float) -> int:
     return max(1, math.ceil(round(cost_ms / (BUDGET * base_ms), 6)))
 
 
+def checkpoint_cost_ms(result: dict[str, Any], base_ms: float) -> float:
+    """What one checkpoint cost a run at every iteration: its own measure, else its iteration over ``base_ms``."""
+    return result.get("cost_ms_per_checkpoint") or (result["iter_ms_mean"] - base_ms)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.matrix", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", required=True, help="comma-separated")
@@ -268,7 +273,7 @@ class Matrix:
                 path.write_text(json.dumps(d, indent=1, default=str))
                 continue
             base_ms = d["baseline_iter_ms_mean"]
-            cost = d.get("cost_ms_per_checkpoint") or (d["iter_ms_mean"] - base_ms)
+            cost = checkpoint_cost_ms(d, base_ms)
             n = max(2, interval_within_budget(cost, base_ms))
             for attempt in range(2):
                 steps = max(self.args.steps, 3 * n)

@@ -522,6 +522,17 @@ def _short_card(card: str | None) -> str:
     return card or "?"
 
 
+def _where(r: dict) -> str:
+    """Which card and matrix run a table cell's number comes from."""
+    return f"{_short_card(r.get('card'))}, `{r.get('tag')}`"
+
+
+def _methods_header(first: list[str]) -> list[str]:
+    """The header rows of a table with ``first`` columns and then one column per method."""
+    columns = first + [label for _, label in SUMMARY_METHODS]
+    return ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+
+
 def _tag_order(tag: str | None) -> int:
     """Matrix tags carry the session's run counter at their end (``gpu-models12``); none is the earliest."""
     digits = re.search(r"(\d+)$", tag or "")
@@ -554,9 +565,7 @@ def summary_section(rows: list[dict]) -> list[str]:
              "kind of card; the other columns: the newest matrix run of each method (each against the baseline of "
              "its own strategy, in separate processes, which drift by several percent; OTeaCheck's newer matrix "
              "rows are paired in their own run, with a 95% interval), with its card and tag. A dash: not measured. "
-             "Every run is in the sections below.", "",
-             "| model | engine | " + " | ".join(label for _, label in SUMMARY_METHODS) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in SUMMARY_METHODS) + " |"]
+             "Every run is in the sections below.", "", *_methods_header(["model", "engine"])]
     for model in models:
         cells = ["; ".join(f"{_overhead_cell(r)} {card}" for (m, card), r in sorted(engine.items()) if m == model) or "–"]
         for method, _ in SUMMARY_METHODS:
@@ -566,7 +575,7 @@ def summary_section(rows: list[dict]) -> list[str]:
                 continue
             ci = r.get("overhead_ci95") if r.get("overhead_paired") is not None else None
             how = f" [{ci[0]:.3f}, {ci[1]:.3f}] paired" if ci else (", separate processes" if method == "oteacheck" else "")
-            cells.append(f"{r['overhead']:.3g}x{how} ({_short_card(r.get('card'))}, `{r.get('tag')}`)")
+            cells.append(f"{r['overhead']:.3g}x{how} ({_where(r)})")
         parts.append(f"| {model} | " + " | ".join(cells) + " |")
     return parts + [""] + interval_section(rows, newest, engine, models)
 
@@ -574,27 +583,23 @@ def summary_section(rows: list[dict]) -> list[str]:
 def _interval_cell(model: str, method: str, rows: list[dict], newest_every: dict | None) -> str:
     """A method's shortest interval within the 5% budget: measured where a run at a longer interval stayed within
     it, 1 where the every-iteration run did, else estimated from the every-iteration run's cost per checkpoint."""
-    from .matrix import BUDGET, interval_within_budget
+    from .matrix import BUDGET, checkpoint_cost_ms, interval_within_budget
 
     within = [r for r in rows if r["model"] == model and r["method"] == method and r.get("status") == "ok"
               and r.get("gpus") == 1 and (r.get("every_n_steps") or 1) > 1 and r.get("overhead") is not None
               and r["overhead"] <= 1 + BUDGET]
     if within:
         best = min(within, key=lambda r: r["every_n_steps"])
-        return f"{best['every_n_steps']} ({_short_card(best.get('card'))}, `{best.get('tag')}`)"
+        return f"{best['every_n_steps']} ({_where(best)})"
     if newest_every is None:
         return "–"
     r = newest_every
-    where = f"{_short_card(r.get('card'))}, `{r.get('tag')}`"
     if r["overhead"] <= 1 + BUDGET:
-        return f"1 ({where})"
+        return f"1 ({_where(r)})"
     base = r.get("baseline_iter_ms_mean") or r.get("baseline_iter_ms_median")
-    cost = r.get("cost_ms_per_checkpoint")
-    if cost is None and base and r.get("iter_ms_mean") is not None:
-        cost = r["iter_ms_mean"] - base
-    if not base or cost is None:
+    if not base or (r.get("cost_ms_per_checkpoint") is None and r.get("iter_ms_mean") is None):
         return "–"
-    return f"~{interval_within_budget(cost, base)} estimated ({where})"
+    return f"~{interval_within_budget(checkpoint_cost_ms(r, base), base)} estimated ({_where(r)})"
 
 
 def _engine_interval_cell(model: str, engine: dict[tuple[str, str], dict]) -> str | None:
@@ -618,9 +623,7 @@ def interval_section(rows: list[dict], newest: dict[tuple[str, str], dict], engi
              "Steps between checkpoints at which each method costs at most 5% (CheckFreq's budget). A plain number was "
              "measured at that interval (or at every iteration); `~n estimated` spreads the every-iteration run's "
              "measured cost per checkpoint over n iterations of its baseline, without a run at that interval. "
-             "OTeaCheck's comes from the engine's paired ablation of each kind of card.", "",
-             "| model | " + " | ".join(label for _, label in SUMMARY_METHODS) + " |",
-             "| --- | " + " | ".join("---" for _ in SUMMARY_METHODS) + " |"]
+             "OTeaCheck's comes from the engine's paired ablation of each kind of card.", "", *_methods_header(["model"])]
     for model in models:
         cells = [_interval_cell(model, method, rows, newest.get((model, method))) for method, _ in SUMMARY_METHODS]
         from_engine = _engine_interval_cell(model, engine)
