@@ -293,9 +293,15 @@ class OTeaCheckpointIO(CheckpointIO):
         them; the records are immutable, so the snapshots share them."""
         key = tuple((name, t.dtype, t.shape, t.device) for name, t in named + rng)
         if key != self._layout_key:
-            records, data_bytes = plan_layout(named + rng)
             boundary = [name.startswith(_BOUNDARY_PREFIXES) for name, _ in named]
-            self._layout_key, self._layout_cache = key, (records[: len(named)], records[len(named) :], boundary, data_bytes)
+            # the boundary tensors first, those on a GPU before the others: the engine sends the GPU ones to the slot
+            # as one transfer when their records lie back to back; the RNG states last
+            order = sorted((i for i, b in enumerate(boundary) if b), key=lambda i: named[i][1].device.type != "cuda")
+            order += [i for i, b in enumerate(boundary) if not b]
+            placed, data_bytes = plan_layout([named[i] for i in order] + rng)
+            where = {i: at for at, i in enumerate(order)}
+            records = [placed[where[i]] for i in range(len(named))]
+            self._layout_key, self._layout_cache = key, (records, placed[len(named) :], boundary, data_bytes)
         return self._layout_cache
 
     def on_phase(self, event: PhaseEvent) -> None:

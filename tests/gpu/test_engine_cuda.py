@@ -30,6 +30,7 @@ def make_state(mib_per_master=96):
     named += [(f"optim/fp32/0/{k}", torch.randn(n, device="cuda", generator=g)) for k in ("exp_avg", "exp_avg_sq")]
     named += [(f"frozen/p{i}", torch.randn(17 * i + 1, device="cuda", generator=g)) for i in range(40)]
     named += [(f"buffer/bn{i}.running_mean", torch.randn(64, device="cuda", generator=g)) for i in range(20)]
+    named += [(f"buffer/bn{i}.num_batches_tracked", torch.tensor(i, device="cuda")) for i in range(20)]
     return named
 
 
@@ -42,7 +43,7 @@ def iteration(engine, step, named, work, compute):
                 work = torch.tanh(work @ work)
             for name, t in named:
                 if name.startswith("buffer/"):
-                    t.add_(1.0)  # BatchNorm statistics change during forward
+                    t.add_(1)  # BatchNorm statistics change during forward
         if phase is Phase.FORWARD_END:
             for _ in range(compute):
                 work = torch.tanh(work @ work)
@@ -184,3 +185,51 @@ def test_waiting_for_a_snapshots_copies_sleeps_instead_of_spinning_a_core(shm_di
         engine.close()
     assert wall > 0.1, f"the wait took {wall:.3f} s; the GPU work before the fence should have made it longer"
     assert cpu < 0.25 * wall, f"the waiting thread used {cpu:.3f} s of CPU in {wall:.3f} s: it spun"
+
+
+@pytest.mark.parametrize("layout", ["capture", "interleaved"])
+def test_boundary_tensors_reach_the_slot_bit_for_bit_packed_or_one_by_one(shm_dir, layout):
+    # the capture's layout puts the boundary tensors back to back, GPU ones first: those on the GPU go through the
+    # ring as one transfer; a layout with other records between them is copied tensor by tensor. Both must give the
+    # state after the step, and the padding inside the packed span holds zeros, not bytes of an earlier snapshot.
+    from oteacheck_lightning import OTeaCheckpointIO
+
+    named = make_state(4)
+    named.append(("state/metric.total", torch.arange(5, dtype=torch.float64)))  # a boundary tensor on the host
+    if layout == "capture":
+        records, _, boundary, size = OTeaCheckpointIO()._layout(named, [])
+    else:
+        ahead, at_boundary = named[:43], named[43:]  # masters, optimizer states, frozen weights; buffers and state
+        named = [x for pair in zip(ahead, at_boundary) for x in pair] + ahead[len(at_boundary) :]
+        records, size = plan_layout(named)
+        boundary = [n.startswith(("buffer/", "state/")) for n, _ in named]
+    pool = SlotPool(shm_dir / "slots", 2)
+    engine = SnapshotEngine(torch.device("cuda"), "bubbles", staging_bytes=8 * MiB, bucket_elements=1_000_000)
+    pool.set_unmap_hook(engine.forget)
+    work = torch.randn(256, 256, device="cuda")
+    try:
+        for step in range(3):
+            expected = {n: t.detach().cpu().clone() for n, t in named}
+            slot = pool.acquire(size)
+            slot.buffer.fill_(0xFF)  # what an earlier snapshot could have left
+            engine.start(slot.buffer, records, [t for _, t in named], boundary)
+            packed = engine._packed_for[2]
+            if layout == "capture":
+                assert packed is not None and len(packed.groups) == 2 and len(packed.rest) == 1
+            else:
+                assert packed is None
+            ticket, work = iteration(engine, step + 1, named, work, compute=2)
+            ticket.wait()
+            snapshot = load_tensors(FakeManifest(records), slot.buffer)
+            mismatched = [n for n, t in expected.items() if not harness.same_bits(snapshot[n], t)]
+            assert mismatched == [], f"step {step}: snapshot differs from the state after the step in {mismatched[:5]}"
+            if packed is not None:
+                span = slot.buffer[packed.lo : packed.hi].clone()
+                for r in records:
+                    if packed.lo <= r.offset < packed.hi:
+                        span[r.offset - packed.lo : r.offset - packed.lo + r.nbytes] = 0
+                assert int(span.count_nonzero()) == 0, "padding in the packed span is not zero"
+            pool.abandon(slot)
+    finally:
+        pool.close(remove=True)
+        engine.close()
