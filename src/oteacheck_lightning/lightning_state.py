@@ -50,16 +50,9 @@ def progress_state(progress: Any) -> dict[str, Any]:
     return out
 
 
-def loop_state(loop: _Loop, destination: dict[str, Any] | None = None, prefix: str = "") -> dict[str, Any]:
-    """The loop's ``state_dict()``, its own and its children's progress read by :func:`progress_state`."""
-    out = {} if destination is None else destination
-    out[prefix + "state_dict"] = loop.on_save_checkpoint()
-    for name, value in vars(loop).items():
-        if isinstance(value, _BaseProgress):
-            out[prefix + name] = progress_state(value)
-        elif isinstance(value, _Loop):
-            loop_state(value, out, prefix + name + ".")
-    return out
+def loop_fields(loop: _Loop) -> list[tuple[str, bool]]:
+    """(attribute, whether it is a child loop) of the loop's progress trackers and child loops, in ``vars`` order."""
+    return [(name, isinstance(value, _Loop)) for name, value in vars(loop).items() if isinstance(value, (_BaseProgress, _Loop))]
 
 
 class LightningStateDump:
@@ -68,9 +61,29 @@ class LightningStateDump:
     def __init__(self, trainer: pl.Trainer) -> None:
         self.trainer = trainer
         self.fast: bool | None = None  # None: not checked yet
+        # per loop (kept alive, so its id stays its own): which attributes hold progress and child loops. A loop's
+        # attributes are set when it is made; looking through all of them at every dump cost more than reading them
+        self._fields: dict[int, tuple[_Loop, list[tuple[str, bool]]]] = {}
 
     def _loops(self) -> dict[str, Any]:
-        return {name: loop_state(getattr(self.trainer, name)) for name in _LOOPS}
+        out: dict[str, dict[str, Any]] = {}
+        for name in _LOOPS:
+            self._loop_state(getattr(self.trainer, name), out.setdefault(name, {}), "")
+        return out
+
+    def _loop_state(self, loop: _Loop, out: dict[str, Any], prefix: str) -> None:
+        """The loop's ``state_dict()`` into ``out``, its own and its children's progress read by
+        :func:`progress_state`."""
+        out[prefix + "state_dict"] = loop.on_save_checkpoint()
+        cached = self._fields.get(id(loop))
+        if cached is None or cached[0] is not loop:
+            cached = self._fields[id(loop)] = (loop, loop_fields(loop))
+        for name, is_loop in cached[1]:
+            value = getattr(loop, name)
+            if is_loop:
+                self._loop_state(value, out, prefix + name + ".")
+            else:
+                out[prefix + name] = progress_state(value)
 
     def __call__(self) -> dict[str, Any]:
         connector = self.trainer._checkpoint_connector
