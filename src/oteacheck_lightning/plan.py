@@ -10,7 +10,8 @@ and the copier transfers:
 * small tensors (under ``pack_below`` bytes) are packed together, in slot order, into partitions of at most
   ``max_bytes``: one transfer through the GPU staging ring instead of hundreds of tiny ones. A packed partition
   covers a contiguous span of the slot, padding between tensors included, so it is one host transfer; it holds
-  tensors of one device only.
+  tensors of one device only, and only tensors that lie next to each other in the slot (the transfer writes its
+  whole span, so a tensor planned elsewhere, such as one copied at the step boundary, must not lie inside it).
 
 Every byte of every planned tensor is in exactly one partition. Partitions come in slot order, which is the order
 of :meth:`~oteacheck_lightning.deepspeed_state.DeepSpeedState.tensors` (masters first, then optimizer states):
@@ -22,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .format import TensorRecord
+from .format import ALIGN, TensorRecord
 
 MiB = 1 << 20
 
@@ -58,6 +59,11 @@ class Partition:
     def nbytes(self) -> int:
         """Bytes of tensor data in this partition."""
         return sum(p.nbytes for p in self.pieces)
+
+
+def _padded_end(record: TensorRecord) -> int:
+    """Where the next tensor of the layout starts, if it follows this one."""
+    return record.offset + -(-record.nbytes // ALIGN) * ALIGN
 
 
 def _itemsize(record: TensorRecord) -> int:
@@ -100,7 +106,8 @@ def plan_partitions(
             piece = Piece(i, 0, record.offset, record.nbytes)
             too_long = packing and piece.dst_offset + piece.nbytes - packing[0].dst_offset > max_bytes
             # one transfer comes from one device: a host tensor is never staged through the GPU ring
-            if too_long or (packing and records[packing[0].tensor].device != record.device):
+            other_device = packing and records[packing[0].tensor].device != record.device
+            if too_long or other_device or (packing and piece.dst_offset != _padded_end(records[packing[-1].tensor])):
                 close_pack()
             packing.append(piece)
             continue

@@ -69,6 +69,19 @@ def test_small_tensors_are_packed_per_device_and_big_ones_go_alone():
     assert partitions[0].nbytes == records[0].nbytes + records[1].nbytes
 
 
+def test_a_packed_partition_never_spans_a_tensor_planned_elsewhere():
+    # the engine plans only the tensors copied during the next iteration; a tensor copied at the step boundary may lie
+    # between two of them in the slot, and a packed transfer over it would overwrite its bytes
+    records = layout((10, torch.float32, "cuda"), (20, torch.float32, "cuda"), (30, torch.float32, "cuda"),
+                     (40, torch.float32, "cuda"), (50, torch.float32, "cuda"))
+    planned = [records[0], records[1], records[3], records[4]]  # records[2] is copied elsewhere
+    partitions = plan_partitions(planned, 1 << 20, None, pack_below=64 * KiB)
+    assert [[x.tensor for x in p.pieces] for p in partitions] == [[0, 1], [2, 3]]
+    for p in partitions:
+        assert not (p.dst_offset <= records[2].offset < p.dst_offset + p.span)
+    covered(planned, partitions)
+
+
 def test_naive_plan_is_one_partition_per_tensor():
     records = layout((1 << 20, torch.float32, "cpu"), (0, torch.float32, "cpu"), (3, torch.float32, "cpu"))
     partitions = per_tensor_partitions(records)
