@@ -11,7 +11,8 @@ on the engine's own threads through the GIL. The pieces, by thread:
 * training thread: ``capture`` at the step boundary (of it: ``collect`` of the state document and tensors,
   ``acquire`` of a slot, ``engine.start``), Lightning's checkpoint dict (``lightning-dump``), the RNG grab at the
   next iteration start (``grab-rng``), every phase event (``on-phase``), the ``fence``;
-* sealer: ``seal`` (of it: ``store-rng``, the manifest's ``to-json`` and its ``write``);
+* sealer: ``prepare`` after the forward pass (of it: ``store-rng`` and the manifest's ``to-json``), then ``seal`` after
+  the fence (the manifest's ``write``; all of it when nothing was prepared);
 * copy issuer (CUDA): the copy calls of each window (``issue-window``).
 
 The pieces nest (``capture`` contains ``collect``), so the column sums overlap. Wall time includes waiting (for the
@@ -54,6 +55,7 @@ def _pieces() -> list[tuple[str, str, Any, str]]:
         ("grab-rng", "training", io, "grab_rng"),
         ("on-phase", "training", io.OTeaCheckpointIO, "on_phase"),
         ("fence", "training", io.OTeaCheckpointIO, "_fence"),
+        ("prepare", "sealer", io.OTeaCheckpointIO, "_prepare"),
         ("seal", "sealer", io.OTeaCheckpointIO, "_seal"),
         ("store-rng", "sealer", io.OTeaCheckpointIO, "_store_rng"),
         ("to-json", "sealer", format.Manifest, "to_json"),

@@ -200,11 +200,12 @@ class SlotPool:
         slot.ensure_capacity(nbytes)
         return slot
 
-    def seal(self, slot: Slot, manifest: Manifest) -> None:
-        """Publishes ``slot`` as the snapshot of ``manifest.step``: the manifest is written last, atomically."""
+    def seal(self, slot: Slot, manifest: Manifest, payload: bytes | None = None) -> None:
+        """Publishes ``slot`` as the snapshot of ``manifest.step``: the manifest is written last, atomically
+        (``payload``: its JSON, if already made)."""
         if slot.state is not SlotState.FILLING:
             raise RuntimeError(f"slot {slot.index} is {slot.state.value}, not filling")
-        write_file_atomically(slot.manifest_path, manifest.to_json())
+        write_file_atomically(slot.manifest_path, manifest.to_json() if payload is None else payload)
         with self._lock:
             slot.state, slot.step, slot.manifest = SlotState.SEALED, manifest.step, manifest
             self._mark_sealed(slot)

@@ -22,8 +22,8 @@ def test_every_piece_of_a_snapshot_is_timed_per_iteration(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = json.loads(out.read_text())
     rows = {r["piece"]: r for r in got["rows"]}
-    # one capture, one dump, one seal and one fence per iteration; several phase events
-    for piece in ("capture", "collect", "acquire", "engine.start", "lightning-dump", "seal", "store-rng", "to-json", "write", "fence"):
+    # one capture, one dump, one preparation, one seal and one fence per iteration; several phase events
+    for piece in ("capture", "collect", "acquire", "engine.start", "lightning-dump", "prepare", "seal", "store-rng", "to-json", "write", "fence"):
         assert piece in rows, f"{piece} was not timed: {sorted(rows)}"
         assert 0.5 <= rows[piece]["calls_per_iteration"] <= 1.5, rows[piece]
     assert rows["on-phase"]["calls_per_iteration"] >= 4
