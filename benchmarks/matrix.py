@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from .methods import METHODS, OTEACHECK_METHODS, baseline_of
+from .models import MODELS
+from .models import SMOKE as SMOKE_MODELS
 from .run import ROOT, result_name
 
 BUDGET = 0.05
@@ -177,6 +179,11 @@ class Matrix:
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        # checked here, not by each run: an unknown name would cost a process start per run before it said so
+        known_models = SMOKE_MODELS if a.smoke else MODELS
+        unknown = [m for m in a.models.split(",") if m and m not in known_models]
+        if unknown:
+            raise SystemExit(f"unknown models {unknown}; choose from {', '.join(known_models)}")
         if a.paired_block and (a.paired_block < 3 or 2 * a.steps < 4 * a.paired_block):
             raise SystemExit(f"--paired-block {a.paired_block} with --steps {a.steps}: a paired run needs blocks of at "
                              f"least 3 iterations and --steps of at least twice the block; or --paired-block 0")

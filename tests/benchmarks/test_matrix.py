@@ -60,8 +60,15 @@ def test_a_paired_overhead_is_the_rows_overhead_and_the_other_process_ratio_is_k
 
 
 def test_a_paired_block_too_long_for_the_steps_fails_at_setup(tmp_path):
-    argv = ["--models", "m", "--methods", "oteacheck", "--out", str(tmp_path), "--steps", "4", "--paired-block", "3"]
+    argv = ["--models", "gpt2-124m", "--methods", "oteacheck", "--out", str(tmp_path), "--steps", "4", "--paired-block", "3"]
     with pytest.raises(SystemExit, match="paired-block 3 with --steps 4"):
+        matrix_mod.Matrix(matrix_mod.parser().parse_args(argv)).plan()
+
+
+def test_an_unknown_model_fails_at_setup_with_the_names_to_choose_from(tmp_path):
+    # not once per run: each run would start a process (20 s on a GPU machine) before saying so
+    argv = ["--models", "gpt2-124m,bert-large", "--methods", "oteacheck", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"unknown models \['bert-large'\]; choose from .*bert-large-qa"):
         matrix_mod.Matrix(matrix_mod.parser().parse_args(argv)).plan()
 
 
