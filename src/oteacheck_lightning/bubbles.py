@@ -9,7 +9,12 @@ the gradient buckets reduced during backward)::
 
     ITERATION_START -> FORWARD_START -> FORWARD_BLOCK(i)... -> FORWARD_END
                     -> BACKWARD_BLOCK(i)... and BUCKET_REDUCED(k)..., interleaved -> BACKWARD_END
-                    -> BEFORE_STEP -> AFTER_STEP
+                    -> BEFORE_STEP -> BEFORE_UPDATE... -> AFTER_STEP
+
+BEFORE_UPDATE comes from the base optimizer (a step pre-hook), once per call of its ``step``: DeepSpeed calls it
+per parameter group, after the gradient norm, the overflow check and the clipping, which read gradients only. It
+is the last moment before the fp32 masters and optimizer states change, and it does not come in a step that
+DeepSpeed skips (an overflow).
 
 The block events cut forward and backward into windows of a few milliseconds each, so copies can be paced along
 the GPU timeline (see :func:`install_block_hooks`).
@@ -40,6 +45,7 @@ class Phase(enum.Enum):
     BUCKET_REDUCED = "bucket_reduced"
     BACKWARD_END = "backward_end"
     BEFORE_STEP = "before_step"
+    BEFORE_UPDATE = "before_update"
     AFTER_STEP = "after_step"
 
 

@@ -310,6 +310,20 @@ class DeepSpeedState:
                     param.data = view.data
 
 
+def install_update_hook(base_optimizer: Any, on_update: Any) -> Any | None:
+    """Calls ``on_update()`` right before each call of the base optimizer's ``step`` (the update of the fp32 masters
+    and optimizer states), through PyTorch's step pre-hooks. Returns the hook's handle, or None where the optimizer
+    runs no such hooks (not a :class:`torch.optim.Optimizer` whose ``step`` PyTorch wrapped)."""
+    register = getattr(base_optimizer, "register_step_pre_hook", None)
+    if register is None or not getattr(type(base_optimizer).step, "hooked", False):
+        return None
+
+    def before_step(optimizer: Any, args: Any, kwargs: Any) -> None:  # a pre-hook returns None or new arguments
+        on_update()
+
+    return register(before_step)
+
+
 def install_bucket_hook(engine: Any, on_bucket: Any) -> bool:
     """Calls ``on_bucket(k)`` after DeepSpeed reduces its k-th gradient bucket of a backward pass.
 

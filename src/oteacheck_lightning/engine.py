@@ -267,9 +267,15 @@ class SnapshotEngine:
         self.stats.issue_ms += (time.perf_counter() - started) * 1e3
         self.stats.issues += 1
 
+    def issue_rest(self) -> None:
+        """Issues what the scheduler has left, without waiting for it: the wait comes at :meth:`fence`, which may
+        then come later (right before the optimizer updates the state)."""
+        if self.scheduler.armed:
+            self._issue(self.scheduler.fence())
+
     def fence(self) -> FenceTicket:
         """Issues what is left and makes the next optimizer step wait for every copy of the snapshot."""
-        self._issue(self.scheduler.fence())
+        self.issue_rest()
         ticket = self.copier.fence()
         s = self.stats
         s.bytes_by_phase = dict(self.scheduler.bytes_by_phase)

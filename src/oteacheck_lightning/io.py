@@ -79,6 +79,7 @@ class _Pending:
     # made by the sealer ahead of the fence (RNG states stored, manifest serialized), so that at the fence only the
     # manifest's write is left: see _prepare
     preparing: bool = False
+    discard: bool = False  # fenced too late to be trusted: the sealer releases its slot instead of sealing it
     manifest: Manifest | None = None
     payload: bytes = b""
     prepare_ms: float = 0.0
@@ -185,6 +186,11 @@ class OTeaCheckpointIO(CheckpointIO):
         self._pending: _Pending | None = None  # captured, not fenced yet
         self._sealer: BackgroundWorker | None = None  # fenced snapshots, sealed in order once their copies landed
         self._abandon = False  # the sealer drops what it gets instead (after a crash)
+        # where the fence waits: at BEFORE_UPDATE (right before the base optimizer changes the state) where the
+        # strategy could hook the optimizer, else at BEFORE_STEP; see on_phase
+        self._fence_at_update = False
+        self._update_seen = False  # a BEFORE_UPDATE came in this fit: the hook works
+        self._steps_without_update = 0  # steps in a row that ended without it, before it ever came
         self._last_rng: tuple[Any, list] | None = None  # the last RNG state stored: sizes the next snapshot's records
         self._held_by_all = -1  # the newest snapshot step every rank has sealed (known since this iteration's forward)
         self._seal_wait_ms = 0.0  # this iteration's waits for seals so far (stall, charged to its snapshot)
@@ -310,8 +316,20 @@ class OTeaCheckpointIO(CheckpointIO):
             self._layout_key, self._layout_cache = key, (records, placed[len(named) :], boundary, data_bytes)
         return self._layout_cache
 
+    def fence_at_update(self, on: bool) -> None:
+        """Called by the strategy at setup: whether BEFORE_UPDATE events come (the base optimizer is hooked).
+
+        The fence then waits there instead of at BEFORE_STEP. Between the two, DeepSpeed computes the gradient
+        norm, checks for overflow and clips, reading gradients only, and the host waits for the GPU there: with the
+        wait for the copies at BEFORE_STEP, that wait took the rest of the snapshot's copies with it."""
+        self._fence_at_update = on
+        self._update_seen = False
+        self._steps_without_update = 0
+
     def on_phase(self, event: PhaseEvent) -> None:
         """Drives the pending snapshot through iteration *t+1* (subscribed to the strategy's bubble bus)."""
+        if event.phase is Phase.BEFORE_UPDATE:
+            self._update_seen = True
         if event.phase is Phase.FORWARD_END:
             # every fenced snapshot (t-1 at a snapshot per step) sealed before this iteration's gradient collectives:
             # once a rank is past those, every rank holds it, and the capture of t+1 keeps it (keep_from_step).
@@ -332,7 +350,30 @@ class OTeaCheckpointIO(CheckpointIO):
         assert self.engine is not None
         self.engine.on_event(event)
         if event.phase is Phase.BEFORE_STEP:
+            if self._fence_at_update:
+                self.engine.issue_rest()  # queued now; waited for at BEFORE_UPDATE
+            else:
+                self._fence(pending)
+        elif event.phase is Phase.BEFORE_UPDATE:
             self._fence(pending)
+        elif event.phase is Phase.AFTER_STEP and self._fence_at_update:
+            self._after_step_without_update(pending)
+
+    def _after_step_without_update(self, pending: _Pending) -> None:
+        """The step ended and no BEFORE_UPDATE fenced ``pending``. If the hook has worked before, DeepSpeed skipped
+        this update (an overflow), so the state did not change and the snapshot is good. If it never worked, the
+        optimizer may have updated the state without announcing it, while the copies ran: the snapshot is dropped,
+        and after three such steps the fence goes back to BEFORE_STEP."""
+        if self._update_seen:
+            self._fence(pending)
+            return
+        pending.discard = True
+        self._fence(pending)
+        self._steps_without_update += 1
+        if self._steps_without_update >= 3:
+            self._fence_at_update = False
+            self._warn_once("no-update-event", "the optimizer's step pre-hook never ran: snapshots are fenced before "
+                            "DeepSpeed's step from now on (the three taken so far were dropped)")
 
     def wants_block_events(self) -> bool:
         """Whether the strategy should announce model-block events in this iteration."""
@@ -393,7 +434,7 @@ class OTeaCheckpointIO(CheckpointIO):
         try:
             assert pending.ticket is not None
             pending.ticket.wait()
-            if self._abandon:
+            if self._abandon or pending.discard:
                 self._pool.abandon(pending.slot)
                 return
             self._seal(pending)

@@ -29,7 +29,7 @@ from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from torch.optim import Optimizer
 
 from .bubbles import BubbleBus, Phase, PhaseTimer, find_blocks, install_block_hooks
-from .deepspeed_state import DeepSpeedState, install_bucket_hook
+from .deepspeed_state import DeepSpeedState, install_bucket_hook, install_update_hook
 from .io import PRIVATE_KEY, OTeaCheckpointIO
 from .lightning_state import LightningStateDump
 from .tiers import CheckpointDir
@@ -130,7 +130,7 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         self._in_training_forward = False
         self._announce_blocks = True  # set per iteration: whether the checkpoint IO needs block events
         self._iteration_step = 0
-        self._block_hooks: list[Any] = []
+        self._hooks: list[Any] = []  # handles of the block hooks and the optimizer hook, removed at teardown
         self._dump: LightningStateDump | None = None  # Lightning's checkpoint dict, taken at every snapshot
 
     # --- the checkpoint IO ---------------------------------------------------------------------------------
@@ -233,12 +233,16 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         self.checkpoint_io.attach(self._ds_state, self.lightning_module, self.global_rank, self.world_size)
         self.bus.subscribe(self.checkpoint_io.on_phase)
         install_bucket_hook(self.deepspeed_engine, lambda k: self.bus.emit(Phase.BUCKET_REDUCED, self._iteration_step, bucket=k))
-        self._block_hooks = install_block_hooks(
+        update = install_update_hook(self._ds_state.base, lambda: self.bus.emit(Phase.BEFORE_UPDATE, self._iteration_step))
+        self.checkpoint_io.fence_at_update(update is not None)
+        self._hooks = install_block_hooks(
             find_blocks(self.lightning_module),
             on_forward=lambda i: self.bus.emit(Phase.FORWARD_BLOCK, self._iteration_step, block=i),
             on_backward=lambda i: self.bus.emit(Phase.BACKWARD_BLOCK, self._iteration_step, block=i),
             active=lambda: self._in_training_forward and self._announce_blocks,
         )
+        if update is not None:
+            self._hooks.append(update)
 
     def _step(self) -> int:
         return self.lightning_module.trainer.global_step if self.lightning_module is not None else 0
@@ -366,9 +370,9 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         super().on_exception(exception)
 
     def teardown(self) -> None:
-        for handle in self._block_hooks:
+        for handle in self._hooks:
             handle.remove()
-        self._block_hooks = []
+        self._hooks = []
         self.checkpoint_io.teardown()
         super().teardown()
 

@@ -2,6 +2,7 @@
 sealed step and the stall (a real single-process training run on CPU)."""
 
 import csv
+import json
 import re
 
 import pytest
@@ -67,3 +68,16 @@ def test_waiting_for_a_lagging_seal_is_counted_in_the_stall(tmp_path):
     # the snapshot that carries the wait, where a log caught it as the newest sealed (the logs are per step, seals
     # are not): step 7, as no other one waited
     assert all(float(r["oteacheck/seal_wait_ms"]) < 500 for r in rows if float(r["oteacheck/sealed_step"]) != 7)
+
+
+def test_an_optimizer_that_never_announces_its_update_costs_three_snapshots_not_a_wrong_one(tmp_path):
+    # the strategy believes the base optimizer is hooked, but no BEFORE_UPDATE comes (injected): the snapshots whose
+    # copies may have run into the update are dropped, never sealed, and after three of them the fence goes back
+    # to BEFORE_STEP; every snapshot sealed equals the state after its step
+    env = harness.environment(f"no-update-{tmp_path.name}", tmp_path / "shm")
+    proc = harness.run(tmp_path / "root", tmp_path / "out", env, devices=1, max_steps=12, persist_every=0,
+                       check_snapshots=True, fault="update-hook-silent")
+    assert "step pre-hook never ran" in proc.stderr
+    check = json.loads((tmp_path / "out" / "snapshot-check-rank0.json").read_text())
+    assert check["mismatched"] == 0 and check["fenced_at_update"] == 0
+    assert check["missing"] == 3 and check["checked"] >= 6, check  # the ones after the three dropped are sealed

@@ -25,8 +25,22 @@ def install(spec: str) -> None:
     elif name == "seal-stalls":
         step, _, seconds = arg.partition(":")
         _seal_stalls(int(step), float(seconds))
+    elif name == "update-hook-silent":
+        _update_hook_silent()
     else:
         raise ValueError(f"unknown fault {spec!r}")
+
+
+def _update_hook_silent() -> None:
+    """The optimizer hook is reported installed but never runs, as with an optimizer that updates the state without
+    going through a hooked ``step``: the checkpoint IO waits for a BEFORE_UPDATE that never comes."""
+    from oteacheck_lightning import strategy
+
+    class Handle:
+        def remove(self) -> None:
+            pass
+
+    strategy.install_update_hook = lambda base_optimizer, on_update: Handle()
 
 
 def _persist_request_fails(step: int) -> None:

@@ -33,10 +33,27 @@ class Recorder(pl.Callback):
         self.file = None
         self.check_snapshots = check_snapshots
         self.previous: tuple[int, dict] | None = None
-        self.checked = self.mismatched = 0
+        self.checked = self.mismatched = self.missing = 0
+        self.fenced_at_update = 0  # steps whose snapshot was still in flight after BEFORE_STEP, fenced at BEFORE_UPDATE
+        self._in_flight_past_step = False
 
     def setup(self, trainer, pl_module, stage):
         self.file = open(self.out / f"losses-rank{trainer.global_rank}.jsonl", "a", buffering=1)
+
+    def on_train_start(self, trainer, pl_module):
+        if self.check_snapshots:
+            # subscribed after the checkpoint IO (the strategy's setup came first), so this sees what it did
+            trainer.strategy.bus.subscribe(lambda event: self._note_fence(trainer, event))
+
+    def _note_fence(self, trainer, event):
+        from oteacheck_lightning.bubbles import Phase
+
+        io = trainer.strategy.checkpoint_io
+        if event.phase is Phase.BEFORE_STEP:
+            self._in_flight_past_step = io._pending is not None
+        elif event.phase is Phase.BEFORE_UPDATE and self._in_flight_past_step and io._pending is None:
+            self.fenced_at_update += 1
+            self._in_flight_past_step = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.sleep:
@@ -69,7 +86,7 @@ class Recorder(pl.Callback):
     def _check_snapshot(self, trainer):
         """DESIGN invariant 2: the sealed snapshot of step t equals the state right after step t, bit for bit.
         Runs before the checkpoint callback, so snapshot t was sealed at the start of this iteration (t+1)."""
-        from oteacheck_lightning.format import load_tensors
+        from oteacheck_lightning.format import CheckpointFormatError, load_tensors
         from tests.support.harness import same_bits
 
         io = trainer.strategy.checkpoint_io
@@ -77,15 +94,20 @@ class Recorder(pl.Callback):
         io.seal_pending()
         if self.previous is not None:
             step, expected = self.previous
-            loaded = io.memory_tier.read(step, trainer.global_rank)
-            tensors = load_tensors(loaded.manifest, loaded.buffer)
-            self.checked += 1
-            if any(not same_bits(tensors[n], t) for n, t in expected.items()):
-                self.mismatched += 1
+            try:
+                loaded = io.memory_tier.read(step, trainer.global_rank)
+            except CheckpointFormatError:  # not sealed: dropped (the tests say when that is right)
+                self.missing += 1
+            else:
+                tensors = load_tensors(loaded.manifest, loaded.buffer)
+                self.checked += 1
+                if any(not same_bits(tensors[n], t) for n, t in expected.items()):
+                    self.mismatched += 1
         state = DeepSpeedState(trainer.strategy.deepspeed_engine)
         self.previous = (trainer.global_step, {n: t.detach().cpu().clone() for n, t in state.tensors()})
         (self.out / f"snapshot-check-rank{trainer.global_rank}.json").write_text(
-            json.dumps({"checked": self.checked, "mismatched": self.mismatched}))
+            json.dumps({"checked": self.checked, "mismatched": self.mismatched, "missing": self.missing,
+                        "fenced_at_update": self.fenced_at_update}))
 
     def on_train_end(self, trainer, pl_module):
         state = DeepSpeedState(trainer.strategy.deepspeed_engine)
