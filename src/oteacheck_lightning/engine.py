@@ -174,9 +174,9 @@ class SnapshotEngine:
             mine = set(on_gpu)
             # the one transfer overwrites [lo, hi) of the slot: only these tensors (and their padding) may lie there
             alone = not any(r.nbytes and r.offset < hi and r.offset + r.nbytes > lo for i, r in enumerate(records) if i not in mine)
-            if alone and hi - lo <= self.copier.ring.numel():
+            ring = self.copier.ring
+            if alone and hi - lo <= ring.numel():
                 by_dtype: dict[str, tuple[list[int], list[torch.Tensor]]] = {}
-                ring = self.copier.ring
                 for i in on_gpu:
                     r = records[i]
                     indices, views = by_dtype.setdefault(r.dtype, ([], []))
