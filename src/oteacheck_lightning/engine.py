@@ -178,10 +178,9 @@ class SnapshotEngine:
             if alone and hi - lo <= ring.numel():
                 by_dtype: dict[str, tuple[list[int], list[torch.Tensor]]] = {}
                 for i in on_gpu:
-                    r = records[i]
-                    indices, views = by_dtype.setdefault(r.dtype, ([], []))
+                    indices, views = by_dtype.setdefault(records[i].dtype, ([], []))
                     indices.append(i)
-                    views.append(ring[r.offset - lo : r.offset - lo + r.nbytes].view(r.torch_dtype).view(r.shape))
+                    views.append(byte_view(ring, records[i], base=lo))  # the ring holds the span from lo on
                 packed = _PackedBoundary(lo, hi, tuple(by_dtype.values()), [i for i in now if i not in mine])
         self._packed_for = (records, now, packed)
         return packed

@@ -137,6 +137,11 @@ def _records_document(records: list[TensorRecord]) -> statecodec.Verbatim:
     return document
 
 
+def padded(nbytes: int) -> int:
+    """The bytes a tensor of ``nbytes`` takes in the layout: the next tensor starts on an :data:`ALIGN` boundary."""
+    return -(-nbytes // ALIGN) * ALIGN
+
+
 def plan_layout(tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[list[TensorRecord], int]:
     """Assigns each tensor an aligned offset; returns the records and the total data size."""
     records: list[TensorRecord] = []
@@ -147,13 +152,14 @@ def plan_layout(tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[list[Tenso
             raise CheckpointFormatError(f"tensor {name!r} has unsupported dtype {t.dtype}")
         nbytes = t.numel() * t.element_size()
         records.append(TensorRecord(name, dtype, list(t.shape), offset, nbytes, t.device.type))
-        offset += -(-nbytes // ALIGN) * ALIGN
+        offset += padded(nbytes)
     return records, offset
 
 
-def byte_view(buffer: torch.Tensor, record: TensorRecord) -> torch.Tensor:
-    """The bytes of ``record`` inside a flat uint8 ``buffer``, viewed with the record's dtype and shape."""
-    raw = buffer[record.offset : record.offset + record.nbytes]
+def byte_view(buffer: torch.Tensor, record: TensorRecord, base: int = 0) -> torch.Tensor:
+    """The bytes of ``record`` inside a flat uint8 ``buffer`` that holds the layout from offset ``base`` on, viewed
+    with the record's dtype and shape."""
+    raw = buffer[record.offset - base : record.offset - base + record.nbytes]
     if record.nbytes == 0:
         return torch.empty(record.shape, dtype=record.torch_dtype)
     return raw.view(record.torch_dtype).view(record.shape)

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .format import ALIGN, TensorRecord
+from .format import TensorRecord, padded
 
 MiB = 1 << 20
 
@@ -59,11 +59,6 @@ class Partition:
     def nbytes(self) -> int:
         """Bytes of tensor data in this partition."""
         return sum(p.nbytes for p in self.pieces)
-
-
-def _padded_end(record: TensorRecord) -> int:
-    """Where the next tensor of the layout starts, if it follows this one."""
-    return record.offset + -(-record.nbytes // ALIGN) * ALIGN
 
 
 def _itemsize(record: TensorRecord) -> int:
@@ -107,7 +102,9 @@ def plan_partitions(
             too_long = packing and piece.dst_offset + piece.nbytes - packing[0].dst_offset > max_bytes
             # one transfer comes from one device: a host tensor is never staged through the GPU ring
             other_device = packing and records[packing[0].tensor].device != record.device
-            if too_long or other_device or (packing and piece.dst_offset != _padded_end(records[packing[-1].tensor])):
+            last = records[packing[-1].tensor] if packing else None
+            apart = last is not None and piece.dst_offset != last.offset + padded(last.nbytes)  # a tensor between
+            if too_long or other_device or apart:
                 close_pack()
             packing.append(piece)
             continue
