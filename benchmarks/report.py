@@ -331,13 +331,18 @@ def _p10_p90(values: list[float]) -> tuple[float, float] | None:
     return deciles[0], deciles[-1]
 
 
+def _spread_share(row: dict) -> float | None:
+    """The p10-p90 width of the row's iterations over their median."""
+    spread = _p10_p90(row.get("iter_ms") or [])
+    return (spread[1] - spread[0]) / row["iter_ms_median"] if spread and row.get("iter_ms_median") else None
+
+
 def _spread(row: dict) -> str:
     spread = _p10_p90(row.get("iter_ms") or [])
     if spread is None:
         return "–"
-    low, high = spread
-    share = f" ({(high - low) / row['iter_ms_median']:.1%})" if row.get("iter_ms_median") else ""
-    return f"{low:.1f}–{high:.1f}{share}"
+    share = _spread_share(row)
+    return f"{spread[0]:.1f}–{spread[1]:.1f}" + (f" ({share:.1%})" if share is not None else "")
 
 
 def _mib_by_phase(by_phase: dict[str, float] | None) -> str:
@@ -546,13 +551,8 @@ STEADY_SPREAD = 0.10
 
 def _baseline_spreads(rows: list[dict]) -> dict[tuple[str, str], float]:
     """Per (model, ablation run): the p10-p90 width of its ``none`` variant's iterations over their median."""
-    out = {}
-    for r in rows:
-        if is_ablation(r) and r.get("variant") == "none" and r.get("iter_ms_median"):
-            deciles = _p10_p90(r.get("iter_ms") or [])
-            if deciles is not None:
-                out[(r["model"], r.get("run"))] = (deciles[1] - deciles[0]) / r["iter_ms_median"]
-    return out
+    shares = {(r["model"], r.get("run")): _spread_share(r) for r in rows if is_ablation(r) and r.get("variant") == "none"}
+    return {key: share for key, share in shares.items() if share is not None}
 
 
 def _noisy(spread: float | None) -> str:
