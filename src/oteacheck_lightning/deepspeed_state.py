@@ -115,6 +115,11 @@ class DeepSpeedState:
         out += self.step_boundary_tensors()
         return out
 
+    def skipped_updates(self) -> int:
+        """How many optimizer steps DeepSpeed skipped without updating the state (fp16 overflows, gradient norms
+        that are not finite): the engine counts them once its step returns."""
+        return int(getattr(self.engine, "skipped_steps", 0) or 0)
+
     def bucket_elements(self) -> int | None:
         """DeepSpeed's gradient bucket size in elements (``reduce_bucket_size``), the plan's cut points."""
         if self.stage == 0:

@@ -191,6 +191,7 @@ class OTeaCheckpointIO(CheckpointIO):
         self._fence_at_update = False
         self._update_seen = False  # a BEFORE_UPDATE came in this fit: the hook works
         self._steps_without_update = 0  # steps in a row that ended without it, before it ever came
+        self._skipped_before_step = 0  # DeepSpeed's count of skipped updates at the last BEFORE_STEP
         self._last_rng: tuple[Any, list] | None = None  # the last RNG state stored: sizes the next snapshot's records
         self._held_by_all = -1  # the newest snapshot step every rank has sealed (known since this iteration's forward)
         self._seal_wait_ms = 0.0  # this iteration's waits for seals so far (stall, charged to its snapshot)
@@ -352,6 +353,8 @@ class OTeaCheckpointIO(CheckpointIO):
         if event.phase is Phase.BEFORE_STEP:
             if self._fence_at_update:
                 self.engine.issue_rest()  # queued now; waited for at BEFORE_UPDATE
+                assert self._state is not None
+                self._skipped_before_step = self._state.skipped_updates()
             else:
                 self._fence(pending)
         elif event.phase is Phase.BEFORE_UPDATE:
@@ -360,11 +363,14 @@ class OTeaCheckpointIO(CheckpointIO):
             self._after_step_without_update(pending)
 
     def _after_step_without_update(self, pending: _Pending) -> None:
-        """The step ended and no BEFORE_UPDATE fenced ``pending``. If the hook has worked before, DeepSpeed skipped
-        this update (an overflow), so the state did not change and the snapshot is good. If it never worked, the
-        optimizer may have updated the state without announcing it, while the copies ran: the snapshot is dropped,
-        and after three such steps the fence goes back to BEFORE_STEP."""
-        if self._update_seen:
+        """The step ended and no BEFORE_UPDATE fenced ``pending``. If DeepSpeed counted the step as skipped (an fp16
+        overflow, a gradient norm that is not finite), or the hook has worked before (then this is such a skip),
+        the state did not change and the snapshot is good. Otherwise the optimizer may have updated the state
+        without announcing it, while the copies ran: the snapshot is dropped, and after three such steps the fence
+        goes back to BEFORE_STEP. (fp16 training skips its first steps while the loss scale settles: without
+        DeepSpeed's count, those steps looked like a silent hook.)"""
+        assert self._state is not None
+        if self._update_seen or self._state.skipped_updates() > self._skipped_before_step:
             self._fence(pending)
             return
         pending.discard = True

@@ -81,3 +81,18 @@ def test_an_optimizer_that_never_announces_its_update_costs_three_snapshots_not_
     check = json.loads((tmp_path / "out" / "snapshot-check-rank0.json").read_text())
     assert check["mismatched"] == 0 and check["fenced_at_update"] == 0
     assert check["missing"] == 3 and check["checked"] >= 6, check  # the ones after the three dropped are sealed
+
+
+def test_updates_deepspeed_skips_at_the_start_keep_their_snapshots_and_the_late_fence(tmp_path):
+    # DeepSpeed skips the first five updates as overflows (injected through its real overflow path), as fp16
+    # training does while its loss scale settles: no BEFORE_UPDATE comes in them, but DeepSpeed counts them as
+    # skipped, so the state did not change and their snapshots are good. Before that count was read, these steps
+    # looked like a silent hook: snapshots were dropped, and after three the fence went back to BEFORE_STEP for the fit.
+    env = harness.environment(f"overflow-{tmp_path.name}", tmp_path / "shm")
+    proc = harness.run(tmp_path / "root", tmp_path / "out", env, devices=1, max_steps=12, persist_every=0,
+                       check_snapshots=True, fault="first-updates-overflow:5")
+    assert "step pre-hook never ran" not in proc.stderr
+    check = json.loads((tmp_path / "out" / "snapshot-check-rank0.json").read_text())
+    assert check["mismatched"] == 0 and check["missing"] == 0 and check["checked"] >= 10, check
+    # the steps after the skipped ones are fenced at the update again
+    assert check["fenced_at_update"] >= check["checked"] - 5, check

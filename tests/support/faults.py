@@ -27,6 +27,8 @@ def install(spec: str) -> None:
         _seal_stalls(int(step), float(seconds))
     elif name == "update-hook-silent":
         _update_hook_silent()
+    elif name == "first-updates-overflow":
+        _first_updates_overflow(int(arg))
     else:
         raise ValueError(f"unknown fault {spec!r}")
 
@@ -41,6 +43,35 @@ def _update_hook_silent() -> None:
             pass
 
     strategy.install_update_hook = lambda base_optimizer, on_update: Handle()
+
+
+def _first_updates_overflow(count: int) -> None:
+    """DeepSpeed finds an overflow in the first ``count`` optimizer steps and skips their updates, as fp16 training
+    does while its loss scale settles: its real overflow path runs (gradients dropped, the step counted as skipped),
+    on every rank alike (the overflow check's all-reduce still runs)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    step, has_overflow = DeepSpeedZeroOptimizer.step, DeepSpeedZeroOptimizer.has_overflow
+    steps = 0
+
+    def overflowing_step(self, closure=None):
+        nonlocal steps
+        steps += 1
+        if steps > count:
+            return step(self, closure)
+        checks = self.check_grad_overflow
+        self.check_grad_overflow = True  # fp32 and bf16 runs do not check by default
+        try:
+            return step(self, closure)
+        finally:
+            self.check_grad_overflow = checks
+
+    def overflow_found(self, partition_gradients=True):
+        found = has_overflow(self, partition_gradients)
+        return True if steps <= count else found
+
+    DeepSpeedZeroOptimizer.step = overflowing_step
+    DeepSpeedZeroOptimizer.has_overflow = overflow_found
 
 
 def _persist_request_fails(step: int) -> None:
