@@ -278,16 +278,19 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         return out
 
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
-        engine = self.deepspeed_engine
+        # Lightning calls this for every batch and DeepSpeed steps at the last one of each accumulation window.
+        # Asked before DeepSpeed's step: the answer depends on its micro-step counter, which the step advances (asked
+        # after it, AFTER_STEP came after every other micro-batch instead of after the update)
+        boundary = self.deepspeed_engine.is_gradient_accumulation_boundary()
 
         def closure_then_fence() -> Any:
             result = closure()
-            if engine.is_gradient_accumulation_boundary():
+            if boundary:
                 self.bus.emit(Phase.BEFORE_STEP, self._iteration_step)
             return result
 
         out = super().optimizer_step(optimizer, closure_then_fence, model, **kwargs)
-        if engine.is_gradient_accumulation_boundary():
+        if boundary:
             self.bus.emit(Phase.AFTER_STEP, self._iteration_step)
         return out
 

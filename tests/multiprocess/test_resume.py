@@ -132,3 +132,27 @@ def test_no_checkpoint_anywhere_starts_fresh(tmp_path, references):
     assert "starting fresh" in proc.stderr
     assert harness.resumed_from(tmp_path / "out", 0) is None
     harness.assert_bit_identical(references(2), tmp_path / "out", ranks=2)
+
+
+def test_with_gradient_accumulation_a_sigkill_resume_is_bit_exact_and_the_fence_waits_for_the_update(
+        tmp_path, tmp_path_factory):
+    # accumulate_grad_batches=2: Lightning calls the strategy's optimizer step at every batch and DeepSpeed updates
+    # at every second one. Every sealed snapshot is the state its step ended with, and its copies run through the
+    # next window's two batches up to the update (AFTER_STEP used to come after the window's first batch and fence
+    # there); 12 steps are 24 batches, across the 16-batch epoch
+    options = dict(COMMON, stage=2, accumulate=2, max_steps=12)
+    reference = tmp_path_factory.mktemp("reference-accumulate")
+    env = harness.environment(f"ref-acc-{reference.name}", reference / "shm")
+    harness.run(reference / "root", reference / "out", env, check_snapshots=True, **options)
+    for rank in range(2):
+        check = json.loads((reference / "out" / f"snapshot-check-rank{rank}.json").read_text())
+        assert check["checked"] >= 10 and check["mismatched"] == check["missing"] == 0, check
+        assert check["fenced_at_update"] >= 10, check
+    kill_after = random.randint(3, 9)
+    env = harness.environment(f"kill-acc-{tmp_path.name}", tmp_path / "shm")
+    logged = harness.run_and_kill(tmp_path / "root", tmp_path / "out", env, kill_after, sleep=0.05, **options)
+    harness.run(tmp_path / "root", tmp_path / "out", env, ckpt_path="last", **options)
+    resumed = [harness.resumed_from(tmp_path / "out", r) for r in range(2)]
+    assert resumed[0]["step"] == resumed[1]["step"] and all(r["source"].startswith("memory:") for r in resumed)
+    assert logged - 1 <= resumed[0]["step"] <= logged
+    harness.assert_bit_identical(reference / "out", tmp_path / "out", ranks=2)

@@ -90,6 +90,8 @@ class Recorder(pl.Callback):
         from tests.support.harness import same_bits
 
         io = trainer.strategy.checkpoint_io
+        if self.previous is not None and self.previous[0] == trainer.global_step:
+            return  # a batch inside an accumulation window: no step ended, and the last one's snapshot is in flight
         # on a GPU, snapshot t is sealed as soon as its copies landed, at the latest before snapshot t+1 starts
         io.seal_pending()
         if self.previous is not None:
@@ -103,8 +105,9 @@ class Recorder(pl.Callback):
                 self.checked += 1
                 if any(not same_bits(tensors[n], t) for n, t in expected.items()):
                     self.mismatched += 1
-        state = DeepSpeedState(trainer.strategy.deepspeed_engine)
-        self.previous = (trainer.global_step, {n: t.detach().cpu().clone() for n, t in state.tensors()})
+        if trainer.global_step > 0:  # no snapshot is taken before the first step
+            state = DeepSpeedState(trainer.strategy.deepspeed_engine)
+            self.previous = (trainer.global_step, {n: t.detach().cpu().clone() for n, t in state.tensors()})
         (self.out / f"snapshot-check-rank{trainer.global_rank}.json").write_text(
             json.dumps({"checked": self.checked, "mismatched": self.mismatched, "missing": self.missing,
                         "fenced_at_update": self.fenced_at_update}))
@@ -164,6 +167,7 @@ def main() -> None:
     p.add_argument("--kill-at", type=int, default=None)
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--check-snapshots", action="store_true")
+    p.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step (accumulate_grad_batches)")
     p.add_argument("--fault", default=None, help="name of a fault from tests.support.faults to install")
     p.add_argument("--persist", action="append", default=None, metavar="URL:EVERY:KEEP",
                    help="a persistent tier (repeatable; replaces --persist-every/--keep-last), e.g. "
@@ -200,6 +204,7 @@ def main() -> None:
         strategy=OTeaCheckStrategy(stage=args.stage, checkpoint_io=OTeaCheckpointIO(), reduce_bucket_size=args.reduce_bucket_size,
                                    allgather_bucket_size=args.reduce_bucket_size),
         max_steps=args.max_steps,
+        accumulate_grad_batches=args.accumulate,
         callbacks=[OTeaCheckpoint(dirpath=args.root, persist=persist), Recorder(out, args.sleep, args.kill_at, args.check_snapshots)],
         logger=CSVLogger(out / "logs", name="", version="") if args.csv_log_every else False,
         log_every_n_steps=args.csv_log_every or 50,
