@@ -134,22 +134,28 @@ def test_no_checkpoint_anywhere_starts_fresh(tmp_path, references):
     harness.assert_bit_identical(references(2), tmp_path / "out", ranks=2)
 
 
-def test_with_gradient_accumulation_a_sigkill_resume_is_bit_exact_and_the_fence_waits_for_the_update(
-        tmp_path, tmp_path_factory):
-    # accumulate_grad_batches=2: Lightning calls the strategy's optimizer step at every batch and DeepSpeed updates
-    # at every second one. Every sealed snapshot is the state its step ended with, and its copies run through the
-    # next window's two batches up to the update (AFTER_STEP used to come after the window's first batch and fence
-    # there); 12 steps are 24 batches, across the 16-batch epoch
-    options = dict(COMMON, stage=2, accumulate=2, max_steps=12)
-    reference = tmp_path_factory.mktemp("reference-accumulate")
-    env = harness.environment(f"ref-acc-{reference.name}", reference / "shm")
+
+# accumulate_grad_batches=2: Lightning calls the strategy's optimizer step at every batch and DeepSpeed updates at
+# every second one (AFTER_STEP used to come after the next window's first batch, and the fence with it); 12 steps
+# are 24 batches, across the 16-batch epoch. Manual optimization: the model's training step runs backward, the
+# optimizer step and the scheduler, all inside the events of its forward pass.
+LOOPS = {"accumulate": dict(accumulate=2), "manual": dict(manual=True)}
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_a_sigkill_resume_is_bit_exact_and_the_fence_waits_for_the_update_in_other_loops(tmp_path, tmp_path_factory, loop):
+    # every sealed snapshot is the state its step ended with, its copies run up to the update, and a run killed at
+    # a random step resumes bit-exact
+    options = dict(COMMON, stage=2, max_steps=12, **LOOPS[loop])
+    reference = tmp_path_factory.mktemp(f"reference-{loop}")
+    env = harness.environment(f"ref-{loop}-{reference.name}", reference / "shm")
     harness.run(reference / "root", reference / "out", env, check_snapshots=True, **options)
     for rank in range(2):
         check = json.loads((reference / "out" / f"snapshot-check-rank{rank}.json").read_text())
         assert check["checked"] >= 10 and check["mismatched"] == check["missing"] == 0, check
         assert check["fenced_at_update"] >= 10, check
     kill_after = random.randint(3, 9)
-    env = harness.environment(f"kill-acc-{tmp_path.name}", tmp_path / "shm")
+    env = harness.environment(f"kill-{loop}-{tmp_path.name}", tmp_path / "shm")
     logged = harness.run_and_kill(tmp_path / "root", tmp_path / "out", env, kill_after, sleep=0.05, **options)
     harness.run(tmp_path / "root", tmp_path / "out", env, ckpt_path="last", **options)
     resumed = [harness.resumed_from(tmp_path / "out", r) for r in range(2)]

@@ -45,3 +45,23 @@ def tiny_loader(samples: int = 256, batch_size: int = 8, seed: int = 7, rank: in
     dataset = torch.utils.data.TensorDataset(x, y)
     sampler = StatefulDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     return StatefulDataLoader(dataset, batch_size=batch_size, sampler=sampler)
+
+
+class ManualTinyModel(TinyModel):
+    """:class:`TinyModel` with manual optimization: its training step runs backward, the optimizer step and the
+    scheduler itself."""
+
+    def __init__(self, width: int = 32, lr: float = 1e-2) -> None:
+        super().__init__(width, lr)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.mean_loss.update(loss.detach())
+        self.manual_backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+        return loss

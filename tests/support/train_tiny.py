@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from oteacheck_lightning import OTeaCheckpoint, OTeaCheckpointIO, OTeaCheckStrategy, PersistSchedule  # noqa: E402
 from oteacheck_lightning.deepspeed_state import DeepSpeedState  # noqa: E402
-from tests.support.tiny import TinyModel  # noqa: E402
+from tests.support.tiny import ManualTinyModel, TinyModel  # noqa: E402
 
 
 class Recorder(pl.Callback):
@@ -168,6 +168,7 @@ def main() -> None:
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--check-snapshots", action="store_true")
     p.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step (accumulate_grad_batches)")
+    p.add_argument("--manual", action="store_true", help="manual optimization (the model steps its optimizer itself)")
     p.add_argument("--fault", default=None, help="name of a fault from tests.support.faults to install")
     p.add_argument("--persist", action="append", default=None, metavar="URL:EVERY:KEEP",
                    help="a persistent tier (repeatable; replaces --persist-every/--keep-last), e.g. "
@@ -215,7 +216,7 @@ def main() -> None:
         use_distributed_sampler=False,
     )
     ckpt = None if args.ckpt_path in (None, "none") else args.ckpt_path
-    trainer.fit(TinyModel(), ckpt_path=ckpt)
+    trainer.fit(ManualTinyModel() if args.manual else TinyModel(), ckpt_path=ckpt)
 
 
 if __name__ == "__main__":
