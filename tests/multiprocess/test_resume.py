@@ -138,8 +138,9 @@ def test_no_checkpoint_anywhere_starts_fresh(tmp_path, references):
 # accumulate_grad_batches=2: Lightning calls the strategy's optimizer step at every batch and DeepSpeed updates at
 # every second one (AFTER_STEP used to come after the next window's first batch, and the fence with it); 12 steps
 # are 24 batches, across the 16-batch epoch. Manual optimization: the model's training step runs backward, the
-# optimizer step and the scheduler, all inside the events of its forward pass.
-LOOPS = {"accumulate": dict(accumulate=2), "manual": dict(manual=True)}
+# optimizer step and the scheduler, all inside the events of its forward pass. Validation every 5 batches: the
+# snapshot's copies run on through it, and the resumed run validates where the uninterrupted one did.
+LOOPS = {"accumulate": dict(accumulate=2), "manual": dict(manual=True), "validate": dict(validate_every=5)}
 
 
 @pytest.mark.parametrize("loop", sorted(LOOPS))
@@ -162,3 +163,11 @@ def test_a_sigkill_resume_is_bit_exact_and_the_fence_waits_for_the_update_in_oth
     assert resumed[0]["step"] == resumed[1]["step"] and all(r["source"].startswith("memory:") for r in resumed)
     assert logged - 1 <= resumed[0]["step"] <= logged
     harness.assert_bit_identical(reference / "out", tmp_path / "out", ranks=2)
+    if loop == "validate":  # the same validations, at the same steps, with the same results (a repeat replaces one)
+        def validations(out, rank):
+            lines = (out / f"validations-rank{rank}.jsonl").read_text().splitlines()
+            return {d["step"]: d["val_loss"] for d in map(json.loads, lines)}
+
+        for rank in range(2):
+            expected = validations(reference / "out", rank)
+            assert len(expected) >= 2 and validations(tmp_path / "out", rank) == expected

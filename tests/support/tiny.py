@@ -65,3 +65,21 @@ class ManualTinyModel(TinyModel):
         optimizer.zero_grad()
         scheduler.step()
         return loss
+
+
+class ValidatedTinyModel(TinyModel):
+    """:class:`TinyModel` with a validation loop (its dropout off, its BatchNorm statistics only read) and a metric
+    of its own."""
+
+    def __init__(self, width: int = 32, lr: float = 1e-2) -> None:
+        super().__init__(width, lr)
+        self.val_loss = torchmetrics.MeanMetric()
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.val_loss.update(loss)
+        self.log("val_loss", self.val_loss, on_epoch=True)
+
+    def val_dataloader(self):
+        return tiny_loader(samples=64, seed=11, rank=self.trainer.global_rank, world_size=self.trainer.world_size)

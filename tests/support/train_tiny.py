@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from oteacheck_lightning import OTeaCheckpoint, OTeaCheckpointIO, OTeaCheckStrategy, PersistSchedule  # noqa: E402
 from oteacheck_lightning.deepspeed_state import DeepSpeedState  # noqa: E402
-from tests.support.tiny import ManualTinyModel, TinyModel  # noqa: E402
+from tests.support.tiny import ManualTinyModel, TinyModel, ValidatedTinyModel  # noqa: E402
 
 
 class Recorder(pl.Callback):
@@ -112,6 +112,13 @@ class Recorder(pl.Callback):
             json.dumps({"checked": self.checked, "mismatched": self.mismatched, "missing": self.missing,
                         "fenced_at_update": self.fenced_at_update}))
 
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        loss = trainer.callback_metrics["val_loss"].item().hex()
+        with open(self.out / f"validations-rank{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "val_loss": loss}) + "\n")
+
     def on_train_end(self, trainer, pl_module):
         state = DeepSpeedState(trainer.strategy.deepspeed_engine)
         tensors = {n: t.detach().cpu().clone() for n, t in state.tensors()}
@@ -169,6 +176,7 @@ def main() -> None:
     p.add_argument("--check-snapshots", action="store_true")
     p.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step (accumulate_grad_batches)")
     p.add_argument("--manual", action="store_true", help="manual optimization (the model steps its optimizer itself)")
+    p.add_argument("--validate-every", type=int, default=None, help="a validation loop every this many batches")
     p.add_argument("--fault", default=None, help="name of a fault from tests.support.faults to install")
     p.add_argument("--persist", action="append", default=None, metavar="URL:EVERY:KEEP",
                    help="a persistent tier (repeatable; replaces --persist-every/--keep-last), e.g. "
@@ -212,11 +220,13 @@ def main() -> None:
         enable_progress_bar=bool(args.csv_log_every),
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        val_check_interval=args.validate_every,
         deterministic=True,
         use_distributed_sampler=False,
     )
     ckpt = None if args.ckpt_path in (None, "none") else args.ckpt_path
-    trainer.fit(ManualTinyModel() if args.manual else TinyModel(), ckpt_path=ckpt)
+    model = ManualTinyModel() if args.manual else ValidatedTinyModel() if args.validate_every else TinyModel()
+    trainer.fit(model, ckpt_path=ckpt)
 
 
 if __name__ == "__main__":
