@@ -134,7 +134,6 @@ def test_no_checkpoint_anywhere_starts_fresh(tmp_path, references):
     harness.assert_bit_identical(references(2), tmp_path / "out", ranks=2)
 
 
-
 # accumulate_grad_batches=2: Lightning calls the strategy's optimizer step at every batch and DeepSpeed updates at
 # every second one (AFTER_STEP used to come after the next window's first batch, and the fence with it); 12 steps
 # are 24 batches, across the 16-batch epoch. Manual optimization: the model's training step runs backward, the
