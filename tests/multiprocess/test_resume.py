@@ -138,8 +138,11 @@ def test_no_checkpoint_anywhere_starts_fresh(tmp_path, references):
 # every second one (AFTER_STEP used to come after the next window's first batch, and the fence with it); 12 steps
 # are 24 batches, across the 16-batch epoch. Manual optimization: the model's training step runs backward, the
 # optimizer step and the scheduler, all inside the events of its forward pass. Validation every 5 batches: the
-# snapshot's copies run on through it, and the resumed run validates where the uninterrupted one did.
-LOOPS = {"accumulate": dict(accumulate=2), "manual": dict(manual=True), "validate": dict(validate_every=5)}
+# snapshot's copies run on through it, and the resumed run validates where the uninterrupted one did. fp16:
+# DeepSpeed's dynamic loss scale overflows in the first steps and skips their updates; each skipped step's snapshot
+# is fenced at its end instead (the state did not change), and the loss scaler resumes where it was.
+LOOPS = {"accumulate": dict(accumulate=2), "manual": dict(manual=True), "validate": dict(validate_every=5),
+         "fp16": dict(precision="16-mixed")}
 
 
 @pytest.mark.parametrize("loop", sorted(LOOPS))
@@ -153,7 +156,8 @@ def test_a_sigkill_resume_is_bit_exact_and_the_fence_waits_for_the_update_in_oth
     for rank in range(2):
         check = json.loads((reference / "out" / f"snapshot-check-rank{rank}.json").read_text())
         assert check["checked"] >= 10 and check["mismatched"] == check["missing"] == 0, check
-        assert check["fenced_at_update"] >= 10, check
+        assert check["fenced_at_update"] + check["skipped_updates"] >= check["checked"], check
+        assert (check["skipped_updates"] > 0) == (loop == "fp16"), check
     kill_after = random.randint(3, 9)
     env = harness.environment(f"kill-{loop}-{tmp_path.name}", tmp_path / "shm")
     logged = harness.run_and_kill(tmp_path / "root", tmp_path / "out", env, kill_after, sleep=0.05, **options)

@@ -110,7 +110,8 @@ class Recorder(pl.Callback):
             self.previous = (trainer.global_step, {n: t.detach().cpu().clone() for n, t in state.tensors()})
         (self.out / f"snapshot-check-rank{trainer.global_rank}.json").write_text(
             json.dumps({"checked": self.checked, "mismatched": self.mismatched, "missing": self.missing,
-                        "fenced_at_update": self.fenced_at_update}))
+                        "fenced_at_update": self.fenced_at_update,
+                        "skipped_updates": trainer.strategy.deepspeed_engine.skipped_steps}))
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking:
@@ -177,6 +178,7 @@ def main() -> None:
     p.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step (accumulate_grad_batches)")
     p.add_argument("--manual", action="store_true", help="manual optimization (the model steps its optimizer itself)")
     p.add_argument("--validate-every", type=int, default=None, help="a validation loop every this many batches")
+    p.add_argument("--precision", default=None, help="the trainer's precision (e.g. 16-mixed: DeepSpeed's fp16)")
     p.add_argument("--fault", default=None, help="name of a fault from tests.support.faults to install")
     p.add_argument("--persist", action="append", default=None, metavar="URL:EVERY:KEEP",
                    help="a persistent tier (repeatable; replaces --persist-every/--keep-last), e.g. "
@@ -214,6 +216,7 @@ def main() -> None:
                                    allgather_bucket_size=args.reduce_bucket_size),
         max_steps=args.max_steps,
         accumulate_grad_batches=args.accumulate,
+        precision=args.precision,
         callbacks=[OTeaCheckpoint(dirpath=args.root, persist=persist), Recorder(out, args.sleep, args.kill_at, args.check_snapshots)],
         logger=CSVLogger(out / "logs", name="", version="") if args.csv_log_every else False,
         log_every_n_steps=args.csv_log_every or 50,
