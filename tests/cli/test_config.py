@@ -41,7 +41,7 @@ def fit(capsys, *overrides):
 def test_a_bad_setting_fails_at_setup_naming_the_key_and_the_fix(capsys, overrides, message):
     code, err = fit(capsys, *overrides)
     assert code == cli.EXIT_CONFIG == 2
-    assert f"oteacheck: error: " in err and message in err, err[-2000:]
+    assert "oteacheck: error: " in err and message in err, err[-2000:]
 
 
 def test_a_value_of_the_wrong_type_is_a_usage_error(capsys):
