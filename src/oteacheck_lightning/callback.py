@@ -35,7 +35,9 @@ class OTeaCheckpoint(ModelCheckpoint):
             the default persistent tier writes here.
         snapshot_every_n_steps: take an in-memory snapshot every this many optimizer steps (default 1).
         persist: where and when to persist: a :class:`PersistSchedule` or a list of them, one per tier
-            (default: ``dirpath`` every 50 steps, keeping 3); ``[]`` keeps snapshots in memory only.
+            (default: ``dirpath`` every 50 steps, or the next multiple of ``snapshot_every_n_steps``, keeping 3);
+            ``[]`` keeps snapshots in memory only. Each ``every_n_steps`` must be a multiple of
+            ``snapshot_every_n_steps``: only snapshotted steps can be persisted.
         log_metrics: send the ``oteacheck/*`` metrics (stall, sealed and persisted steps, failures) to the trainer's
             loggers every ``log_every_n_steps`` steps, and the sealed step and stall to the progress bar.
         **kwargs: any :class:`ModelCheckpoint` argument; ``save_top_k`` defaults to 0 here, so only the
@@ -54,15 +56,24 @@ class OTeaCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=dirpath, **kwargs)
         if snapshot_every_n_steps < 1:
             raise MisconfigurationException(f"snapshot_every_n_steps must be >= 1, got {snapshot_every_n_steps}")
-        self.snapshot_every_n_steps = snapshot_every_n_steps
+        self.snapshot_every_n_steps = every = snapshot_every_n_steps
         if persist is None:
-            persist = [PersistSchedule()]
+            # only snapshotted steps can be persisted: the default interval, rounded up to a multiple of the snapshots'
+            steps = PersistSchedule().every_n_steps
+            persist = [PersistSchedule(every_n_steps=-(-steps // every) * every if steps else None)]
         elif isinstance(persist, PersistSchedule):
             persist = [persist]
         self.persist = list(persist)
         for schedule in self.persist:
             if not isinstance(schedule, PersistSchedule):
                 raise MisconfigurationException(f"persist takes PersistSchedule objects, got {type(schedule).__name__}")
+            if schedule.every_n_steps is not None and schedule.every_n_steps % every:
+                # a step that is never snapshotted is never persisted: such a schedule would persist at the common
+                # multiples only, far less often than asked, and say nothing
+                raise MisconfigurationException(
+                    f"a persist schedule's every_n_steps is {schedule.every_n_steps}, not a multiple of "
+                    f"snapshot_every_n_steps ({every}): only snapshotted steps can be persisted; use a multiple of {every}"
+                )
         self.log_metrics = log_metrics
         self.root: str | None = str(dirpath) if dirpath is not None else None
         self._last_snapshot_step = -1

@@ -140,9 +140,10 @@ def test_no_checkpoint_anywhere_starts_fresh(tmp_path, references):
 # optimizer step and the scheduler, all inside the events of its forward pass. Validation every 5 batches: the
 # snapshot's copies run on through it, and the resumed run validates where the uninterrupted one did. fp16:
 # DeepSpeed's dynamic loss scale overflows in the first steps and skips their updates; each skipped step's snapshot
-# is fenced at its end instead (the state did not change), and the loss scaler resumes where it was.
+# is fenced at its end instead (the state did not change), and the loss scaler resumes where it was. A snapshot
+# every 3 steps: a kill loses up to two intervals, and the resume replays them bit for bit.
 LOOPS = {"accumulate": dict(accumulate=2), "manual": dict(manual=True), "validate": dict(validate_every=5),
-         "fp16": dict(precision="16-mixed")}
+         "fp16": dict(precision="16-mixed"), "every3": dict(snapshot_every=3, persist_every=6)}
 
 
 @pytest.mark.parametrize("loop", sorted(LOOPS))
@@ -150,21 +151,23 @@ def test_a_sigkill_resume_is_bit_exact_and_the_fence_waits_for_the_update_in_oth
     # every sealed snapshot is the state its step ended with, its copies run up to the update, and a run killed at
     # a random step resumes bit-exact
     options = dict(COMMON, stage=2, max_steps=12, **LOOPS[loop])
+    every = options.get("snapshot_every", 1)
     reference = tmp_path_factory.mktemp(f"reference-{loop}")
     env = harness.environment(f"ref-{loop}-{reference.name}", reference / "shm")
     harness.run(reference / "root", reference / "out", env, check_snapshots=True, **options)
     for rank in range(2):
         check = json.loads((reference / "out" / f"snapshot-check-rank{rank}.json").read_text())
-        assert check["checked"] >= 10 and check["mismatched"] == check["missing"] == 0, check
+        assert check["checked"] >= 12 // every - 1 and check["mismatched"] == check["missing"] == 0, check
         assert check["fenced_at_update"] + check["skipped_updates"] >= check["checked"], check
         assert (check["skipped_updates"] > 0) == (loop == "fp16"), check
-    kill_after = random.randint(3, 9)
+    kill_after = random.randint(2 + every, 9)  # past the first snapshot's seal
     env = harness.environment(f"kill-{loop}-{tmp_path.name}", tmp_path / "shm")
     logged = harness.run_and_kill(tmp_path / "root", tmp_path / "out", env, kill_after, sleep=0.05, **options)
     harness.run(tmp_path / "root", tmp_path / "out", env, ckpt_path="last", **options)
     resumed = [harness.resumed_from(tmp_path / "out", r) for r in range(2)]
     assert resumed[0]["step"] == resumed[1]["step"] and all(r["source"].startswith("memory:") for r in resumed)
-    assert logged - 1 <= resumed[0]["step"] <= logged
+    # the newest snapshotted step, or the one before it if the kill came before its seal
+    assert logged - 2 * every < resumed[0]["step"] <= logged and resumed[0]["step"] % every == 0
     harness.assert_bit_identical(reference / "out", tmp_path / "out", ranks=2)
     if loop == "validate":  # the same validations, at the same steps, with the same results (a repeat replaces one)
         def validations(out, rank):

@@ -28,14 +28,16 @@ from tests.support.tiny import ManualTinyModel, TinyModel, ValidatedTinyModel  #
 
 
 class Recorder(pl.Callback):
-    def __init__(self, out: Path, sleep: float, kill_at: int | None, check_snapshots: bool = False) -> None:
-        self.out, self.sleep, self.kill_at = out, sleep, kill_at
+    def __init__(self, out: Path, sleep: float, kill_at: int | None, check_snapshots: bool = False,
+                 snapshot_every: int = 1) -> None:
+        self.out, self.sleep, self.kill_at, self.snapshot_every = out, sleep, kill_at, snapshot_every
         self.file = None
         self.check_snapshots = check_snapshots
         self.previous: tuple[int, dict] | None = None
         self.checked = self.mismatched = self.missing = 0
         self.fenced_at_update = 0  # steps whose snapshot was still in flight after BEFORE_STEP, fenced at BEFORE_UPDATE
         self._in_flight_past_step = False
+        self._last_checked = -1
 
     def setup(self, trainer, pl_module, stage):
         self.file = open(self.out / f"losses-rank{trainer.global_rank}.jsonl", "a", buffering=1)
@@ -94,8 +96,9 @@ class Recorder(pl.Callback):
             return  # a batch inside an accumulation window: no step ended, and the last one's snapshot is in flight
         # on a GPU, snapshot t is sealed as soon as its copies landed, at the latest before snapshot t+1 starts
         io.seal_pending()
-        if self.previous is not None:
+        if self.previous is not None and self.previous[0] != self._last_checked:  # each snapshot once
             step, expected = self.previous
+            self._last_checked = step
             try:
                 loaded = io.memory_tier.read(step, trainer.global_rank)
             except CheckpointFormatError:  # not sealed: dropped (the tests say when that is right)
@@ -105,7 +108,7 @@ class Recorder(pl.Callback):
                 self.checked += 1
                 if any(not same_bits(tensors[n], t) for n, t in expected.items()):
                     self.mismatched += 1
-        if trainer.global_step > 0:  # no snapshot is taken before the first step
+        if trainer.global_step > 0 and trainer.global_step % self.snapshot_every == 0:  # the steps snapshots are of
             state = DeepSpeedState(trainer.strategy.deepspeed_engine)
             self.previous = (trainer.global_step, {n: t.detach().cpu().clone() for n, t in state.tensors()})
         (self.out / f"snapshot-check-rank{trainer.global_rank}.json").write_text(
@@ -179,6 +182,7 @@ def main() -> None:
     p.add_argument("--manual", action="store_true", help="manual optimization (the model steps its optimizer itself)")
     p.add_argument("--validate-every", type=int, default=None, help="a validation loop every this many batches")
     p.add_argument("--precision", default=None, help="the trainer's precision (e.g. 16-mixed: DeepSpeed's fp16)")
+    p.add_argument("--snapshot-every", type=int, default=1, help="an in-memory snapshot every this many steps")
     p.add_argument("--fault", default=None, help="name of a fault from tests.support.faults to install")
     p.add_argument("--persist", action="append", default=None, metavar="URL:EVERY:KEEP",
                    help="a persistent tier (repeatable; replaces --persist-every/--keep-last), e.g. "
@@ -217,7 +221,8 @@ def main() -> None:
         max_steps=args.max_steps,
         accumulate_grad_batches=args.accumulate,
         precision=args.precision,
-        callbacks=[OTeaCheckpoint(dirpath=args.root, persist=persist), Recorder(out, args.sleep, args.kill_at, args.check_snapshots)],
+        callbacks=[OTeaCheckpoint(dirpath=args.root, persist=persist, snapshot_every_n_steps=args.snapshot_every),
+                   Recorder(out, args.sleep, args.kill_at, args.check_snapshots, args.snapshot_every)],
         logger=CSVLogger(out / "logs", name="", version="") if args.csv_log_every else False,
         log_every_n_steps=args.csv_log_every or 50,
         enable_progress_bar=bool(args.csv_log_every),
