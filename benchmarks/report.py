@@ -331,18 +331,21 @@ def _p10_p90(values: list[float]) -> tuple[float, float] | None:
     return deciles[0], deciles[-1]
 
 
-def _spread_share(row: dict) -> float | None:
-    """The p10-p90 width of the row's iterations over their median."""
+def _spread_of(row: dict) -> tuple[float, float, float | None] | None:
+    """The p10 and p90 of the row's iterations, and their width over the median (None without a median)."""
     spread = _p10_p90(row.get("iter_ms") or [])
-    return (spread[1] - spread[0]) / row["iter_ms_median"] if spread and row.get("iter_ms_median") else None
+    if spread is None:
+        return None
+    median = row.get("iter_ms_median")
+    return spread[0], spread[1], (spread[1] - spread[0]) / median if median else None
 
 
 def _spread(row: dict) -> str:
-    spread = _p10_p90(row.get("iter_ms") or [])
+    spread = _spread_of(row)
     if spread is None:
         return "–"
-    share = _spread_share(row)
-    return f"{spread[0]:.1f}–{spread[1]:.1f}" + (f" ({share:.1%})" if share is not None else "")
+    low, high, share = spread
+    return f"{low:.1f}–{high:.1f}" + (f" ({share:.1%})" if share is not None else "")
 
 
 def _mib_by_phase(by_phase: dict[str, float] | None) -> str:
@@ -551,8 +554,8 @@ STEADY_SPREAD = 0.10
 
 def _baseline_spreads(rows: list[dict]) -> dict[tuple[str, str], float]:
     """Per (model, ablation run): the p10-p90 width of its ``none`` variant's iterations over their median."""
-    shares = {(r["model"], r.get("run")): _spread_share(r) for r in rows if is_ablation(r) and r.get("variant") == "none"}
-    return {key: share for key, share in shares.items() if share is not None}
+    spreads = {(r["model"], r.get("run")): _spread_of(r) for r in rows if is_ablation(r) and r.get("variant") == "none"}
+    return {key: spread[2] for key, spread in spreads.items() if spread is not None and spread[2] is not None}
 
 
 def _noisy(spread: float | None) -> str:

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from .io import OTeaCheckpointIO
 from .pace import PersistPace
-from .persist import PersistSchedule
+from .persist import PersistSchedule, unsnapshotted_interval
 
 
 class OTeaCheckpoint(ModelCheckpoint):
@@ -59,21 +59,17 @@ class OTeaCheckpoint(ModelCheckpoint):
         self.snapshot_every_n_steps = every = snapshot_every_n_steps
         if persist is None:
             # only snapshotted steps can be persisted: the default interval, rounded up to a multiple of the snapshots'
-            steps = PersistSchedule().every_n_steps
-            persist = [PersistSchedule(every_n_steps=-(-steps // every) * every if steps else None)]
+            steps = PersistSchedule.every_n_steps  # the dataclass field's default
+            persist = [PersistSchedule(every_n_steps=-(-steps // every) * every)]
         elif isinstance(persist, PersistSchedule):
             persist = [persist]
         self.persist = list(persist)
         for schedule in self.persist:
             if not isinstance(schedule, PersistSchedule):
                 raise MisconfigurationException(f"persist takes PersistSchedule objects, got {type(schedule).__name__}")
-            if schedule.every_n_steps is not None and schedule.every_n_steps % every:
-                # a step that is never snapshotted is never persisted: such a schedule would persist at the common
-                # multiples only, far less often than asked, and say nothing
-                raise MisconfigurationException(
-                    f"a persist schedule's every_n_steps is {schedule.every_n_steps}, not a multiple of "
-                    f"snapshot_every_n_steps ({every}): only snapshotted steps can be persisted; use a multiple of {every}"
-                )
+            problem = unsnapshotted_interval(schedule.every_n_steps, every)
+            if problem is not None:
+                raise MisconfigurationException(f"a persist schedule's every_n_steps is {schedule.every_n_steps}, {problem}")
         self.log_metrics = log_metrics
         self.root: str | None = str(dirpath) if dirpath is not None else None
         self._last_snapshot_step = -1

@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .callback import OTeaCheckpoint
 from .io import MIN_MEMORY_SLOTS
+from .persist import unsnapshotted_interval
 from .strategy import OTeaCheckStrategy
 
 EXIT_CONFIG = 2
@@ -164,9 +165,9 @@ def validate(config: Any) -> list[str]:
             raise ConfigError(f"{key}.every_n_seconds is {seconds!r}; use a number > 0 or null")
         if keep is not None and (not isinstance(keep, int) or keep < 1):
             raise ConfigError(f"{key}.keep_last is {keep!r}; use an integer >= 1, or null to keep all")
-        if n is not None and n % every:
-            raise ConfigError(f"{key}.every_n_steps is {n}, not a multiple of checkpoint.snapshot_every_n_steps "
-                              f"({every}): only snapshotted steps can be persisted; use a multiple of {every}")
+        problem = unsnapshotted_interval(n, every, "checkpoint.snapshot_every_n_steps")
+        if problem is not None:
+            raise ConfigError(f"{key}.every_n_steps is {n}, {problem}")
         url = _get(schedule, "url")
         if url is not None:
             _check_url(str(url), f"{key}.url")

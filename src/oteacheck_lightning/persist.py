@@ -62,6 +62,16 @@ class PersistentTier(Protocol):
     def prune(self, rank: int, keep_last: int, coordinator: bool | None = None) -> list[int]: ...
 
 
+def unsnapshotted_interval(every_n_steps: int | None, snapshot_every: int, snapshot_key: str = "snapshot_every_n_steps") -> str | None:
+    """Why a persist schedule's ``every_n_steps`` cannot work with a snapshot every ``snapshot_every`` steps (named
+    ``snapshot_key`` in the message), or None where it can: a step that is never snapshotted is never persisted, so
+    such a schedule would persist at the common multiples only, far less often than asked, and say nothing."""
+    if every_n_steps is None or every_n_steps % snapshot_every == 0:
+        return None
+    return (f"not a multiple of {snapshot_key} ({snapshot_every}): only snapshotted steps can be persisted; use a "
+            f"multiple of {snapshot_every}")
+
+
 @dataclass
 class PersistSchedule:
     """When to persist to one tier, and how many checkpoints to keep there.

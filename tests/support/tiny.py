@@ -21,9 +21,12 @@ class TinyModel(pl.LightningModule):
         )
         self.mean_loss = torchmetrics.MeanMetric()
 
-    def training_step(self, batch, batch_idx):
+    def loss(self, batch):
         x, y = batch
-        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
         self.mean_loss.update(loss.detach())
         return loss
 
@@ -57,9 +60,7 @@ class ManualTinyModel(TinyModel):
 
     def training_step(self, batch, batch_idx):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        x, y = batch
-        loss = torch.nn.functional.mse_loss(self.net(x), y)
-        self.mean_loss.update(loss.detach())
+        loss = super().training_step(batch, batch_idx)
         self.manual_backward(loss)
         optimizer.step()
         optimizer.zero_grad()
@@ -76,9 +77,7 @@ class ValidatedTinyModel(TinyModel):
         self.val_loss = torchmetrics.MeanMetric()
 
     def validation_step(self, batch, batch_idx):
-        x, y = batch
-        loss = torch.nn.functional.mse_loss(self.net(x), y)
-        self.val_loss.update(loss)
+        self.val_loss.update(self.loss(batch))
         self.log("val_loss", self.val_loss, on_epoch=True)
 
     def val_dataloader(self):
