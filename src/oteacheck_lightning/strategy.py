@@ -28,7 +28,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, StrategyRegistry
 from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from torch.optim import Optimizer
 
-from .bubbles import BubbleBus, Phase, PhaseTimer, find_blocks, install_block_hooks
+from .bubbles import BubbleBus, Phase, find_blocks, install_block_hooks
 from .deepspeed_state import DeepSpeedState, install_bucket_hook, install_update_hook
 from .io import PRIVATE_KEY, OTeaCheckpointIO
 from .lightning_state import LightningStateDump
@@ -122,8 +122,6 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         if checkpoint_io is not None:
             self.checkpoint_io = checkpoint_io
         self.bus = BubbleBus()
-        self.phase_timer = PhaseTimer()
-        self.bus.subscribe(self.phase_timer)
         self._ds_state: DeepSpeedState | None = None
         self._restore_at_next_iteration: tuple[dict, dict] | None = None
         self.resumed_from: dict[str, Any] | None = None

@@ -20,6 +20,18 @@ def test_subscribers_get_their_phases_in_order():
     assert only_steps == [Phase.BEFORE_STEP]
 
 
+def test_a_phase_nobody_listens_to_makes_no_event_and_a_subscriber_added_later_gets_it():
+    bus = BubbleBus()
+    assert bus.emit(Phase.FORWARD_BLOCK, 1, block=0) is None
+    got = []
+    handle = bus.subscribe(got.append, {Phase.FORWARD_BLOCK})
+    assert bus.emit(Phase.FORWARD_START, 1) is None  # not one of its phases
+    event = bus.emit(Phase.FORWARD_BLOCK, 1, block=2, note="x")
+    assert got == [event] and (event.phase, event.step, event.block, event.bucket, event.info) == (Phase.FORWARD_BLOCK, 1, 2, None, {"note": "x"})
+    bus.unsubscribe(handle)
+    assert bus.emit(Phase.FORWARD_BLOCK, 1, block=3) is None and len(got) == 1
+
+
 def test_phase_timer_adds_up_to_the_iteration():
     bus, timer = BubbleBus(), PhaseTimer()
     bus.subscribe(timer)
