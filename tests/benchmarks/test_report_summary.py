@@ -27,6 +27,10 @@ def test_each_cell_is_the_newest_every_iteration_result_on_one_gpu():
         _matrix("gpt2-124m", "torchsnapshot", 3.0, "gpu-compare9", gpus=2),  # two GPUs: not this table's
         _matrix("gpt2-124m", "sync-deepspeed", 1.04, "gpu-search7", every_n_steps=300, every_n_steps_requested=300),
         _matrix("gpt2-124m", "oteacheck", 1.2, "gpu-compare"),
+        # a run at the estimated interval that went over the budget: the interval is longer, and the cell says so
+        _matrix("gpt2-124m", "torchsnapshot", 8.0, "gpu-compare2", baseline_iter_ms_mean=100.0, cost_ms_per_checkpoint=700.0),
+        _matrix("gpt2-124m", "torchsnapshot", 1.061, "gpu-search17", every_n_steps=140, card="NVIDIA H100 80GB HBM3"),
+        _matrix("gpt2-124m", "lightning-async", 1.043, "gpu-search17", every_n_steps=300, card="NVIDIA H100 80GB HBM3"),
         _matrix("bert-large-qa", "oteacheck", 0.999, "gpu-compare13", card="NVIDIA H100 80GB HBM3",
                 overhead_paired=0.999, overhead_ci95=[0.906, 1.152]),
         dict(_matrix("bert-large-qa", "dcp-async", None, "gpu-compare14"), status="error"),
@@ -61,6 +65,10 @@ def test_the_shortest_interval_within_5pct_is_measured_where_a_run_shows_it_and_
         _matrix("gpt2-124m", "checkfreq", 36.0, "gpu-search7", baseline_iter_ms_mean=100.0, cost_ms_per_checkpoint=3500.0),
         # CheckFreq's own choice, measured within the budget: it wins over the estimate
         _matrix("gpt2-124m", "checkfreq", 1.04, "gpu-search7", every_n_steps=294, every_n_steps_requested=0),
+        # a run at the estimated interval that went over the budget: the interval is longer, and the cell says so
+        _matrix("gpt2-124m", "torchsnapshot", 8.0, "gpu-compare2", baseline_iter_ms_mean=100.0, cost_ms_per_checkpoint=700.0),
+        _matrix("gpt2-124m", "torchsnapshot", 1.061, "gpu-search17", every_n_steps=140, card="NVIDIA H100 80GB HBM3"),
+        _matrix("gpt2-124m", "lightning-async", 1.043, "gpu-search17", every_n_steps=300, card="NVIDIA H100 80GB HBM3"),
         _matrix("bert-large-qa", "oteacheck", 0.999, "gpu-compare13", card="NVIDIA H100 80GB HBM3",
                 overhead_paired=0.999, overhead_ci95=[0.906, 1.152]),
         _engine("bert-large-qa", 1.072, "20261206T025116Z", "NVIDIA H200", [1.017, 1.242]),
@@ -74,8 +82,9 @@ def test_the_shortest_interval_within_5pct_is_measured_where_a_run_shows_it_and_
     assert gpt2[column["oteacheck"]] == "1 (H100); ~2 estimated (H200)"  # 9.8% allows one snapshot in two steps
     assert gpt2[column["sync-deepspeed"]] == "~960 estimated (H200, `gpu-compare`)"
     assert gpt2[column["dcp-async"]] == "~580 estimated (H200, `gpu-search7`)"  # cost from the iteration times
-    assert gpt2[column["checkfreq"]] == "294 (H200, `gpu-search7`)"
-    assert gpt2[column["torchsnapshot"]] == "–"
+    assert gpt2[column["checkfreq"]] == "294 (1.040x; H200, `gpu-search7`)"
+    assert gpt2[column["torchsnapshot"]] == "> 140 (1.061x at 140; H100, `gpu-search17`)"
+    assert gpt2[column["lightning-async"]] == "300 (1.043x; H100, `gpu-search17`)"
     # the H100's paired matrix row adds its interval next to the H200's ablation
     assert intervals["bert-large-qa"][column["oteacheck"]] == "~2 estimated (H200); 1 (H100, `gpu-compare13`)"
 
