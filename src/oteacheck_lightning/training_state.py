@@ -37,7 +37,8 @@ def rng_state(raw: RawRng) -> dict[str, Any]:
     no unsigned dtype)."""
     (version, internal, gauss), (np_kind, np_keys, np_pos, np_has_gauss, np_gauss), cpu, cuda = raw
     # through a C array of 32-bit words (every word of the state fits): half the time of numpy reading the tuple
-    words = np.frombuffer(array.array("I", internal), dtype=np.uint32).astype(np.int64)
+    c_words = array.array("I", internal)
+    words = np.frombuffer(c_words, dtype=f"u{c_words.itemsize}").astype(np.int64)
     state: dict[str, Any] = {
         "python": {"version": version, "internal": torch.from_numpy(words), "gauss": gauss},
         "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
