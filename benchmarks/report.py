@@ -658,7 +658,8 @@ def interval_section(rows: list[dict], newest: dict[tuple[str, str], dict], engi
                      models: list[str]) -> list[str]:
     parts = ["### The shortest interval within 5%", "",
              "Steps between checkpoints at which each method costs at most 5% (CheckFreq's budget). A plain number was "
-             "measured at that interval (or at every iteration), with its cost; `~n estimated` spreads the every-iteration "
+             "measured at that interval (or at every iteration), with its cost; the search starts at the estimate and "
+             "only widens it, so a shorter interval may hold the budget too. `~n estimated` spreads the every-iteration "
              "run's measured cost per checkpoint over n iterations of its baseline, without a run at that interval; "
              "`> n`: a run at n cost more than 5%, so the shortest interval is longer. "
              "OTeaCheck's comes from the engine's paired ablation of each kind of card.", "", *_methods_header(["model"])]
