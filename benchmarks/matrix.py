@@ -18,8 +18,8 @@ rows at a snapshot every iteration are paired within their own run instead (``--
 
 ``--search-5pct`` then looks, per method, for the shortest interval whose overhead stays at or under 5%: from the
 every-iteration run's cost per checkpoint it computes the interval that should fit, runs it (long enough to hold
-three checkpoints) and widens it once if the measurement says so. When even that run does not fit the budget, the
-result is an estimate, marked ``"status": "estimated"`` and never shown as a measurement. CheckFreq chooses its own
+three checkpoints) and adjusts it once by what that run measured: wider if it went over the budget, narrower if
+it stayed well under. When even that run does not fit the budget, the result is an estimate, marked ``"status": "estimated"`` and never shown as a measurement. CheckFreq chooses its own
 interval within the budget (``--every-n-steps 0``).
 """
 
@@ -43,6 +43,7 @@ from .models import SMOKE as SMOKE_MODELS
 from .run import ROOT, result_name
 
 BUDGET = 0.05
+NARROW_BELOW = 0.8  # a run within the budget that used less of it than this is tried once at a shorter interval
 
 
 def interval_within_budget(cost_ms: float, base_ms: float) -> int:
@@ -282,7 +283,7 @@ class Matrix:
             base_ms = d["baseline_iter_ms_mean"]
             cost = checkpoint_cost_ms(d, base_ms)
             n = max(2, interval_within_budget(cost, base_ms))
-            for attempt in range(2):
+            for _ in range(2):
                 steps = max(self.args.steps, 3 * n)
                 fits = steps * base_ms / 1e3 < 0.5 * max(self.remaining(), 0) and steps <= 600
                 if not fits:
@@ -291,9 +292,18 @@ class Matrix:
                 got = self.run(model, method, gpus, n, steps=steps)
                 self.fill()
                 got = self.existing(model, method, gpus, n) if got is not None else None
-                if got is None or got.get("overhead") is None or got["overhead"] <= 1 + BUDGET:
+                if got is None or got.get("overhead") is None:
                     break
-                n = math.ceil(round(n * (got["overhead"] - 1) / BUDGET, 6))
+                # once more at the interval this run's own cost per checkpoint gives: wider if it went over the
+                # budget; narrower if it used less than NARROW_BELOW of it and its cost was resolved (over 1%: below
+                # that, noise between processes decides), since the first guess came from another run
+                used = (got["overhead"] - 1) / BUDGET
+                if used <= 1 and not (0.2 < used < NARROW_BELOW):
+                    break
+                adjusted = max(2, math.ceil(round(n * used, 6)))
+                if adjusted == n:
+                    break
+                n = adjusted
 
     def _estimate(self, d: dict, n: int, cost_ms: float, base_ms: float) -> None:
         est = {k: d.get(k) for k in ("card", "gpus", "model", "method", "baseline_method", "smoke", "versions", "tag",

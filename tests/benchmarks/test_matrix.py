@@ -92,6 +92,27 @@ def test_search_runs_the_computed_interval_and_widens_it_once(tmp_path, monkeypa
     assert len(asked) == 2
 
 
+@pytest.mark.parametrize("cost_ms, second", [(100.0, 20), (160.0, None), (30.0, None)])
+def test_search_narrows_once_where_the_run_used_little_of_the_budget(tmp_path, monkeypatch, cost_ms, second):
+    # the every-iteration run said 200 ms a checkpoint (interval 40); the runs at an interval measure cost_ms
+    _result(tmp_path, "t", "none-deepspeed", 1, 100.0, 0)
+    _result(tmp_path, "t", "sync-torch-save", 1, 300.0, 10)
+    m = _matrix(tmp_path, "t")
+    asked = []
+
+    def fake_run(model, method, gpus, every, steps=None):
+        asked.append(every)
+        _result(tmp_path, "t", method, every, 100.0 + cost_ms / every, steps // every, steps)
+        return json.loads((tmp_path / result_name(model, method, gpus, every)).read_text())
+
+    monkeypatch.setattr(m, "run", fake_run)
+    m.fill()
+    m.search()
+    # 100 ms at 40 uses half the budget: once more at 20. 160 ms uses 80%: kept. 30 ms (0.75%) is within the
+    # noise between processes: kept
+    assert asked == [40] + ([second] if second else [])
+
+
 def test_search_estimates_when_the_run_does_not_fit(tmp_path, monkeypatch):
     _result(tmp_path, "t", "none-deepspeed", 1, 100.0, 0)
     _result(tmp_path, "t", "sync-torch-save", 1, 300.0, 10)
