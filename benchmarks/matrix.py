@@ -19,8 +19,9 @@ rows at a snapshot every iteration are paired within their own run instead (``--
 ``--search-5pct`` then looks, per method, for the shortest interval whose overhead stays at or under 5%: from the
 every-iteration run's cost per checkpoint it computes the interval that should fit, runs it (long enough to hold
 three checkpoints) and adjusts it once by what that run measured: wider if it went over the budget, narrower if
-it stayed well under. When even that run does not fit the budget, the result is an estimate, marked ``"status": "estimated"`` and never shown as a measurement. CheckFreq chooses its own
-interval within the budget (``--every-n-steps 0``).
+it stayed well under. When even that run does not fit the budget, the result is an estimate, marked ``"status":
+"estimated"`` and never shown as a measurement. CheckFreq chooses its own interval within the budget
+(``--every-n-steps 0``).
 """
 
 from __future__ import annotations

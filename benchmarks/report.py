@@ -615,13 +615,13 @@ def _interval_cell(model: str, method: str, rows: list[dict], newest_every: dict
     run at a longer interval that went over the budget shows the interval is longer still: ``> n``."""
     from .matrix import BUDGET, checkpoint_cost_ms, interval_within_budget
 
-    longer = [r for r in rows if r["model"] == model and r["method"] == method and r.get("status") == "ok"
+    spaced = [r for r in rows if r["model"] == model and r["method"] == method and r.get("status") == "ok"
               and r.get("gpus") == 1 and (r.get("every_n_steps") or 1) > 1 and r.get("overhead") is not None]
-    within = [r for r in longer if r["overhead"] <= 1 + BUDGET]
+    within = [r for r in spaced if r["overhead"] <= 1 + BUDGET]
     if within:
         best = min(within, key=lambda r: r["every_n_steps"])
         return f"{best['every_n_steps']} ({best['overhead']:.3f}x; {_where(best)})"
-    over = max(longer, key=lambda r: r["every_n_steps"], default=None)
+    over = max(spaced, key=lambda r: r["every_n_steps"], default=None)
     estimate = None
     r = newest_every
     if r is not None:
@@ -659,7 +659,7 @@ def interval_section(rows: list[dict], newest: dict[tuple[str, str], dict], engi
     parts = ["### The shortest interval within 5%", "",
              "Steps between checkpoints at which each method costs at most 5% (CheckFreq's budget). A plain number was "
              "measured at that interval (or at every iteration), with its cost; the search starts at the estimate and "
-             "only widens it, so a shorter interval may hold the budget too. `~n estimated` spreads the every-iteration "
+             "adjusts it once, so a shorter interval may hold the budget too. `~n estimated` spreads the every-iteration "
              "run's measured cost per checkpoint over n iterations of its baseline, without a run at that interval; "
              "`> n`: a run at n cost more than 5%, so the shortest interval is longer. "
              "OTeaCheck's comes from the engine's paired ablation of each kind of card.", "", *_methods_header(["model"])]
