@@ -2,7 +2,7 @@
 
     oteacheck fit --config examples/gpt2/config.yaml                 # train
     oteacheck fit --config examples/gpt2/config.yaml --ckpt_path last  # resume from the freshest checkpoint
-    oteacheck ls|verify|export|gc ...                                # tools, see oteacheck_lightning.tools
+    oteacheck ls|verify|export|gc|memory ...                         # tools, see oteacheck_lightning.tools
 
 Every option of the strategy (``trainer.strategy``: the DeepSpeed options and ``checkpoint_io``), of the
 checkpoint IO plugin (``trainer.strategy.init_args.checkpoint_io``) and of the snapshot and persistence policy
@@ -231,7 +231,7 @@ def _root_cause(message: str) -> str:
 def _usage() -> str:
     return (
         "usage: oteacheck {fit,validate,test,predict} --config CONFIG.yaml [options]   (LightningCLI, see --help)\n"
-        "       oteacheck {ls,verify,export,gc} ...                                     (checkpoint tools)\n"
+        "       oteacheck {ls,verify,export,gc,memory} ...                              (checkpoint tools)\n"
     )
 
 
@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in TOOLS:
         return tools_main(argv)
     if argv[:1] in (["-h"], ["--help"]):
-        sys.stdout.write(_usage() + "\nTools: oteacheck ls|verify|export|gc --help\n\n")
+        sys.stdout.write(_usage() + "\nTools: oteacheck ls|verify|export|gc|memory --help\n\n")
     # `class_path: examples.gpt2.GPT2Module` resolves from the current folder, as with `python -m`
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

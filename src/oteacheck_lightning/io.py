@@ -24,7 +24,6 @@ when a persistent tier committed it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -48,7 +47,7 @@ from .persist import Persister, PersistSchedule, TargetStats
 from .plan import MiB
 from .recovery import Gather, recover
 from .scheduler import SchedulePolicy
-from .slots import DEFAULT_SHM_ROOT, Slot, SlotPool
+from .slots import DEFAULT_SHM_ROOT, Slot, SlotPool, job_id_for, rank_folder
 from .tiers import CheckpointDir, FsspecTier, LoadedRankCheckpoint, MemoryTier
 from .training_state import RawRng, collect_metrics, find_metrics, grab_rng, rng_state
 from .worker import BackgroundWorker
@@ -207,7 +206,7 @@ class OTeaCheckpointIO(CheckpointIO):
         self.root = str(root)
         self.schedules = list(schedules)
         if self.job_id is None:
-            self.job_id = hashlib.sha256(os.path.abspath(self.root).encode()).hexdigest()[:16]
+            self.job_id = job_id_for(self.root)
 
     def attach(self, state: DeepSpeedState, module: torch.nn.Module, rank: int, world_size: int) -> None:
         """Called by the strategy once the DeepSpeed engine exists: opens the slots and starts the persister."""
@@ -220,7 +219,7 @@ class OTeaCheckpointIO(CheckpointIO):
         # the newest snapshot, one whose copies are landing, the one being filled, and per tier one being written
         # plus one due (pinned)
         slots = self.memory_slots or MIN_MEMORY_SLOTS + 2 * len(self._tiers)
-        self._pool = SlotPool(self.memory_dir / f"oteacheck-{self.job_id}" / f"rank-{rank:05d}", slots)
+        self._pool = SlotPool(rank_folder(self.memory_dir, self.job_id or "", rank), slots)
         self.engine = SnapshotEngine(
             state.device(),
             self.schedule,

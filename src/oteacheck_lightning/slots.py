@@ -22,6 +22,7 @@ snapshot (invariant 1).
 from __future__ import annotations
 
 import enum
+import hashlib
 import mmap
 import os
 import shutil
@@ -35,6 +36,18 @@ import torch
 from .format import Manifest
 
 DEFAULT_SHM_ROOT = "/dev/shm"
+JOB_PREFIX = "oteacheck-"
+
+
+def job_id_for(dirpath: str) -> str:
+    """The job id a run derives from its checkpoint folder when neither ``OTEACHECK_JOB_ID`` nor ``job_id`` names
+    one: a restart with the same folder finds the same shared memory."""
+    return hashlib.sha256(os.path.abspath(dirpath).encode()).hexdigest()[:16]
+
+
+def rank_folder(memory_dir: Path, job_id: str, rank: int) -> Path:
+    """Where one rank of one job keeps its snapshot slots."""
+    return Path(memory_dir) / f"{JOB_PREFIX}{job_id}" / f"rank-{rank:05d}"
 
 
 class SlotState(enum.Enum):

@@ -1,9 +1,11 @@
-"""The ``oteacheck`` tools: list, verify, export and garbage-collect checkpoints in a persistent tier.
+"""The ``oteacheck`` tools: list, verify, export and garbage-collect checkpoints in a persistent tier, and list the
+in-memory snapshots on this machine.
 
     oteacheck ls URL [--verify] [--json]       checkpoints in a tier: step, ranks, size, committed, verified
     oteacheck verify URL [--step N] [--json]   re-reads the data and checks every tensor's checksum
     oteacheck export CKPT OUT.safetensors      consolidated fp32 weights (any ZeRO stage, any world size)
     oteacheck gc URL --keep K [--dry-run]      keeps the newest K complete checkpoints, removes the rest
+    oteacheck memory [DIR] [--dirpath PATH]    the snapshots jobs keep in shared memory on this machine
 
 ``URL`` is a tier (a folder of ``step-NNNNNNNNN`` checkpoints: a local path, ``file://``, ``hdfs://``,
 ``webhdfs://``, ``memory://``) or one checkpoint folder (a ``step-*`` folder, or a ``trainer.save_checkpoint`` path).
@@ -24,15 +26,18 @@ import enum
 import json
 import os
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import xxhash
 
 from .format import CheckpointFormatError, Manifest, TensorRecord
+from .slots import DEFAULT_SHM_ROOT, JOB_PREFIX, job_id_for, read_manifest
 from .tiers import CheckpointDir, FsspecTier
 from .tiers.fsspec_tier import STEP_PREFIX
 
@@ -414,6 +419,53 @@ def gc(url: str, keep: int, dry_run: bool = False) -> list[int]:
 # --- command line ---------------------------------------------------------------------------------------------
 
 
+# --- in-memory snapshots ----------------------------------------------------------------------------------------
+
+
+def memory_snapshots(memory_dir: str | Path) -> list[dict[str, Any]]:
+    """The jobs whose snapshots lie in ``memory_dir`` (a machine's ``/dev/shm``): per job, each rank's sealed
+    steps (only this machine's ranks: every node keeps its own), the newest step all of them hold (what a restart
+    here resumes from, if the other nodes hold it too), the memory the slots take, and how long ago the newest was
+    sealed. Only reads; a running job may seal and reuse slots meanwhile."""
+    root = Path(memory_dir)
+    if not root.is_dir():
+        raise ToolError(Exit.NOT_FOUND, f"{root} is not a folder (the memory_dir of the runs, default {DEFAULT_SHM_ROOT})")
+    jobs = []
+    for job in sorted(root.glob(f"{JOB_PREFIX}*")):
+        ranks: dict[int, list[int]] = {}
+        world_sizes, used, sealed_at = set(), 0, 0.0
+        for rank_dir in sorted(job.glob("rank-*")):
+            try:
+                rank = int(rank_dir.name.removeprefix("rank-"))
+            except ValueError:
+                continue
+            steps = ranks.setdefault(rank, [])
+            for path in rank_dir.glob("slot-*"):
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:  # reused by the running job meanwhile
+                    continue
+                used += stat.st_blocks * 512  # the memory it takes (a slot file may be larger than what was written)
+                manifest = read_manifest(path) if path.name.endswith(".manifest.json") else None
+                if manifest is not None:
+                    steps.append(manifest.step)
+                    world_sizes.add(manifest.world_size)
+                    sealed_at = max(sealed_at, stat.st_mtime)
+            steps.sort()
+        if not ranks:
+            continue
+        common = set.intersection(*(set(steps) for steps in ranks.values()))
+        jobs.append({
+            "job": job.name.removeprefix(JOB_PREFIX), "folder": str(job),
+            "ranks": [{"rank": rank, "steps": steps} for rank, steps in sorted(ranks.items())],
+            "world_size": max(world_sizes) if world_sizes else None,
+            "newest_on_every_rank": max(common) if common else None,
+            "newest": max((s for steps in ranks.values() for s in steps), default=None),
+            "bytes": used, "sealed_seconds_ago": round(time.time() - sealed_at, 1) if sealed_at else None,
+        })
+    return jobs
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -482,6 +534,30 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def _cmd_memory(args: argparse.Namespace) -> int:
+    jobs = memory_snapshots(args.dir)
+    if args.dirpath is not None:
+        wanted = job_id_for(args.dirpath)
+        jobs = [j for j in jobs if j["job"] == wanted]
+        if not jobs:
+            raise ToolError(Exit.NOT_FOUND, f"no snapshots of job {wanted} (derived from {args.dirpath}) in {args.dir}; "
+                            "a run with OTEACHECK_JOB_ID or checkpoint_io.job_id set uses that id instead")
+    if args.json:
+        print(json.dumps(jobs, indent=1))
+        return Exit.OK
+    if not jobs:
+        print(f"no OTeaCheck snapshots in {args.dir}")
+        return Exit.OK
+    print(f"{'JOB':18s}  {'RANKS HERE':>10}  {'ON EVERY RANK':>13}  {'NEWEST':>8}  {'MEMORY':>10}  SEALED")
+    for j in jobs:
+        here = f"{len(j['ranks'])}/{j['world_size'] or '?'}"
+        common = "-" if j["newest_on_every_rank"] is None else str(j["newest_on_every_rank"])
+        newest = "-" if j["newest"] is None else str(j["newest"])
+        ago = "-" if j["sealed_seconds_ago"] is None else f"{j['sealed_seconds_ago']:.0f} s ago"
+        print(f"{j['job']:18s}  {here:>10}  {common:>13}  {newest:>8}  {_human(j['bytes']):>10}  {ago}")
+    return Exit.OK
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
@@ -528,10 +604,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dry-run", action="store_true", help="only print what would be removed")
     common(q)
     q.set_defaults(func=_cmd_gc)
+
+    q = sub.add_parser("memory", help="list the snapshots jobs keep in shared memory on this machine")
+    q.add_argument("dir", nargs="?", default=os.environ.get("OTEACHECK_MEMORY_DIR", DEFAULT_SHM_ROOT),
+                   help=f"the runs' memory_dir (default $OTEACHECK_MEMORY_DIR, else {DEFAULT_SHM_ROOT})")
+    q.add_argument("--dirpath", default=None,
+                   help="only the job a run with this checkpoint folder uses when no job id is set")
+    q.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    q.set_defaults(func=_cmd_memory, storage_option=[])
     return p
 
 
-TOOLS = ("ls", "verify", "export", "gc")
+TOOLS = ("ls", "verify", "export", "gc", "memory")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -81,4 +81,4 @@ def test_the_command_dispatches_tools_and_explains_itself(capsys, tmp_path):
         cli.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "oteacheck {ls,verify,export,gc}" in out and "fit" in out
+    assert "oteacheck {ls,verify,export,gc,memory}" in out and "fit" in out

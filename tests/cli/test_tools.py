@@ -155,3 +155,44 @@ def test_the_tools_never_unpickle(tier, tmp_path, capsys, monkeypatch):
     assert run(capsys, "ls", str(tier), "--verify")[0] == 0
     assert run(capsys, "verify", str(tier))[0] == 0
     assert run(capsys, "export", str(tier), str(tmp_path / "w.safetensors"))[0] == 0
+
+
+def _seal_snapshots(memory_dir, job, rank, steps, world_size=2):
+    from oteacheck_lightning.slots import SlotPool, rank_folder
+
+    pool = SlotPool(rank_folder(memory_dir, job, rank), 3)
+    for step in steps:
+        slot = pool.acquire(8192)
+        slot.buffer[:] = 1  # every data page written, as a snapshot's copies would
+        pool.seal(slot, Manifest(step=step, rank=rank, world_size=world_size, data_bytes=8192, tensors=[], state={}))
+    return pool
+
+
+def test_memory_lists_each_jobs_snapshots_on_this_machine_and_finds_a_run_by_its_checkpoint_folder(tmp_path, capsys):
+    from oteacheck_lightning.slots import job_id_for
+
+    shm = tmp_path / "shm"
+    job = job_id_for(str(tmp_path / "ckpt"))
+    # rank 1 lags a step behind rank 0: a restart here resumes from the newest step both hold
+    pools = [_seal_snapshots(shm, job, 0, [3, 4, 5]), _seal_snapshots(shm, job, 1, [3, 4])]
+    _seal_snapshots(shm, "other-job", 0, [9], world_size=1)
+    (shm / "oteacheck-empty").mkdir()  # a job folder without ranks: not a job
+    (shm / "unrelated").mkdir()
+
+    assert cli.main(["memory", str(shm), "--json"]) == 0
+    jobs = {j["job"]: j for j in json.loads(capsys.readouterr().out)}
+    assert set(jobs) == {job, "other-job"}
+    mine = jobs[job]
+    assert mine["ranks"] == [{"rank": 0, "steps": [3, 4, 5]}, {"rank": 1, "steps": [3, 4]}]
+    assert (mine["world_size"], mine["newest_on_every_rank"], mine["newest"]) == (2, 4, 5)
+    assert mine["bytes"] >= 5 * 8192 and 0 <= mine["sealed_seconds_ago"] < 60
+
+    assert cli.main(["memory", str(shm), "--dirpath", str(tmp_path / "ckpt")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 and table[1].split()[:4] == [job, "2/2", "4", "5"]
+
+    assert cli.main(["memory", str(shm), "--dirpath", str(tmp_path / "elsewhere")]) == tools.Exit.NOT_FOUND
+    assert "no snapshots of job" in capsys.readouterr().err
+    assert cli.main(["memory", str(tmp_path / "missing")]) == tools.Exit.NOT_FOUND
+    for pool in pools:
+        pool.close(remove=True)
