@@ -426,15 +426,20 @@ def memory_snapshots(memory_dir: str | Path) -> list[dict[str, Any]]:
     """The jobs whose snapshots lie in ``memory_dir`` (a machine's ``/dev/shm``): per job, each rank's sealed
     steps (only this machine's ranks: every node keeps its own), the newest step all of them hold (what a restart
     here resumes from, if the other nodes hold it too), the memory the slots take, and how long ago the newest was
-    sealed. Only reads; a running job may seal and reuse slots meanwhile."""
+    sealed. Only reads; a running job may seal and reuse slots meanwhile. Other users' jobs (their folders are
+    theirs alone) are left out."""
     root = Path(memory_dir)
     if not root.is_dir():
         raise ToolError(Exit.NOT_FOUND, f"{root} is not a folder (the memory_dir of the runs, default {DEFAULT_SHM_ROOT})")
     jobs = []
     for job in sorted(root.glob(f"{JOB_PREFIX}*")):
+        if not os.access(job, os.R_OK | os.X_OK):  # another user's job: its folder is theirs alone
+            continue
         ranks: dict[int, list[int]] = {}
         world_sizes, used, sealed_at = set(), 0, 0.0
         for rank_dir in sorted(job.glob("rank-*")):
+            if not os.access(rank_dir, os.R_OK | os.X_OK):
+                continue
             try:
                 rank = int(rank_dir.name.removeprefix("rank-"))
             except ValueError:
