@@ -416,9 +416,6 @@ def gc(url: str, keep: int, dry_run: bool = False) -> list[int]:
     return removed
 
 
-# --- command line ---------------------------------------------------------------------------------------------
-
-
 # --- in-memory snapshots ----------------------------------------------------------------------------------------
 
 
@@ -469,6 +466,9 @@ def memory_snapshots(memory_dir: str | Path) -> list[dict[str, Any]]:
             "bytes": used, "sealed_seconds_ago": round(time.time() - sealed_at, 1) if sealed_at else None,
         })
     return jobs
+
+
+# --- command line ---------------------------------------------------------------------------------------------
 
 
 def _human(n: float) -> str:
