@@ -6,14 +6,15 @@ in-memory snapshots on this machine.
     oteacheck export CKPT OUT.safetensors      consolidated fp32 weights (any ZeRO stage, any world size)
     oteacheck gc URL --keep K [--dry-run]      keeps the newest K complete checkpoints, removes the rest
     oteacheck memory [DIR] [--dirpath PATH]    the snapshots jobs keep in shared memory on this machine
+    oteacheck memory [DIR] --remove JOB        frees an abandoned job's shared memory (refused while in use)
 
 ``URL`` is a tier (a folder of ``step-NNNNNNNNN`` checkpoints: a local path, ``file://``, ``hdfs://``,
 ``webhdfs://``, ``memory://``) or one checkpoint folder (a ``step-*`` folder, or a ``trainer.save_checkpoint`` path).
 ``CKPT`` is a checkpoint folder, or a tier (its newest complete checkpoint, or ``--step N``).
 
 Exit codes, for scripts (:class:`Exit`): 0 ok, 1 unexpected error, 2 usage, 3 not found, 4 corrupt,
-5 unsupported (e.g. a checkpoint without a parameter map). Errors go to stderr as one line,
-``oteacheck <tool>: error: <message>``; ``--json`` output goes to stdout.
+5 unsupported (e.g. a checkpoint without a parameter map), 6 in use (a running job's shared memory). Errors go to
+stderr as one line, ``oteacheck <tool>: error: <message>``; ``--json`` output goes to stdout.
 
 The tools never unpickle: manifests are JSON, tensors raw bytes checked against their xxh3 checksums
 (DESIGN invariant 7).
@@ -25,6 +26,7 @@ import argparse
 import enum
 import json
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -55,6 +57,7 @@ class Exit(enum.IntEnum):
     NOT_FOUND = 3
     CORRUPT = 4
     UNSUPPORTED = 5
+    IN_USE = 6
 
 
 class ToolError(Exception):
@@ -468,6 +471,39 @@ def memory_snapshots(memory_dir: str | Path) -> list[dict[str, Any]]:
     return jobs
 
 
+def processes_using(folder: Path) -> list[int]:
+    """The processes of this machine that have a file under ``folder`` mapped or open, as far as ``/proc`` lets this
+    user see (a job's memory folder is its owner's alone, and so are the processes of the job)."""
+    prefix = str(folder.resolve()) + os.sep
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if prefix in (proc / "maps").read_text():
+                found.append(int(proc.name))
+                continue
+            if any(os.readlink(fd).startswith(prefix) for fd in (proc / "fd").iterdir()):
+                found.append(int(proc.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return sorted(found)
+
+
+def remove_memory_job(memory_dir: str | Path, job: str) -> Path:
+    """Deletes the shared memory of ``job`` (all its ranks on this machine), unless a process maps or holds it: a
+    running job, or one still shutting down. Returns the folder removed."""
+    folder = Path(memory_dir) / f"{JOB_PREFIX}{job}"
+    if not folder.is_dir():
+        raise ToolError(Exit.NOT_FOUND, f"no shared memory of job {job} in {memory_dir}")
+    users = processes_using(folder)
+    if users:
+        raise ToolError(Exit.IN_USE, f"job {job} is in use by process {', '.join(map(str, users))}; stop it first "
+                        "(a job that ends normally frees its memory itself)")
+    shutil.rmtree(folder)
+    return folder
+
+
 # --- command line ---------------------------------------------------------------------------------------------
 
 
@@ -540,6 +576,10 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 
 
 def _cmd_memory(args: argparse.Namespace) -> int:
+    if args.remove is not None:
+        folder = remove_memory_job(args.dir, args.remove)
+        print(json.dumps({"removed": str(folder)}) if args.json else f"removed {folder}")
+        return Exit.OK
     jobs = memory_snapshots(args.dir)
     if args.dirpath is not None:
         wanted = job_id_for(args.dirpath)
@@ -572,7 +612,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="oteacheck", description="Tools for OTeaCheck checkpoints (they never unpickle).",
-                epilog="exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 corrupt, 5 unsupported")
+                epilog="exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 corrupt, 5 unsupported, 6 in use")
     sub = p.add_subparsers(dest="tool", required=True, parser_class=_Parser)
 
     def common(q: argparse.ArgumentParser) -> None:
@@ -615,6 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the runs' memory_dir (default $OTEACHECK_MEMORY_DIR, else {DEFAULT_SHM_ROOT})")
     q.add_argument("--dirpath", default=None,
                    help="only the job a run with this checkpoint folder uses when no job id is set")
+    q.add_argument("--remove", metavar="JOB", default=None,
+                   help="delete this job's shared memory on this machine (refused while a process maps it)")
     q.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     q.set_defaults(func=_cmd_memory, storage_option=[])
     return p

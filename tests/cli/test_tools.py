@@ -196,3 +196,34 @@ def test_memory_lists_each_jobs_snapshots_on_this_machine_and_finds_a_run_by_its
     assert cli.main(["memory", str(tmp_path / "missing")]) == tools.Exit.NOT_FOUND
     for pool in pools:
         pool.close(remove=True)
+
+
+def test_memory_remove_frees_an_abandoned_jobs_memory_and_refuses_while_a_process_maps_it(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    shm = tmp_path / "shm"
+    # another process holds the job's slots mapped, as a running job does; a line on stdout says they are sealed
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from oteacheck_lightning.format import Manifest\n"
+        "from oteacheck_lightning.slots import SlotPool, rank_folder\n"
+        "pool = SlotPool(rank_folder(sys.argv[1], 'live', 0), 3)\n"
+        "slot = pool.acquire(8192)\n"
+        "pool.seal(slot, Manifest(step=1, rank=0, world_size=1, data_bytes=8192, tensors=[], state={}))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(120)\n"), str(shm)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        assert cli.main(["memory", str(shm), "--remove", "live"]) == tools.Exit.IN_USE
+        assert f"in use by process {holder.pid}" in capsys.readouterr().err
+        assert (shm / "oteacheck-live" / "rank-00000").is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    # killed, as a crashed job is: its snapshots stay until removed
+    assert cli.main(["memory", str(shm), "--json"]) == 0
+    assert [j["job"] for j in json.loads(capsys.readouterr().out)] == ["live"]
+    assert cli.main(["memory", str(shm), "--remove", "live"]) == 0
+    assert not (shm / "oteacheck-live").exists()
+    assert cli.main(["memory", str(shm), "--remove", "live"]) == tools.Exit.NOT_FOUND
