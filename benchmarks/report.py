@@ -622,6 +622,7 @@ def _interval_cell(model: str, method: str, rows: list[dict], newest_every: dict
         best = min(within, key=lambda r: r["every_n_steps"])
         return f"{best['every_n_steps']} ({best['overhead']:.3f}x; {_where(best)})"
     over = max(spaced, key=lambda r: r["every_n_steps"], default=None)
+    over_at = f"{over['overhead']:.3f}x at {over['every_n_steps']}" if over is not None else ""
     estimate = None
     r = newest_every
     if r is not None:
@@ -631,11 +632,11 @@ def _interval_cell(model: str, method: str, rows: list[dict], newest_every: dict
         if base and (r.get("cost_ms_per_checkpoint") is not None or r.get("iter_ms_mean") is not None):
             estimate = interval_within_budget(checkpoint_cost_ms(r, base), base)
     if over is not None and (estimate is None or estimate <= over["every_n_steps"]):
-        return f"> {over['every_n_steps']} ({over['overhead']:.3f}x at {over['every_n_steps']}; {_where(over)})"  # longer
+        return f"> {over['every_n_steps']} ({over_at}; {_where(over)})"  # longer
     if estimate is None:
         return "–"
     assert r is not None
-    measured = f"; {over['overhead']:.3f}x at {over['every_n_steps']} ({_where(over)})" if over is not None else ""
+    measured = f"; {over_at} ({_where(over)})" if over is not None else ""
     return f"~{estimate} estimated ({_where(r)}){measured}"
 
 
