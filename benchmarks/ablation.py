@@ -32,6 +32,13 @@ of host memory matters; the slot then holds no snapshot, so use it only here). A
 copy stream, to copy at half the link's rate) was tried at 83442d0 and removed: on an H100 it cost 1.359x, as
 DeepSpeed's device-wide synchronize at the end of backward waits for the copy stream's sleeps too.
 
+A ``probe`` variant takes no snapshot: it spins the training thread for ``--probe-ms`` (holding the GIL, as our
+Python does) at one place of each iteration, named by its modifier: ``end`` (the step's end, where the capture runs),
+``start`` (iteration start, where the RNG grab runs), ``fwd`` (after the forward pass is queued) or ``bwd`` (after
+backward, past DeepSpeed's synchronize). Its overhead is the price of a millisecond of host work at that place on
+this host: where the GPU waits for the host (the start of the next forward), all of it; where the host runs ahead,
+less. It tells which of the engine's host work is worth moving, and where to.
+
 ``--profile-rounds K`` appends ``K`` rounds run under the torch profiler (left out of the overheads) and writes
 where each policy's extra time went, by operator and CUDA runtime call, to ``profile__<model>__g<gpus>__<run>.json``
 (see :mod:`benchmarks.attribution`).
@@ -69,6 +76,8 @@ DEFAULT_VARIANTS = "none,naive,eager,bubbles"
 # calls in which the training thread waits for the GPU (DeepSpeed synchronizes the device at the end of backward)
 _GPU_WAITS = ((torch.cuda, "synchronize"), (torch.Tensor, "item"))
 _TIMED = ("iteration_start", "forward_start", "forward_end", "backward_end", "before_step", "after_step")
+# where a probe variant spins: the modifier, and the phase event it spins at (None: the step's end, in the callback)
+PROBE_SITES = {"end": None, "start": "iteration_start", "fwd": "forward_end", "bwd": "backward_end"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -81,6 +90,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=40, help="blocks of each policy (each after a block of none)")
     p.add_argument("--warmup", type=int, default=16, help="iterations before measuring (half with snapshots)")
     p.add_argument("--staging-mib", type=int, default=64)
+    p.add_argument("--probe-ms", type=float, default=1.0, help="host work of the probe variants, ms per iteration")
     p.add_argument("--profile-rounds", type=int, default=0, help="extra rounds under the torch profiler (attribution)")
     p.add_argument("--out", required=True, help="results folder")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU (checks the harness, measures nothing)")
@@ -202,6 +212,10 @@ def main(argv: list[str] | None = None) -> None:
     variants = args.variants.split(",")
     if "none" not in variants:
         variants = ["none", *variants]
+    for variant in variants:
+        base, *mods = variant.split("+")
+        if base == "probe" and (len(mods) != 1 or mods[0] not in PROBE_SITES):
+            raise SystemExit(f"{variant}: a probe takes one place, probe+{'|'.join(PROBE_SITES)}")
     schedule = _schedule(variants, args)
     cuda = not args.smoke and torch.cuda.is_available()
     # the profiled rounds come last, so they disturb none of the measured ones
@@ -217,6 +231,12 @@ def main(argv: list[str] | None = None) -> None:
     memory: dict[str, float] = {}
     copier_issue: dict[str, Any] = {}
     pinned: dict[int, torch.Tensor] = {}  # the pinned modifier's buffer by size
+    probe_at: list[str | None] = [None]  # the phase event the coming iteration's probe spins at ("end": the step's end)
+
+    def spin() -> None:
+        until = time.perf_counter() + args.probe_ms / 1e3
+        while time.perf_counter() < until:
+            pass
 
     def variant_for(step: int) -> str:
         return schedule[min(step, len(schedule) - 1)]
@@ -226,9 +246,10 @@ def main(argv: list[str] | None = None) -> None:
         variant = variant_for(step)
         timeline.variant_of[step] = variant
         base, *mods = variant.split("+")
-        policy_cb.snapshot_every_n_steps = 10**9 if base == "none" else 1
+        policy_cb.snapshot_every_n_steps = 10**9 if base in ("none", "probe") else 1
+        probe_at[0] = (PROBE_SITES[mods[0]] or "end") if base == "probe" else None
         engine = io.engine
-        if engine is None or base == "none":
+        if engine is None or base in ("none", "probe"):
             return
         engine.set_policy(base)
         engine.pace_by_blocks = "coarse" not in mods
@@ -249,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     class Control(pl.Callback):
         def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
             strategy.bus.subscribe(lambda e: timeline.mark(e.phase.value, e.step) if e.phase.value in _TIMED else None)
+            strategy.bus.subscribe(lambda e: spin() if e.phase.value == probe_at[0] else None)
             if profiler is not None:
                 strategy.bus.subscribe(lambda e: profiler.iteration_start(e.step) if e.phase.value == "iteration_start" else None)
             gc.callbacks.append(timeline.on_gc)
@@ -269,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
                 memory["baseline_peak"] = torch.cuda.max_memory_allocated() / 2**20
                 torch.cuda.reset_peak_memory_stats()
             configure(step)  # runs before OTeaCheckpoint (Lightning calls checkpoint callbacks last)
+            if probe_at[0] == "end":  # where the snapshot of a policy variant would be captured
+                spin()
 
     trainer = pl.Trainer(
         accelerator="cuda" if cuda else "cpu", devices=args.gpus, strategy=strategy,
@@ -307,15 +331,17 @@ def main(argv: list[str] | None = None) -> None:
     for variant in variants:
         mine = [r for r in kept if r["variant"] == variant]
         # the stats of iteration s's snapshot are complete after iteration s + 1 (sealed without waiting)
-        stats = [stats_of[r["step"] + 1] for r in mine if r["step"] + 1 in stats_of and variant != "none"]
+        snapshots = not variant.startswith(("none", "probe"))
+        stats = [stats_of[r["step"] + 1] for r in mine if r["step"] + 1 in stats_of and snapshots]
         median_ms = _median([r["iter_ms"] for r in mine])
         ratios, interval = (measure.paired_overhead(kept, variant, args.warmup, args.block) if variant != "none"
                             else ([1.0], [1.0, 1.0]))
         result = {
             "status": "ok", "kind": "ablation", "run": run, "design": {"block": args.block, "skip": args.skip, "rounds": args.rounds},
             "card": card, "gpus": args.gpus, "model": args.model,
-            "method": "none" if variant == "none" else f"oteacheck-{variant}", "variant": variant,
-            "every_n_steps": None if variant == "none" else 1, "zero_stage": 2,
+            "method": f"oteacheck-{variant}" if snapshots else variant.replace("+", "-"), "variant": variant,
+            "every_n_steps": 1 if snapshots else None, "zero_stage": 2,
+            "probe_ms": args.probe_ms if variant.startswith("probe") else None,
             "precision": "bf16-mixed" if cuda else "32-true", "batch": batch,
             "iterations": len(mine), "iter_ms": [r["iter_ms"] for r in mine], "iter_ms_median": median_ms,
             "iter_ms_mean": statistics.mean(r["iter_ms"] for r in mine) if mine else None,
@@ -353,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
             "snapshot_mib_per_rank": io.stats.last.bytes / 2**20,
             # the engine's GPU memory is the ring, allocated at the first snapshot and kept: the peak after the
             # snapshot-free warm-up less the warm-up's peak
-            "extra_gpu_mib": (memory["peak"] - memory["baseline_peak"]) if "peak" in memory and variant != "none" else 0.0,
+            "extra_gpu_mib": (memory["peak"] - memory["baseline_peak"]) if "peak" in memory and snapshots else 0.0,
             "wall_s": time.time() - started, "versions": versions, "command": command,
         }
         name = f"ablation__{args.model}__{variant.replace('+', '-')}__g{args.gpus}__{run}.json"

@@ -17,6 +17,7 @@ from benchmarks import attribution
 pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[2]
+PROBE_MS = 60.0  # well above the tiny model's iteration-to-iteration spread on a CPU
 FIELDS = ("card", "gpus", "model", "method", "variant", "iter_ms_median", "overhead", "stall_ms_median",
           "extra_gpu_mib", "versions", "command", "mib_by_phase", "snapshot_mib_per_rank", "issues_median", "issue_ms_median")
 
@@ -25,17 +26,18 @@ def test_every_variant_gets_its_iterations_and_a_ratio_to_no_checkpointing_of_th
     env = dict(os.environ, PYTHONPATH=os.pathsep.join((str(ROOT / "src"), str(ROOT))), OTEACHECK_MEMORY_DIR=str(tmp_path / "shm"))
     rounds, block, skip = 2, 5, 1
     cmd = [sys.executable, "-m", "benchmarks.ablation", "--smoke", "--model", "gpt2-124m", "--variants",
-           "none,eager,bubbles,bubbles+coarse,bubbles+frontload,bubbles+fine", "--rounds", str(rounds), "--block", str(block), "--skip", str(skip),
-           "--warmup", "4", "--profile-rounds", "1", "--out", str(tmp_path)]
+           "none,eager,bubbles,bubbles+coarse,bubbles+frontload,bubbles+fine,probe+end,probe+fwd", "--rounds", str(rounds), "--block", str(block),
+           "--skip", str(skip), "--warmup", "4", "--profile-rounds", "1", "--probe-ms", str(PROBE_MS), "--out", str(tmp_path)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = {json.loads(p.read_text())["variant"]: json.loads(p.read_text()) for p in tmp_path.glob("ablation__*.json")}
-    assert set(results) == {"none", "eager", "bubbles", "bubbles+coarse", "bubbles+frontload", "bubbles+fine"}
-    kept_per_block = block - skip - 1  # all but the first `skip` iterations and the last
     policies = ("eager", "bubbles", "bubbles+coarse", "bubbles+frontload", "bubbles+fine")
+    probes = ("probe+end", "probe+fwd")
+    assert set(results) == {"none", *policies, *probes}
+    kept_per_block = block - skip - 1  # all but the first `skip` iterations and the last
     for variant, r in results.items():
         assert all(k in r for k in FIELDS), variant
-        blocks = rounds * (len(policies) if variant == "none" else 1)  # every policy block follows a none block
+        blocks = rounds * (len(policies) + len(probes) if variant == "none" else 1)  # every other block follows a none block
         assert r["iterations"] == blocks * kept_per_block, variant
         assert r["command"].startswith("python -m benchmarks.ablation --smoke")
         # host time per iteration: the training thread's CPU is part of the process's, and a CPU run trains on it
@@ -55,16 +57,25 @@ def test_every_variant_gets_its_iterations_and_a_ratio_to_no_checkpointing_of_th
         # every snapshot byte was copied in some phase (the CPU path has no staging ring and no block windows
         # for the coarse variant)
         assert sum(r["mib_by_phase"].values()) == pytest.approx(r["snapshot_mib_per_rank"], rel=0.2)
+    # a probe takes no snapshot, and its spin lands in the iterations kept: the step's end in the iteration before
+    # the next one's start, like a capture (a spin counted in a left-out iteration would not show in the median)
+    for variant in probes:
+        r = results[variant]
+        assert r["method"] == variant.replace("+", "-") and r["every_n_steps"] is None and r["probe_ms"] == PROBE_MS
+        assert r["stall_ms_median"] is None and r["issues_median"] is None and r["extra_gpu_mib"] == 0.0
+        assert len(r["overhead_pairs"]) == rounds
+        assert r["host_ms_median"] >= results["none"]["host_ms_median"] + PROBE_MS / 2, variant
     assert set(results["eager"]["mib_by_phase"]) == {"iteration_start"} and results["eager"]["issues_median"] == 1
     assert not any(k.endswith("_block") for k in results["bubbles+coarse"]["mib_by_phase"])
     # the profiled round (left out of the counts above) says, per policy, where its time went against none's
     (profile_file,) = tmp_path.glob("profile__gpt2-124m__g1__*.json")
     profile = json.loads(profile_file.read_text())
-    assert profile["iterations"] == {"none": len(policies) * (block - skip - 1), **{v: block - skip - 1 for v in policies}}
-    assert set(profile["differences"]) == set(policies)
+    others = policies + probes
+    assert profile["iterations"] == {"none": len(others) * (block - skip - 1), **{v: block - skip - 1 for v in others}}
+    assert set(profile["differences"]) == set(others)
     top = {row["name"] for row in profile["none_top_ms"]}
     assert attribution.PYTHON in top and any(name.startswith("aten::") for name in top)
-    for variant in policies:
+    for variant in others:
         difference = profile["differences"][variant]
         assert difference["training_thread_ms"]["none"] > 0 and difference["training_thread_ms"][variant] > 0
         assert all(row["delta"] == pytest.approx(row[variant] - row["none"], abs=2e-4) for row in difference["largest_ms"])
