@@ -35,7 +35,8 @@ DeepSpeed's device-wide synchronize at the end of backward waits for the copy st
 A ``probe`` variant takes no snapshot: it spins the training thread for ``--probe-ms`` (holding the GIL, as our
 Python does) at one place of each iteration, named by its modifier: ``end`` (the step's end, where the capture runs),
 ``start`` (iteration start, where the RNG grab runs), ``fwd`` (after the forward pass is queued) or ``bwd`` (after
-backward, past DeepSpeed's synchronize). Its overhead is the price of a millisecond of host work at that place on
+backward, past DeepSpeed's synchronize); ``side`` spins another thread from the forward pass's end, as the
+sealer's Python runs there, which costs the training loop only through the GIL. Its overhead is the price of a millisecond of host work at that place on
 this host: where the GPU waits for the host (the start of the next forward), all of it; where the host runs ahead,
 less. It tells which of the engine's host work is worth moving, and where to.
 
@@ -57,6 +58,7 @@ import functools
 import gc
 import json
 import os
+import queue
 import shlex
 import statistics
 import sys
@@ -76,8 +78,10 @@ DEFAULT_VARIANTS = "none,naive,eager,bubbles"
 # calls in which the training thread waits for the GPU (DeepSpeed synchronizes the device at the end of backward)
 _GPU_WAITS = ((torch.cuda, "synchronize"), (torch.Tensor, "item"))
 _TIMED = ("iteration_start", "forward_start", "forward_end", "backward_end", "before_step", "after_step")
-# where a probe variant spins: the modifier, and the phase event it spins at (None: the step's end, in the callback)
-PROBE_SITES = {"end": None, "start": "iteration_start", "fwd": "forward_end", "bwd": "backward_end"}
+# where a probe variant spins: the modifier, the phase event it spins at (None: the step's end, in the callback),
+# and whether a thread of its own spins (started at that event) instead of the training thread
+PROBE_SITES = {"end": (None, False), "start": ("iteration_start", False), "fwd": ("forward_end", False),
+               "bwd": ("backward_end", False), "side": ("forward_end", True)}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -232,11 +236,23 @@ def main(argv: list[str] | None = None) -> None:
     copier_issue: dict[str, Any] = {}
     pinned: dict[int, torch.Tensor] = {}  # the pinned modifier's buffer by size
     probe_at: list[str | None] = [None]  # the phase event the coming iteration's probe spins at ("end": the step's end)
+    probe_side = [False]  # whether the side thread spins instead of the training thread
+    side_requests: queue.SimpleQueue = queue.SimpleQueue()
 
     def spin() -> None:
         until = time.perf_counter() + args.probe_ms / 1e3
         while time.perf_counter() < until:
             pass
+
+    def side_loop() -> None:
+        while side_requests.get() is not None:
+            spin()
+
+    def probe(event: Any) -> None:
+        if event.phase.value == probe_at[0]:
+            side_requests.put(True) if probe_side[0] else spin()
+
+    threading.Thread(target=side_loop, name="probe-side", daemon=True).start()
 
     def variant_for(step: int) -> str:
         return schedule[min(step, len(schedule) - 1)]
@@ -247,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         timeline.variant_of[step] = variant
         base, *mods = variant.split("+")
         policy_cb.snapshot_every_n_steps = 10**9 if base in ("none", "probe") else 1
-        probe_at[0] = (PROBE_SITES[mods[0]] or "end") if base == "probe" else None
+        probe_at[0], probe_side[0] = (PROBE_SITES[mods[0]][0] or "end", PROBE_SITES[mods[0]][1]) if base == "probe" else (None, False)
         engine = io.engine
         if engine is None or base in ("none", "probe"):
             return
@@ -270,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     class Control(pl.Callback):
         def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
             strategy.bus.subscribe(lambda e: timeline.mark(e.phase.value, e.step) if e.phase.value in _TIMED else None)
-            strategy.bus.subscribe(lambda e: spin() if e.phase.value == probe_at[0] else None)
+            strategy.bus.subscribe(probe)
             if profiler is not None:
                 strategy.bus.subscribe(lambda e: profiler.iteration_start(e.step) if e.phase.value == "iteration_start" else None)
             gc.callbacks.append(timeline.on_gc)
