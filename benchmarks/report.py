@@ -562,12 +562,24 @@ def _noisy(spread: float | None) -> str:
     return f" (noisy host: baseline p10–p90 {spread:.0%})" if spread is not None and spread > STEADY_SPREAD else ""
 
 
+def _engine_cell(chosen: dict, latest: dict, card: str, spread: dict[tuple[str, str], float]) -> str:
+    """The chosen ablation run of a model on a card; a newer run on a noisy host is named too (newer code may have
+    changed the cost, which only that run measured)."""
+    cell = f"{_overhead_cell(chosen)} {card}{_noisy(spread.get((chosen['model'], chosen.get('run'))))}"
+    if latest is chosen:
+        return cell
+    noise = spread.get((latest["model"], latest.get("run")))
+    how = f", baseline p10–p90 {noise:.0%}" if noise is not None else ""
+    return f"{cell} (newer on a noisy host: {_overhead_cell(latest)}{how})"
+
+
 def summary_section(rows: list[dict]) -> list[str]:
     """One table to choose by: per model, each method's newest measured cost of a checkpoint every iteration on one
     GPU, and the engine's newest paired ablation per kind of card."""
     measured = [r for r in rows if r.get("status", "ok") == "ok" and r.get("gpus") == 1 and r.get("every_n_steps") == 1
                 and r.get("every_n_steps_requested", 1) == 1 and r.get("overhead") is not None]
     engine: dict[tuple[str, str], dict] = {}
+    latest: dict[tuple[str, str], dict] = {}  # the newest run, steady or not
     spread = _baseline_spreads(rows)
     for r in measured:
         if is_ablation(r) and r.get("variant") == "bubbles":
@@ -576,6 +588,8 @@ def summary_section(rows: list[dict]) -> list[str]:
             rank = (spread.get((r["model"], r.get("run")), 1.0) <= STEADY_SPREAD, r.get("run", ""))
             if key not in engine or rank > engine[key][0]:
                 engine[key] = (rank, r)
+            if key not in latest or r.get("run", "") > latest[key].get("run", ""):
+                latest[key] = r
     engine = {key: r for key, (_, r) in engine.items()}
     newest: dict[tuple[str, str], dict] = {}
     for r in measured:
@@ -595,7 +609,7 @@ def summary_section(rows: list[dict]) -> list[str]:
              "rows are paired in their own run, with a 95% interval), with its card and tag. A dash: not measured. "
              "Every run is in the sections below.", "", *_methods_header(["model", "engine"])]
     for model in models:
-        cells = ["; ".join(f"{_overhead_cell(r)} {card}{_noisy(spread.get((model, r.get('run'))))}"
+        cells = ["; ".join(_engine_cell(r, latest[(m, card)], card, spread)
                            for (m, card), r in sorted(engine.items()) if m == model) or "–"]
         for method, _ in SUMMARY_METHODS:
             r = newest.get((model, method))
