@@ -28,6 +28,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, StrategyRegistry
 from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from torch.optim import Optimizer
 
+from . import loader_position
 from .bubbles import BubbleBus, Phase, find_blocks, install_block_hooks
 from .deepspeed_state import DeepSpeedState, install_bucket_hook, install_update_hook
 from .io import PRIVATE_KEY, OTeaCheckpointIO
@@ -247,6 +248,10 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
 
     # --- phase events ----------------------------------------------------------------------------------------
 
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        loader_position.track(self.lightning_module.trainer)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
         if self._restore_at_next_iteration is not None:
@@ -299,7 +304,9 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         trainer = self.lightning_module.trainer
         if self._dump is None or self._dump.trainer is not trainer:
             self._dump = LightningStateDump(trainer)
-        return self.checkpoint_io.capture(trainer.global_step, self._dump())
+        state = self._dump()
+        loader_position.correct(state, trainer)
+        return self.checkpoint_io.capture(trainer.global_step, state)
 
     # the weights and optimizer states are in the engine's tensors, which the checkpoint IO stores itself
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -314,6 +321,8 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         """Writes a durable checkpoint folder at ``filepath``: every rank its part, then rank 0 the commit marker."""
         filepath = self.broadcast(str(filepath))
         checkpoint = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        if self.lightning_module is not None:
+            loader_position.correct(checkpoint, self.lightning_module.trainer)
         self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options)
         self.barrier("oteacheck_save_checkpoint")
         if self.is_global_zero:

@@ -58,6 +58,22 @@ def test_resume_from_the_last_step_of_an_epoch_keeps_the_next_epochs_data_order(
     harness.assert_bit_identical(reference, tmp_path / "out", ranks=2)
 
 
+def test_a_stream_resumed_from_the_last_step_of_an_epoch_goes_on_with_the_next_epoch(tmp_path, tmp_path_factory):
+    # a loader without a length: when step 16 (the epoch's last) ends, Lightning has already found the stream
+    # exhausted, while the snapshot keeps the position after batch 16 (not exhausted). The resumed loader finds the
+    # stream's end at its first fetch, and the run ends the epoch once and starts the next with its first batch, as
+    # the uninterrupted run did. (The kill mid-epoch, where the position matters, is the "stream" loop above.)
+    reference = tmp_path_factory.mktemp("reference-stream-epoch")
+    harness.run(reference / "root", reference / "out", harness.environment(f"ref-stream-{reference.name}", reference / "shm"),
+                stage=2, stream=True, **COMMON)
+    env = harness.environment(f"stream-epoch-end-{tmp_path.name}", tmp_path / "shm")
+    with pytest.raises(AssertionError, match="training failed"):
+        harness.run(tmp_path / "root", tmp_path / "out", env, stage=2, stream=True, kill_at=17, **COMMON)
+    harness.run(tmp_path / "root", tmp_path / "out", env, stage=2, stream=True, ckpt_path="last", **COMMON)
+    assert [harness.resumed_from(tmp_path / "out", r)["step"] for r in range(2)] == [16, 16]
+    harness.assert_bit_identical(reference / "out", tmp_path / "out", ranks=2)
+
+
 def test_a_rank_whose_sealer_lags_still_shares_a_snapshot_with_its_peers(tmp_path, references):
     # three slots per rank (no persistent tier). Rank 1's sealer stalls on step 8; rank 0 must not drop its slot of
     # step 7 before rank 1 sealed 7, or a crash leaves no snapshot that both ranks hold
@@ -141,8 +157,9 @@ def test_no_checkpoint_anywhere_starts_fresh(tmp_path, references):
 # snapshot's copies run on through it, and the resumed run validates where the uninterrupted one did. fp16:
 # DeepSpeed's dynamic loss scale overflows in the first steps and skips their updates; each skipped step's snapshot
 # is fenced at its end instead (the state did not change), and the loss scaler resumes where it was. A snapshot
-# every 3 steps: a kill loses up to two intervals, and the resume replays them bit for bit.
-LOOPS = {"accumulate": dict(accumulate=2), "manual": dict(manual=True), "validate": dict(validate_every=5),
+# every 3 steps: a kill loses up to two intervals, and the resume replays them bit for bit. A loader without a length:
+# Lightning holds the next batch already when a step ends, and the resumed loader must start at that batch.
+LOOPS = {"stream": dict(stream=True), "accumulate": dict(accumulate=2), "manual": dict(manual=True), "validate": dict(validate_every=5),
          "fp16": dict(precision="16-mixed"), "every3": dict(snapshot_every=3, persist_every=6)}
 
 

@@ -50,6 +50,28 @@ def tiny_loader(samples: int = 256, batch_size: int = 8, seed: int = 7, rank: in
     return StatefulDataLoader(dataset, batch_size=batch_size, sampler=sampler)
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    """This rank's share of the tiny data as a stream: no length, so Lightning fetches a batch ahead."""
+
+    def __init__(self, samples: int, seed: int, rank: int, world_size: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(samples, 16, generator=g)
+        y = x[:, :4].sum(dim=1, keepdim=True) + 0.1 * torch.randn(samples, 1, generator=g)
+        self.x, self.y = x[rank::world_size], y[rank::world_size]
+
+    def __iter__(self):
+        yield from zip(self.x, self.y)
+
+
+class StreamTinyModel(TinyModel):
+    """:class:`TinyModel` fed by a loader without a length (a stream), which keeps its position: Lightning holds one
+    batch ahead of the one being trained on."""
+
+    def train_dataloader(self):
+        stream = _Stream(256, 7, self.trainer.global_rank, self.trainer.world_size)
+        return StatefulDataLoader(stream, batch_size=8)
+
+
 class ManualTinyModel(TinyModel):
     """:class:`TinyModel` with manual optimization: its training step runs backward, the optimizer step and the
     scheduler itself."""

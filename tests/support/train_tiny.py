@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from oteacheck_lightning import OTeaCheckpoint, OTeaCheckpointIO, OTeaCheckStrategy, PersistSchedule  # noqa: E402
 from oteacheck_lightning.deepspeed_state import DeepSpeedState  # noqa: E402
-from tests.support.tiny import ManualTinyModel, TinyModel, ValidatedTinyModel  # noqa: E402
+from tests.support.tiny import ManualTinyModel, StreamTinyModel, TinyModel, ValidatedTinyModel  # noqa: E402
 
 
 class Recorder(pl.Callback):
@@ -182,6 +182,7 @@ def main() -> None:
     p.add_argument("--manual", action="store_true", help="manual optimization (the model steps its optimizer itself)")
     p.add_argument("--validate-every", type=int, default=None, help="a validation loop every this many batches")
     p.add_argument("--precision", default=None, help="the trainer's precision (e.g. 16-mixed: DeepSpeed's fp16)")
+    p.add_argument("--stream", action="store_true", help="a loader without a length (Lightning fetches a batch ahead)")
     p.add_argument("--snapshot-every", type=int, default=1, help="an in-memory snapshot every this many steps")
     p.add_argument("--fault", default=None, help="name of a fault from tests.support.faults to install")
     p.add_argument("--persist", action="append", default=None, metavar="URL:EVERY:KEEP",
@@ -233,7 +234,8 @@ def main() -> None:
         use_distributed_sampler=False,
     )
     ckpt = None if args.ckpt_path in (None, "none") else args.ckpt_path
-    model = ManualTinyModel() if args.manual else ValidatedTinyModel() if args.validate_every else TinyModel()
+    model = (ManualTinyModel() if args.manual else ValidatedTinyModel() if args.validate_every else StreamTinyModel() if args.stream
+             else TinyModel())
     trainer.fit(model, ckpt_path=ckpt)
 
 
