@@ -35,10 +35,11 @@ DeepSpeed's device-wide synchronize at the end of backward waits for the copy st
 A ``probe`` variant takes no snapshot: it spins the training thread for ``--probe-ms`` (holding the GIL, as our
 Python does) at one place of each iteration, named by its modifier: ``end`` (the step's end, where the capture runs),
 ``start`` (iteration start, where the RNG grab runs), ``fwd`` (after the forward pass is queued) or ``bwd`` (after
-backward, past DeepSpeed's synchronize); ``side`` spins another thread from the forward pass's end, as the
-sealer's Python runs there, which costs the training loop only through the GIL. Its overhead is the price of a millisecond of host work at that place on
-this host: where the GPU waits for the host (the start of the next forward), all of it; where the host runs ahead,
-less. It tells which of the engine's host work is worth moving, and where to.
+backward, past DeepSpeed's synchronize); ``side`` spins another thread from the forward pass's end, as the sealer's
+Python runs there, which costs the training loop only through the GIL. Its overhead is the price of that much host
+work at that place on this host: where the GPU waits for the host (the start of the next forward), all of it; where
+the host runs ahead, less. It tells which of the engine's host work is worth moving, and where to. (The warm-up
+takes its snapshots with the first variant that takes any.)
 
 ``--profile-rounds K`` appends ``K`` rounds run under the torch profiler (left out of the overheads) and writes
 where each policy's extra time went, by operator and CUDA runtime call, to ``profile__<model>__g<gpus>__<run>.json``
@@ -184,7 +185,8 @@ def _schedule(variants: list[str], args: argparse.Namespace) -> list[str]:
     # warm-up: first without snapshots (the baseline's peak memory), then with them, so every snapshot slot is
     # created and page-locked (about a second per slot) before anything is measured
     policies = [v for v in variants if v != "none"]
-    steps = ["none"] * (args.warmup // 2) + [policies[0]] * (args.warmup - args.warmup // 2)
+    snapshotting = next((v for v in policies if not v.startswith("probe")), policies[0])
+    steps = ["none"] * (args.warmup // 2) + [snapshotting] * (args.warmup - args.warmup // 2)
     for r in range(args.rounds + args.profile_rounds):
         for v in policies[r % len(policies):] + policies[: r % len(policies)]:  # no policy always follows another
             steps += ["none"] * args.block + [v] * args.block
@@ -249,8 +251,12 @@ def main(argv: list[str] | None = None) -> None:
             spin()
 
     def probe(event: Any) -> None:
-        if event.phase.value == probe_at[0]:
-            side_requests.put(True) if probe_side[0] else spin()
+        if event.phase.value != probe_at[0]:
+            return
+        if probe_side[0]:
+            side_requests.put(True)
+        else:
+            spin()
 
     threading.Thread(target=side_loop, name="probe-side", daemon=True).start()
 
