@@ -130,7 +130,10 @@ points as 0.3% of the iteration pays for at the measured cost of one issue call)
 window; `+coarse`: without per-block windows; `+frontload`: a window also takes what the later windows cannot
 hold; `+noallreduce`: no copies in the windows where gradients are reduced; `+dry`: plans and schedules but copies
 nothing (the training thread's share of the cost); `+pump`: a thread feeds the copy stream; `+inline`: the
-training thread queues the copies (by default the issuer thread does). A snapshot is taken every iteration. **iter ms**: GPU time from one iteration's start to the
+training thread queues the copies (by default the issuer thread does); `probe+end|start|fwd|bwd|side`: no snapshot,
+but `--probe-ms` of host work on the training thread at the step's end, iteration start, after the forward pass or
+after backward, or on a thread of its own from the forward pass's end (the price of host work at each place). A
+snapshot is taken every iteration (but in `none` and the probes). **iter ms**: GPU time from one iteration's start to the
 next's; **p10–p90**: in ms, with its width as a share of the median; **overhead**: the median over the policy's
 blocks of its block median over that of the `none` block right before it, with a 95% bootstrap interval in
 brackets; **stall ms**: per snapshot, the optimizer step's wait for the copies plus the training
