@@ -2,6 +2,8 @@
 real torchdata ``StatefulDataLoader``s)."""
 
 import lightning.pytorch as pl
+import pytest
+import torch
 
 from oteacheck_lightning import loader_position
 from tests.support.tiny import StreamTinyModel, TinyModel
@@ -46,3 +48,34 @@ def test_a_loader_with_a_length_is_left_as_lightning_saves_it(tmp_path):
     # no batch is fetched ahead, so Lightning's state is the batch trained on already
     seen = fit(tmp_path, TinyModel(), steps=10)
     assert all(lightnings == corrected == i + 1 for i, lightnings, corrected in seen)
+
+
+class PlainLoaderModel(TinyModel):
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 16), torch.randn(64, 1)), batch_size=8, shuffle=True)
+
+
+def test_a_loader_without_a_position_is_warned_about_with_what_to_use_instead(tmp_path):
+    with pytest.warns(UserWarning, match=r"a DataLoader\) keeps no position.*StatefulDataLoader with a stateful sampler"):
+        fit(tmp_path, PlainLoaderModel(), steps=2)
+
+
+def test_a_stateful_loader_gets_no_warning(tmp_path, recwarn):
+    fit(tmp_path, TinyModel(), steps=2)
+    assert not [w for w in recwarn if "keeps no position" in str(w.message)]
+
+
+def test_lightnings_distributed_sampler_wrapper_is_warned_about(tmp_path):
+    # what use_distributed_sampler=True makes of a stateful loader's own sampler on several processes
+    from types import SimpleNamespace
+
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+    from lightning.pytorch.utilities import CombinedLoader
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    dataset = torch.utils.data.TensorDataset(torch.randn(64, 16))
+    sampler = DistributedSamplerWrapper(torch.utils.data.RandomSampler(dataset), num_replicas=2, rank=0)
+    trainer = SimpleNamespace(fit_loop=SimpleNamespace(_combined_loader=CombinedLoader(StatefulDataLoader(dataset, sampler=sampler)),
+                                                       _data_fetcher=None))
+    with pytest.warns(UserWarning, match="DistributedSamplerWrapper.*draws its order again on resume"):
+        loader_position.track(trainer)
