@@ -158,7 +158,8 @@ def test_no_checkpoint_anywhere_starts_fresh(tmp_path, references):
 # DeepSpeed's dynamic loss scale overflows in the first steps and skips their updates; each skipped step's snapshot
 # is fenced at its end instead (the state did not change), and the loss scaler resumes where it was. A snapshot
 # every 3 steps: a kill loses up to two intervals, and the resume replays them bit for bit. A loader without a length:
-# Lightning holds the next batch already when a step ends, and the resumed loader must start at that batch.
+# Lightning holds the next batch already when a step ends, and the resumed loader must start at that batch (its epoch
+# has 16 steps, so every kill here falls mid-epoch, where a position one batch ahead skips a batch).
 LOOPS = {"stream": dict(stream=True), "accumulate": dict(accumulate=2), "manual": dict(manual=True), "validate": dict(validate_every=5),
          "fp16": dict(precision="16-mixed"), "every3": dict(snapshot_every=3, persist_every=6)}
 
