@@ -49,7 +49,7 @@ def track(trainer: pl.Trainer) -> None:
     fetcher = trainer.fit_loop._data_fetcher
     if type(fetcher) is _PrefetchDataFetcher:
         fetcher.__class__ = _PositionedFetcher  # only methods are added: the instance stays as it is
-    elif fetcher is not None and not isinstance(fetcher, _PositionedFetcher) and isinstance(fetcher, _PrefetchDataFetcher):
+    elif isinstance(fetcher, _PrefetchDataFetcher) and not isinstance(fetcher, _PositionedFetcher):
         log.warning("the training data fetcher is a %s: a loader without a length is saved one batch ahead",
                     type(fetcher).__name__)
 
