@@ -62,7 +62,7 @@ def test_a_stream_resumed_from_the_last_step_of_an_epoch_goes_on_with_the_next_e
     # a loader without a length: when step 16 (the epoch's last) ends, Lightning has already found the stream
     # exhausted, while the snapshot keeps the position after batch 16 (not exhausted). The resumed loader finds the
     # stream's end at its first fetch, and the run ends the epoch once and starts the next with its first batch, as
-    # the uninterrupted run did. (The kill mid-epoch, where the position matters, is the "stream" loop above.)
+    # the uninterrupted run did. (The kill mid-epoch, where the position matters, is the "stream" loop below.)
     reference = tmp_path_factory.mktemp("reference-stream-epoch")
     harness.run(reference / "root", reference / "out", harness.environment(f"ref-stream-{reference.name}", reference / "shm"),
                 stage=2, stream=True, **COMMON)
