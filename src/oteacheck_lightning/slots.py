@@ -37,6 +37,7 @@ from .format import Manifest
 
 DEFAULT_SHM_ROOT = "/dev/shm"
 JOB_PREFIX = "oteacheck-"
+RANK_PREFIX = "rank-"
 
 
 def job_id_for(dirpath: str) -> str:
@@ -45,9 +46,14 @@ def job_id_for(dirpath: str) -> str:
     return hashlib.sha256(os.path.abspath(dirpath).encode()).hexdigest()[:16]
 
 
-def rank_folder(memory_dir: Path, job_id: str, rank: int) -> Path:
+def job_folder(memory_dir: str | Path, job_id: str) -> Path:
+    """Where one job keeps the snapshot slots of its ranks on this machine."""
+    return Path(memory_dir) / f"{JOB_PREFIX}{job_id}"
+
+
+def rank_folder(memory_dir: str | Path, job_id: str, rank: int) -> Path:
     """Where one rank of one job keeps its snapshot slots."""
-    return Path(memory_dir) / f"{JOB_PREFIX}{job_id}" / f"rank-{rank:05d}"
+    return job_folder(memory_dir, job_id) / f"{RANK_PREFIX}{rank:05d}"
 
 
 class SlotState(enum.Enum):

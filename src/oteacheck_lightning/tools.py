@@ -39,7 +39,7 @@ import torch
 import xxhash
 
 from .format import CheckpointFormatError, Manifest, TensorRecord
-from .slots import DEFAULT_SHM_ROOT, JOB_PREFIX, job_id_for, read_manifest
+from .slots import DEFAULT_SHM_ROOT, JOB_PREFIX, RANK_PREFIX, job_folder, job_id_for, read_manifest
 from .tiers import CheckpointDir, FsspecTier
 from .tiers.fsspec_tier import STEP_PREFIX
 
@@ -437,11 +437,11 @@ def memory_snapshots(memory_dir: str | Path) -> list[dict[str, Any]]:
             continue
         ranks: dict[int, list[int]] = {}
         world_sizes, used, sealed_at = set(), 0, 0.0
-        for rank_dir in sorted(job.glob("rank-*")):
+        for rank_dir in sorted(job.glob(f"{RANK_PREFIX}*")):
             if not os.access(rank_dir, os.R_OK | os.X_OK):
                 continue
             try:
-                rank = int(rank_dir.name.removeprefix("rank-"))
+                rank = int(rank_dir.name.removeprefix(RANK_PREFIX))
             except ValueError:
                 continue
             steps = ranks.setdefault(rank, [])
@@ -493,7 +493,7 @@ def processes_using(folder: Path) -> list[int]:
 def remove_memory_job(memory_dir: str | Path, job: str) -> Path:
     """Deletes the shared memory of ``job`` (all its ranks on this machine), unless a process maps or holds it: a
     running job, or one still shutting down. Returns the folder removed."""
-    folder = Path(memory_dir) / f"{JOB_PREFIX}{job}"
+    folder = job_folder(memory_dir, job)
     if not folder.is_dir():
         raise ToolError(Exit.NOT_FOUND, f"no shared memory of job {job} in {memory_dir}")
     users = processes_using(folder)
