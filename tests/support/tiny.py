@@ -40,12 +40,16 @@ class TinyModel(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def tiny_loader(samples: int = 256, batch_size: int = 8, seed: int = 7, rank: int = 0, world_size: int = 1) -> StatefulDataLoader:
-    """Synthetic regression data, shuffled by a stateful distributed sampler (use ``use_distributed_sampler=False``)."""
+def tiny_data(samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic regression data: inputs and targets, the same for a seed."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(samples, 16, generator=g)
-    y = x[:, :4].sum(dim=1, keepdim=True) + 0.1 * torch.randn(samples, 1, generator=g)
-    dataset = torch.utils.data.TensorDataset(x, y)
+    return x, x[:, :4].sum(dim=1, keepdim=True) + 0.1 * torch.randn(samples, 1, generator=g)
+
+
+def tiny_loader(samples: int = 256, batch_size: int = 8, seed: int = 7, rank: int = 0, world_size: int = 1) -> StatefulDataLoader:
+    """Synthetic regression data, shuffled by a stateful distributed sampler (use ``use_distributed_sampler=False``)."""
+    dataset = torch.utils.data.TensorDataset(*tiny_data(samples, seed))
     sampler = StatefulDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     return StatefulDataLoader(dataset, batch_size=batch_size, sampler=sampler)
 
@@ -54,9 +58,7 @@ class _Stream(torch.utils.data.IterableDataset):
     """This rank's share of the tiny data as a stream: no length, so Lightning fetches a batch ahead."""
 
     def __init__(self, samples: int, seed: int, rank: int, world_size: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(samples, 16, generator=g)
-        y = x[:, :4].sum(dim=1, keepdim=True) + 0.1 * torch.randn(samples, 1, generator=g)
+        x, y = tiny_data(samples, seed)
         self.x, self.y = x[rank::world_size], y[rank::world_size]
 
     def __iter__(self):
