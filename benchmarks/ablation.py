@@ -22,7 +22,8 @@ still seal the last policy snapshot). ``--rounds`` sets the pairs per policy (8-
 
 Modifiers for diagnosis, joined with ``+``: ``pump`` (feed the copy stream from a thread), ``inline`` (queue the
 copies on the training thread instead of the issuer thread), ``coarse`` (no per-block
-windows), ``frontload`` (issue at once what the later windows cannot hold), ``noallreduce`` (no copies in gradient
+windows), ``frontload`` (issue at once what the later windows cannot hold), ``late`` (the first issue waits for the
+latest window from which the rest of the iteration still holds the snapshot), ``noallreduce`` (no copies in gradient
 all-reduce windows), ``fine`` (one issue call per window instead of the groups the measured issue cost pays for),
 ``dry`` (plan and schedule, copy nothing: the training thread's share of the cost), ``split`` (one copy call per
 partition, not per contiguous run: on an H100 the training thread's kernel launches took 1.2 ms longer per
@@ -276,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         engine.set_policy(base)
         engine.pace_by_blocks = "coarse" not in mods
         engine.scheduler.front_load = "frontload" in mods
+        engine.scheduler.issue_late = "late" in mods
         engine.scheduler.avoid_allreduce = "noallreduce" in mods
         engine.scheduler.host_share = None if "fine" in mods else DEFAULT_HOST_SHARE
         if hasattr(engine.copier, "pump"):

@@ -29,6 +29,12 @@ State machine (one snapshot at a time; the training thread drives every transiti
 * ``fence`` (BEFORE_STEP of *t+1*): everything left (before any window was measured, the whole snapshot) is issued at
   once; the copier then waits for all of it. That wait is the only stall. With ``front_load``, a window also takes whatever the rest of the iteration's windows are
   not expected to hold, so less is left for the fence (at the price of a longer queue early in the iteration).
+* ``issue_late``: the first group opens at the latest window from which the copyable windows up to the fence still
+  hold the whole snapshot (at the measured bandwidth, with the safety factor); the windows before it take nothing.
+  Host work at iteration start, while the training thread queues the next forward pass and the GPU waits for it,
+  costs the iteration all its time; after the forward pass is queued it costs half or nothing (the probe
+  ablations of 2d2605c on an H100). The copies' issue (and the issuer thread's Python) then leaves that stretch
+  whenever the later windows can carry the snapshot.
 
 Policies (the engine's ablation rows): ``naive`` and ``eager`` issue the whole plan at ITERATION_START (``naive``
 with a per-tensor plan); ``bubbles`` spreads it over the bubbles by budget. Before it has measured an iteration,
@@ -94,6 +100,7 @@ class BubbleScheduler:
         front_load: bool = False,
         host_share: float | None = DEFAULT_HOST_SHARE,
         last_takes_rest: bool = True,
+        issue_late: bool = False,
     ) -> None:
         self.policy = SchedulePolicy(policy)
         if not 0 < safety <= 1:
@@ -110,6 +117,7 @@ class BubbleScheduler:
         self.front_load = front_load
         # the last group issues what is left instead of leaving it to the fence (False: budgets only, for tests)
         self.last_takes_rest = last_takes_rest
+        self.issue_late = issue_late
         self._last_head: WindowKey | None = None
         self._queue: deque[Partition] = deque()
         self._queued_bytes = 0
@@ -191,10 +199,20 @@ class BubbleScheduler:
         # copy time the windows of one iteration offer, and the groups: derived again only when what they come
         # from changed (the windows are retimed one snapshot in several), not at every snapshot
         affordable = self._affordable_issues()
-        key = (self._windows_learned, affordable, self.avoid_allreduce, self.policy, len(self._sync_windows))
+        # copy time the snapshot needs (whole milliseconds: the bandwidth varies a little from snapshot to snapshot)
+        need_ms = None
+        if self.issue_late and self._bytes_per_ms > 0:
+            need_ms = int(self._queued_bytes / (self._bytes_per_ms * self.safety)) + 1
+        key = (self._windows_learned, affordable, self.avoid_allreduce, self.policy, len(self._sync_windows), need_ms)
         if self._derived is None or self._derived[0] != key:
-            copyable_ms = sum(ms for k, ms in self._window_ms.items() if self._copyable(k))
-            groups = self._groups(copyable_ms, affordable) if self.policy is SchedulePolicy.BUBBLES else {}
+            first = self._late_head(need_ms) if need_ms is not None else None
+            copyable_ms = 0.0
+            for k, ms in self._window_ms.items():
+                if k == first:
+                    copyable_ms = 0.0  # the windows before the late head take nothing
+                if self._copyable(k):
+                    copyable_ms += ms
+            groups = self._groups(copyable_ms, affordable, first) if self.policy is SchedulePolicy.BUBBLES else {}
             starts, clock = {}, 0.0
             for k, ms in self._window_ms.items():
                 starts[k], clock = clock, clock + ms
@@ -261,16 +279,30 @@ class BubbleScheduler:
             return None
         return int(self.host_share * sum(self._window_ms.values()) / self._issue_ms)
 
-    def _groups(self, copyable_ms: float, affordable: int | None) -> dict[WindowKey, float]:
+    def _late_head(self, need_ms: float) -> WindowKey | None:
+        """The latest copyable window from which the copyable windows up to the fence last ``need_ms`` (the first
+        copyable window when even all of them do not)."""
+        head, left_ms = None, 0.0
+        for key in reversed(self._window_ms):
+            if self._copyable(key):
+                head, left_ms = key, left_ms + self._window_ms[key]
+                if left_ms >= need_ms:
+                    break
+        return head
+
+    def _groups(self, copyable_ms: float, affordable: int | None, first: WindowKey | None = None) -> dict[WindowKey, float]:
         """The first window of each group, with the group's length: consecutive copyable windows joined until a
-        group is at least ``copyable time / affordable`` long. A window no copy may enter ends a group."""
+        group is at least ``copyable time / affordable`` long. A window no copy may enter ends a group; with
+        ``first``, the windows before it are not part of any group."""
         least_ms = 0.0  # one group per window
         if affordable is not None and affordable < len(self._window_ms):
             least_ms = copyable_ms / max(1, affordable)
         groups: dict[WindowKey, float] = {}
         head: WindowKey | None = None
+        waiting = first is not None
         for key, ms in self._window_ms.items():
-            if not self._copyable(key):
+            waiting = waiting and key != first
+            if waiting or not self._copyable(key):
                 head = None
                 continue
             if head is None or groups[head] >= least_ms:

@@ -26,12 +26,12 @@ def test_every_variant_gets_its_iterations_and_a_ratio_to_no_checkpointing_of_th
     env = dict(os.environ, PYTHONPATH=os.pathsep.join((str(ROOT / "src"), str(ROOT))), OTEACHECK_MEMORY_DIR=str(tmp_path / "shm"))
     rounds, block, skip = 2, 5, 1
     cmd = [sys.executable, "-m", "benchmarks.ablation", "--smoke", "--model", "gpt2-124m", "--variants",
-           "none,eager,bubbles,bubbles+coarse,bubbles+frontload,bubbles+fine,probe+end,probe+fwd,probe+side", "--rounds", str(rounds), "--block", str(block),
+           "none,eager,bubbles,bubbles+coarse,bubbles+late,bubbles+fine,probe+end,probe+fwd,probe+side", "--rounds", str(rounds), "--block", str(block),
            "--skip", str(skip), "--warmup", "4", "--profile-rounds", "1", "--probe-ms", str(PROBE_MS), "--out", str(tmp_path)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = {json.loads(p.read_text())["variant"]: json.loads(p.read_text()) for p in tmp_path.glob("ablation__*.json")}
-    policies = ("eager", "bubbles", "bubbles+coarse", "bubbles+frontload", "bubbles+fine")
+    policies = ("eager", "bubbles", "bubbles+coarse", "bubbles+late", "bubbles+fine")
     probes = ("probe+end", "probe+fwd", "probe+side")
     assert set(results) == {"none", *policies, *probes}
     kept_per_block = block - skip - 1  # all but the first `skip` iterations and the last

@@ -302,3 +302,42 @@ def test_a_window_that_waited_for_the_copies_in_flight_is_closed_to_copies():
     s2.fence()
     s2.learn({**windows, (Phase.FORWARD_START, None): 50.0}, 1.0)
     assert s2.sync_windows == frozenset()
+
+
+def test_issue_late_opens_at_the_latest_window_from_which_the_rest_of_the_iteration_holds_the_snapshot():
+    # 20 bytes at 1 byte/ms need 21 ms: the last three 10 ms windows hold them, the first three take nothing
+    s = BubbleScheduler(safety=1.0, issue_late=True)
+    s.learn(FINE_WINDOWS, 1.0, issue_ms=5.0)  # one issue point
+    s.begin(parts(2, 10))
+    issued, rest = run_iteration(s)
+    assert s.groups == 1 and rest == []
+    assert [len(issued[(e.phase, e.bucket)]) for e in ITERATION] == [0, 0, 0, 2, 0, 0]
+    assert s.bytes_by_phase == {"bucket_reduced": 20}
+
+
+def test_issue_late_counts_only_windows_open_to_copies_and_changes_nothing_when_all_are_needed():
+    # the all-reduce windows do not count: 10 bytes need 11 ms, FORWARD_START's and BACKWARD_END's windows (with
+    # them, the last two bucket windows would do)
+    s = BubbleScheduler(safety=1.0, issue_late=True, avoid_allreduce=True, host_share=None)
+    s.learn(FINE_WINDOWS, 1.0, issue_ms=5.0)
+    s.begin(parts(2, 5))
+    issued, rest = run_iteration(s)
+    assert [len(issued[(e.phase, e.bucket)]) for e in ITERATION] == [0, 2, 0, 0, 0, 0] and rest == []
+    # a snapshot larger than the iteration's windows opens at the first window, as without issue_late
+    for late in (True, False):
+        s = BubbleScheduler(safety=1.0, issue_late=late)
+        s.learn(FINE_WINDOWS, 1.0, issue_ms=5.0)
+        s.begin(parts(10, 10))
+        issued, rest = run_iteration(s)
+        assert len(issued[(Phase.ITERATION_START, None)]) == 10 and rest == []
+
+
+def test_issue_late_follows_the_snapshot_size_and_the_bandwidth():
+    s = BubbleScheduler(safety=0.5, issue_late=True)
+    s.learn(FINE_WINDOWS, 2.0, issue_ms=5.0)  # 1 byte per ms with the safety factor
+    s.begin(parts(1, 5))  # 6 ms: the last window
+    issued, _ = run_iteration(s)
+    assert len(issued[(Phase.BACKWARD_END, None)]) == 1
+    s.begin(parts(4, 10))  # 41 ms: from FORWARD_START on
+    issued, _ = run_iteration(s)
+    assert len(issued[(Phase.FORWARD_START, None)]) == 4
