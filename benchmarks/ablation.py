@@ -111,7 +111,12 @@ class _Timeline:
     The loops measured here are mostly bound by the host, so a snapshot's cost is mostly host time: the training
     thread's CPU time shows what it spent (cold caches included, which timing each function alone does not show),
     the process's what the engine's own threads spent too, the waits how much of that CPU time was a wait for the
-    GPU that spins, and the collector's pauses whether a snapshot's objects made it run more often."""
+    GPU that spins, and the collector's pauses whether a snapshot's objects made it run more often.
+
+    On a GPU, each mark also asks (without waiting) whether the GPU has reached the mark before it: if not, the GPU
+    is behind the host at this phase by at least that stretch, and host work placed here is hidden behind the
+    GPU's queue. The probe ablations measured where host work costs; this says where the host leads, which is
+    what an engine that placed its own host work would read."""
 
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
@@ -120,13 +125,17 @@ class _Timeline:
         self.gc_s: dict[int, float] = {}
         self.sync_s: dict[int, float] = {}  # the training thread's waits for the GPU (synchronize, .item())
         self.variant_of: dict[int, str] = {}
+        self.behind: dict[int, dict[str, bool]] = {}  # step -> phase -> the GPU had not reached the mark before
+        self._last_event: Any = None
         self._step = -1
         self._gc_started = 0.0
 
     def mark(self, phase: str, step: int) -> None:
         event = None
         if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
+            if self._last_event is not None:
+                self.behind.setdefault(step, {})[phase] = not self._last_event.query()
+            event = self._last_event = torch.cuda.Event(enable_timing=True)
             event.record()
         self.marks.setdefault(step, {})[phase] = (event, time.perf_counter())
         if phase == "iteration_start":
@@ -178,6 +187,7 @@ class _Timeline:
                 row["process_cpu_ms"] = (self.cpu[step + 1][1] - self.cpu[step][1]) * 1e3
             row["gc_ms"] = self.gc_s.get(step, 0.0) * 1e3
             row["sync_wait_ms"] = self.sync_s.get(step, 0.0) * 1e3
+            row["gpu_behind"] = self.behind.get(step, {})
             out.append(row)
         return out
 
@@ -204,6 +214,11 @@ def _begin_pinned(begin: Any, buffers: dict[int, torch.Tensor], buffer: torch.Te
     if registry is not None:
         registry._registered[scratch.data_ptr()] = scratch.numel()  # nothing to register: it is pinned
     begin(scratch, tensors)
+
+
+def _behind_share(rows: list[dict[str, bool]]) -> dict[str, float]:
+    phases = sorted({phase for row in rows for phase in row}, key=_TIMED.index)
+    return {phase: sum(row.get(phase, False) for row in rows) / len(rows) for phase in phases}
 
 
 def _median(values: list[float]) -> float | None:
@@ -385,6 +400,8 @@ def main(argv: list[str] | None = None) -> None:
             "gc_ms_mean": statistics.mean(r["gc_ms"] for r in mine) if mine else None,
             # of the training thread's time, waiting for the GPU in torch.cuda.synchronize and Tensor.item
             "sync_wait_ms_median": _median([r.get("sync_wait_ms") for r in mine]),
+            # per phase, the share of iterations in which the GPU had not reached the phase before it (GPU only)
+            "gpu_behind_share": _behind_share([r["gpu_behind"] for r in mine]) if cuda else None,
             "stall_ms_median": _median([s["stall_ms"] for s in stats]),
             "fence_ms_median": _median([s["fence_ms"] for s in stats]),
             "capture_ms_median": _median([s["capture_ms"] for s in stats]),
@@ -412,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
                                                      "backward_ms_median", "fence_wait_ms_median", "host_ms_median", "train_cpu_ms_median",
                                                      "process_cpu_ms_median", "gc_ms_mean", "sync_wait_ms_median", "copy_gbps_median",
                                                      "capture_ms_median", "issues_median", "issue_ms_median", "issuer_ms_median", "groups_median", "sync_windows",
-                                                     "extra_gpu_mib", "iterations")}
+                                                     "gpu_behind_share", "extra_gpu_mib", "iterations")}
     if profiler is not None:
         profiled_kept = {s for s in range(profiled_from, len(schedule)) if args.skip <= (s - args.warmup) % args.block < args.block - 1}
         profile = attribution.compare(profiler.per_iteration(), timeline.variant_of, profiled_kept)

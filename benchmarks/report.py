@@ -395,6 +395,12 @@ def _versions_line(rows: list[dict]) -> str:
     return "Versions: " + ", ".join(f"{k} {v[k]}" for k in VERSION_KEYS if v.get(k))
 
 
+def _behind_lines(rows: list[dict]) -> list[str]:
+    """Per variant, where the GPU was behind the host (recorded since the ablation asked its CUDA events)."""
+    return [f"* `{_variant(r)}`: " + ", ".join(f"{PHASE_LABELS.get(p, p)} {share:.0%}" for p, share in r["gpu_behind_share"].items())
+            for r in rows if r.get("gpu_behind_share")]
+
+
 def _ablation_notes(rows: list[dict]) -> list[str]:
     """A note every variant carries is said once; one that only some carry names them."""
     variants_of: dict[str, list[str]] = defaultdict(list)
@@ -423,6 +429,10 @@ def ablation_section(rows: list[dict], profiles: dict[tuple, dict] | None = None
         parts += [ablation_table(rs), "", _versions_line(rs), "", "```"]
         parts += sorted({r["command"] for r in rs if r.get("command")})
         parts += ["```", ""]
+        behind = _behind_lines(rs)
+        if behind:
+            parts += ["Share of iterations in which the GPU had not yet reached the phase before (the host led there):", "",
+                      *behind, ""]
         notes = _ablation_notes(rs)
         if notes:
             parts += ["Notes:", ""] + [f"* {n}" for n in notes] + [""]

@@ -107,3 +107,17 @@ def test_a_profile_of_the_run_is_shown_under_its_ablation_table(tmp_path):
     assert "| `cudaLaunchKernel` | 9.000 | 11.250 | +2.250 |" in section
     # a profile is not a result row of the matrix
     assert "Where the time went" not in text[text.index("## Card, matrix `t`"):]
+
+
+def test_where_the_gpu_was_behind_the_host_is_listed_per_variant_in_iteration_order(tmp_path):
+    results = tmp_path / "results"
+    _write_results(results)
+    path = results / "ablation__m__none__g1.json"
+    data = json.loads(path.read_text())
+    data["gpu_behind_share"] = {"iteration_start": 0.0, "forward_end": 0.75}
+    path.write_text(json.dumps(data))
+    md = tmp_path / "benchmarks.md"
+    report.main(["--results", str(results), "--markdown", str(md), "--plots", str(tmp_path / "plots")])
+    lines = md.read_text().splitlines()
+    assert "* `none`: iter-start 0%, fwd-end 75%" in lines
+    assert not any(line.startswith("* `bubbles`: iter-start") for line in lines)  # recorded for none only
