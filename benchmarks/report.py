@@ -31,8 +31,16 @@ On the GPU machine (no network; the wheels it lacks travel in the git-ignored `.
 priority (issue 3's rows first, then as much of issue 5's matrix as fits):
 
 ```bash
+bash scripts/device_wheels.sh                    # on the development machine: .whl/ for the GPU machine
 OUT=/some/folder bash benchmarks/gpu_run.sh      # BENCH_TOTAL_S=540 by default
 cp /some/folder/results/*.json docs/benchmarks/results/ && python -m benchmarks.report
+```
+
+Paired ablations only, packed into one archive (`$OUT/ablation.tar.gz`), one model after another within a budget:
+
+```bash
+MODELS="gpt2-124m resnet50" VARIANTS=none,bubbles,bubbles+late ROUNDS=16 BUDGET_S=520 OUT=/some/folder \
+    bash benchmarks/gpu_ablation.sh
 ```
 
 Or by hand, on any machine with CUDA GPUs:
