@@ -31,10 +31,11 @@ State machine (one snapshot at a time; the training thread drives every transiti
   not expected to hold, so less is left for the fence (at the price of a longer queue early in the iteration).
 * ``issue_late``: the first group opens at the latest window from which the copyable windows up to the fence still
   hold the whole snapshot (at the measured bandwidth, with the safety factor); the windows before it take nothing.
-  Host work at iteration start, while the training thread queues the next forward pass and the GPU waits for it,
-  costs the iteration all its time; after the forward pass is queued it costs half or nothing (the probe
-  ablations of 2d2605c on an H100). The copies' issue (and the issuer thread's Python) then leaves that stretch
-  whenever the later windows can carry the snapshot.
+  On ResNet-50 and GPT-2 124M, host work at iteration start, while the training thread queues the next forward
+  pass and the GPU waits for it, cost the iteration all or most of its time; after the forward pass was queued, half
+  or nothing (the probe ablations of 2d2605c on an H100). The copies' issue (and the issuer thread's Python) then
+  leaves that stretch whenever the later windows can carry the snapshot; a snapshot that needs every window (BERT-
+  large's) keeps its plan. Off by default until a steady host's paired run shows what it gains.
 
 Policies (the engine's ablation rows): ``naive`` and ``eager`` issue the whole plan at ITERATION_START (``naive``
 with a per-tensor plan); ``bubbles`` spreads it over the bubbles by budget. Before it has measured an iteration,
