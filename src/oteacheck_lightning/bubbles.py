@@ -168,23 +168,24 @@ def find_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
     return best
 
 
-def install_block_hooks(blocks: Sequence[torch.nn.Module], on_forward: Callable[[int], None], on_backward: Callable[[int], None], active: Callable[[], bool]) -> list[Any]:
+def install_block_hooks(blocks: Sequence[torch.nn.Module], on_forward: Callable[[int], None], on_backward: Callable[[int], None], wanted: Callable[[Phase, int], bool]) -> list[Any]:
     """Calls ``on_forward(i)`` when block ``i`` starts its forward pass and ``on_backward(i)`` when its backward pass
-    starts (the gradient of its output arrives), while ``active()`` is true. Returns the hook handles.
+    starts (the gradient of its output arrives), where ``wanted(Phase.FORWARD_BLOCK, i)`` (or ``BACKWARD_BLOCK``)
+    is true at the block's forward pass. Returns the hook handles.
 
     The backward side is a hook on the block's output tensor rather than a module backward hook: it leaves the
     autograd graph as it is (module backward hooks wrap inputs and outputs and reject in-place updates of them).
-    A block run again inside backward (activation checkpointing) announces nothing, since ``active()`` is then false.
+    A block run again inside backward (activation checkpointing) announces nothing, since ``wanted`` is then false.
     """
     handles = []
     for index, block in enumerate(blocks):
 
         def before(_module: torch.nn.Module, _inputs: Any, index: int = index) -> None:
-            if active():
+            if wanted(Phase.FORWARD_BLOCK, index):
                 on_forward(index)
 
         def after(_module: torch.nn.Module, _inputs: Any, output: Any, index: int = index) -> None:
-            if not active() or not torch.is_grad_enabled():
+            if not torch.is_grad_enabled() or not wanted(Phase.BACKWARD_BLOCK, index):
                 return
             tensor = _first_tensor_needing_grad(output)
             if tensor is not None:

@@ -22,7 +22,7 @@ from .bubbles import Phase, PhaseEvent
 from .copier import Copier, CudaCopier, FenceTicket, ThreadCopier
 from .format import TensorRecord, byte_view
 from .plan import MiB, Partition, Piece, per_tensor_partitions, plan_partitions
-from .scheduler import BLOCK_PHASES, BUBBLE_PHASES, BubbleScheduler, SchedulePolicy, window_key
+from .scheduler import BLOCK_PHASES, BUBBLE_PHASES, BubbleScheduler, SchedulePolicy, WindowKey, window_key
 
 DEFAULT_STAGING_MIB = 64
 # the ring's segments; a segment is the largest transfer, and what a training-side copy may wait behind
@@ -232,15 +232,14 @@ class SnapshotEngine:
         )
         self.stats.start_ms = (time.perf_counter() - started) * 1e3
 
-    def wants_block_events(self) -> bool:
-        """Whether this snapshot needs the model-block events: to time the windows, or to issue at one. Emitting
-        them costs the training thread a few microseconds per block, so most iterations go without."""
-        return (
-            self.scheduler.armed
-            and self.policy is SchedulePolicy.BUBBLES
-            and self.pace_by_blocks
-            and (self.copier.time_windows or self.scheduler.issues_at_blocks)
-        )
+    def block_windows(self) -> frozenset[WindowKey] | None:
+        """The model-block events this snapshot needs: all of them (``None``) to time the windows, else only those
+        that are issue points (often none). Each costs the training thread a few microseconds (a hook, the event, its
+        handlers), and in a loop bound by the host during forward and backward (BERT-large's) that is iteration time:
+        most iterations announce one block or none, not every block twice."""
+        if not (self.scheduler.armed and self.policy is SchedulePolicy.BUBBLES and self.pace_by_blocks):
+            return frozenset()
+        return None if self.copier.time_windows else self.scheduler.issue_blocks
 
     def on_event(self, event: PhaseEvent) -> None:
         if not self.scheduler.armed or event.phase not in BUBBLE_PHASES:

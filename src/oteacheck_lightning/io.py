@@ -46,7 +46,7 @@ from .format import Manifest, TensorRecord, load_tensors, plan_layout, with_chec
 from .persist import Persister, PersistSchedule, TargetStats
 from .plan import MiB
 from .recovery import Gather, recover
-from .scheduler import SchedulePolicy
+from .scheduler import SchedulePolicy, WindowKey
 from .slots import DEFAULT_SHM_ROOT, Slot, SlotPool, job_id_for, rank_folder
 from .tiers import CheckpointDir, FsspecTier, LoadedRankCheckpoint, MemoryTier
 from .training_state import RawRng, collect_metrics, find_metrics, grab_rng, rng_state
@@ -380,9 +380,11 @@ class OTeaCheckpointIO(CheckpointIO):
             self._warn_once("no-update-event", "the optimizer's step pre-hook never ran: snapshots are fenced before "
                             "DeepSpeed's step from now on (the three taken so far were dropped)")
 
-    def wants_block_events(self) -> bool:
-        """Whether the strategy should announce model-block events in this iteration."""
-        return self._pending is not None and self.engine is not None and self.engine.wants_block_events()
+    def block_windows(self) -> frozenset[WindowKey] | None:
+        """The model-block events the strategy should announce in this iteration (``None``: all of them)."""
+        if self._pending is None or self.engine is None:
+            return frozenset()
+        return self.engine.block_windows()
 
     def _fence(self, pending: _Pending) -> None:
         """The fence of ``pending`` (the optimizer step waits for its copies); the sealer takes it from here."""

@@ -313,10 +313,10 @@ class BubbleScheduler:
         return groups
 
     @property
-    def issues_at_blocks(self) -> bool:
-        """Whether an issue point of the armed snapshot is a model-block window (else block events may be left
-        out: they would issue nothing)."""
-        return any(key[0] in BLOCK_PHASES for key in self._group_ms)
+    def issue_blocks(self) -> frozenset[WindowKey]:
+        """The model-block windows that are issue points of the armed snapshot: the other block events may be left
+        out, as they would issue nothing."""
+        return frozenset(key for key in self._group_ms if key[0] in BLOCK_PHASES)
 
     @property
     def groups(self) -> int:

@@ -33,6 +33,7 @@ from .bubbles import BubbleBus, Phase, find_blocks, install_block_hooks
 from .deepspeed_state import DeepSpeedState, install_bucket_hook, install_update_hook
 from .io import PRIVATE_KEY, OTeaCheckpointIO
 from .lightning_state import LightningStateDump
+from .scheduler import WindowKey
 from .tiers import CheckpointDir
 from .training_state import restore_metrics, restore_rng
 
@@ -127,7 +128,8 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         self._restore_at_next_iteration: tuple[dict, dict] | None = None
         self.resumed_from: dict[str, Any] | None = None
         self._in_training_forward = False
-        self._announce_blocks = True  # set per iteration: whether the checkpoint IO needs block events
+        # set per iteration: the block events the checkpoint IO needs (None: all of them)
+        self._block_windows: frozenset[WindowKey] | None = None
         self._iteration_step = 0
         self._hooks: list[Any] = []  # handles of the block hooks and the optimizer hook, removed at teardown
         self._dump: LightningStateDump | None = None  # Lightning's checkpoint dict, taken at every snapshot
@@ -238,10 +240,14 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
             find_blocks(self.lightning_module),
             on_forward=lambda i: self.bus.emit(Phase.FORWARD_BLOCK, self._iteration_step, block=i),
             on_backward=lambda i: self.bus.emit(Phase.BACKWARD_BLOCK, self._iteration_step, block=i),
-            active=lambda: self._in_training_forward and self._announce_blocks,
+            wanted=self._wants_block,
         )
         if update is not None:
             self._hooks.append(update)
+
+    def _wants_block(self, phase: Phase, block: int) -> bool:
+        windows = self._block_windows
+        return self._in_training_forward and (windows is None or (phase, block) in windows)
 
     def _step(self) -> int:
         return self.lightning_module.trainer.global_step if self.lightning_module is not None else 0
@@ -266,7 +272,7 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         self.bus.emit(Phase.FORWARD_START, self._iteration_step)
-        self._announce_blocks = self.checkpoint_io.wants_block_events()
+        self._block_windows = self.checkpoint_io.block_windows()
         self._in_training_forward = True
         try:
             out = super().training_step(*args, **kwargs)

@@ -80,7 +80,7 @@ def test_block_hooks_announce_forward_in_order_and_backward_in_reverse_while_act
     model = _tiny_transformer(3)
     seen, active = [], [True]
     handles = install_block_hooks(find_blocks(model), lambda i: seen.append(("forward", i)),
-                                  lambda i: seen.append(("backward", i)), lambda: active[0])
+                                  lambda i: seen.append(("backward", i)), lambda phase, i: active[0])
     loss = model(torch.randint(0, 100, (2, 5)))
     active[0] = False  # the backward announcements were registered during the active forward
     loss.backward()
@@ -95,3 +95,16 @@ def test_block_hooks_announce_forward_in_order_and_backward_in_reverse_while_act
     for handle in handles:
         handle.remove()
     assert all(g is not None for g in grads)  # the hooks leave gradients alone
+
+
+def test_block_hooks_announce_only_the_blocks_wanted():
+    # an engine that issues at one block in forward and one in backward needs those two events, not six
+    model = _tiny_transformer(3)
+    seen = []
+    wanted = {(Phase.FORWARD_BLOCK, 1), (Phase.BACKWARD_BLOCK, 0)}
+    handles = install_block_hooks(find_blocks(model), lambda i: seen.append(("forward", i)),
+                                  lambda i: seen.append(("backward", i)), lambda phase, i: (phase, i) in wanted)
+    model(torch.randint(0, 100, (2, 5))).backward()
+    assert seen == [("forward", 1), ("backward", 0)]
+    for handle in handles:
+        handle.remove()

@@ -192,23 +192,24 @@ def test_measured_windows_are_handed_to_the_scheduler_once():
 
 
 @pytest.mark.parametrize("policy", ["bubbles", "eager", "naive"])
-def test_block_events_are_wanted_only_to_time_the_windows_or_to_issue_at_a_block(policy):
+def test_all_block_events_are_wanted_only_to_time_the_windows(policy):
     with cpu_engine(policy, seed=6) as (engine, named, records, size):
         iteration = [(Phase.ITERATION_START, None), (Phase.FORWARD_BLOCK, 0), (Phase.FORWARD_BLOCK, 1), (Phase.FORWARD_END, None)]
         wanted = []
         for step in range(RETIME_EVERY + 1):
             start(engine, torch.zeros(size, dtype=torch.uint8), records, named)
-            wanted.append(engine.wants_block_events())
+            wanted.append(engine.block_windows())
             for phase, block in iteration:
                 engine.on_event(PhaseEvent(phase, step + 1, 0, block=block))
             engine.fence().wait()
-            assert not engine.wants_block_events()  # nothing armed
+            assert engine.block_windows() == frozenset()  # nothing armed
         if policy == "bubbles":
-            # timed at the first snapshot and again RETIME_EVERY later; in between one issue point (the cost of an
-            # issue call on the CPU path dwarfs this short test's iteration), at ITERATION_START
-            assert wanted == [True] + [False] * (RETIME_EVERY - 1) + [True]
+            # all of them (None) to time the windows, at the first snapshot and again RETIME_EVERY later; in between
+            # none, as the one issue point (the cost of an issue call on the CPU path dwarfs this short test's
+            # iteration) is ITERATION_START
+            assert wanted == [None] + [frozenset()] * (RETIME_EVERY - 1) + [None]
         else:
-            assert not any(wanted)
+            assert wanted == [frozenset()] * (RETIME_EVERY + 1)
 
 
 def test_the_copier_threads_time_counts_in_the_cost_of_an_issue():

@@ -4,7 +4,7 @@ import pytest
 
 from oteacheck_lightning.bubbles import Phase, PhaseEvent
 from oteacheck_lightning.plan import Partition, Piece
-from oteacheck_lightning.scheduler import DEFAULT_HOST_SHARE, BubbleScheduler, SchedulePolicy
+from oteacheck_lightning.scheduler import BLOCK_PHASES, DEFAULT_HOST_SHARE, BubbleScheduler, SchedulePolicy
 
 
 def parts(n, size):
@@ -233,7 +233,7 @@ def test_windows_whose_events_are_left_out_still_count_in_the_budgets(with_block
     s = BubbleScheduler(safety=1.0, host_share=0.002, last_takes_rest=False)
     s.learn(BLOCK_WINDOWS, 1.0, issue_ms=0.05)
     s.begin(parts(6, 10))
-    assert s.groups == 2 and not s.issues_at_blocks
+    assert s.groups == 2 and s.issue_blocks == frozenset()
     events = [PhaseEvent(phase, 1, 0, block=key) if phase is Phase.FORWARD_BLOCK else ev(phase) for phase, key in BLOCK_WINDOWS]
     issued = [len(s.on_event(e)) for e in events if with_block_events or e.phase is not Phase.FORWARD_BLOCK]
     assert [n for n in issued if n] == [3, 2] and len(s.fence()) == 1
@@ -243,7 +243,12 @@ def test_an_issue_point_at_a_block_needs_the_block_events():
     s = BubbleScheduler(safety=1.0, host_share=None)  # one issue point per window
     s.learn(BLOCK_WINDOWS, 1.0, issue_ms=0.05)
     s.begin(parts(6, 10))
-    assert s.groups == 5 and s.issues_at_blocks
+    assert s.groups == 5 and s.issue_blocks == {key for key in BLOCK_WINDOWS if key[0] in BLOCK_PHASES}
+    # one issue point, opened late at the second block: its event is the only block event needed
+    s = BubbleScheduler(safety=1.0, issue_late=True)
+    s.learn(BLOCK_WINDOWS, 1.0, issue_ms=5.0)
+    s.begin(parts(2, 10))  # 21 ms from the second block's window on
+    assert s.groups == 1 and s.issue_blocks == {(Phase.FORWARD_BLOCK, 1)}
 
 
 @pytest.mark.parametrize("groups", [1, 6])
