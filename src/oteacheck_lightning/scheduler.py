@@ -128,6 +128,7 @@ class BubbleScheduler:
         # key, copyable ms, groups, each window's expected start in the iteration
         self._derived: tuple[tuple, float, dict[WindowKey, float], dict[WindowKey, float]] | None = None
         self._starts: dict[WindowKey, float] = {}
+        self._issue_blocks: frozenset[WindowKey] = frozenset()  # the group heads at model blocks (see issue_blocks)
         self._history: dict[WindowKey, deque[float]] = {}
         self._history_len = history
         self._bytes_per_ms = 0.0
@@ -219,6 +220,7 @@ class BubbleScheduler:
                 starts[k], clock = clock, clock + ms
             self._derived = (key, copyable_ms, groups, starts)
         _, self._copyable_ms, self._group_ms, self._starts = self._derived
+        self._issue_blocks = frozenset(key for key in self._group_ms if key[0] in BLOCK_PHASES)
         self._last_head = next(reversed(self._group_ms), None)
         self.bytes_by_phase = {}
         self.fence_bytes = 0
@@ -316,7 +318,7 @@ class BubbleScheduler:
     def issue_blocks(self) -> frozenset[WindowKey]:
         """The model-block windows that are issue points of the armed snapshot: the other block events may be left
         out, as they would issue nothing."""
-        return frozenset(key for key in self._group_ms if key[0] in BLOCK_PHASES)
+        return self._issue_blocks
 
     @property
     def groups(self) -> int:
