@@ -21,8 +21,10 @@ def test_metrics_go_to_the_logger_every_log_every_n_steps_and_to_the_progress_ba
     assert [int(r["step"]) for r in rows] == [3, 6, 9, 12]
     for r in rows:
         step = int(r["step"])
-        # the snapshot of a step is sealed during the next iteration: the last sealed one is at most one behind
-        assert step - 1 <= float(r["oteacheck/sealed_step"]) <= step
+        # the snapshot of a step is sealed during the next iteration, and a step's capture (right before these
+        # metrics) waits until at most one earlier snapshot is unsealed: the step before's, fenced in this iteration,
+        # whose seal may still run on a busy machine. So the last sealed step is one or two behind
+        assert step - 2 <= float(r["oteacheck/sealed_step"]) <= step - 1
         assert float(r["oteacheck/stall_ms"]) >= 0 and float(r["oteacheck/copy_gbps"]) >= 0
         assert float(r["oteacheck/skipped_snapshots"]) == 0
         # the calls that queued the copies, and the training thread's time in them
