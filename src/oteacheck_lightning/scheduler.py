@@ -125,8 +125,8 @@ class BubbleScheduler:
         self._armed = False
         self._window_ms: dict[WindowKey, float] = {}
         self._windows_learned = 0  # counts updates of _window_ms: what the groups were derived from
-        # key, copyable ms, groups, each window's expected start in the iteration
-        self._derived: tuple[tuple, float, dict[WindowKey, float], dict[WindowKey, float]] | None = None
+        # key, copyable ms, groups, each window's expected start in the iteration, the group heads at model blocks
+        self._derived: tuple[tuple, float, dict[WindowKey, float], dict[WindowKey, float], frozenset[WindowKey]] | None = None
         self._starts: dict[WindowKey, float] = {}
         self._issue_blocks: frozenset[WindowKey] = frozenset()  # the group heads at model blocks (see issue_blocks)
         self._history: dict[WindowKey, deque[float]] = {}
@@ -218,9 +218,8 @@ class BubbleScheduler:
             starts, clock = {}, 0.0
             for k, ms in self._window_ms.items():
                 starts[k], clock = clock, clock + ms
-            self._derived = (key, copyable_ms, groups, starts)
-        _, self._copyable_ms, self._group_ms, self._starts = self._derived
-        self._issue_blocks = frozenset(key for key in self._group_ms if key[0] in BLOCK_PHASES)
+            self._derived = (key, copyable_ms, groups, starts, frozenset(k for k in groups if k[0] in BLOCK_PHASES))
+        _, self._copyable_ms, self._group_ms, self._starts, self._issue_blocks = self._derived
         self._last_head = next(reversed(self._group_ms), None)
         self.bytes_by_phase = {}
         self.fence_bytes = 0
