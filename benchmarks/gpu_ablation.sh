@@ -17,15 +17,10 @@ mkdir -p "$WORK/results" "$OUT"
 exec > >(tee -a "$WORK/call.log") 2>&1
 pack() { tar -C "$WORK" -czf "$OUT/ablation.tar.gz" .; }
 trap pack EXIT
-$PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || echo "!! wheel install failed"
-export PYTHONPATH=/tmp/site:$PWD/src:$PWD TOKENIZERS_PARALLELISM=false
+source benchmarks/gpu_env.sh
 export OTEACHECK_COMMIT=${OTEACHECK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 $PY -c 'import torch, deepspeed, lightning; print(torch.__version__, deepspeed.__version__, lightning.__version__, torch.cuda.get_device_name(0))'
 lscpu | grep -E "Model name|^CPU\(s\)"
-if [ "$($PY -c 'import shutil; print(int(shutil.disk_usage("/dev/shm").free / 2**30))' 2>/dev/null || echo 0)" -lt 20 ]; then
-    # GPT-2 355M's slots take about 3 x 4.3 GB; a container's /dev/shm is often 64 MB
-    mkdir -p /tmp/bench-shm && export BENCH_SHM_ROOT=/tmp/bench-shm && echo "!! small /dev/shm: slots in $BENCH_SHM_ROOT"
-fi
 for model in ${MODELS:-gpt2-124m resnet50}; do
     left=$((DEADLINE - $(date +%s)))
     # a model's run takes 45-90 s on an H100 at 16 rounds of two policies

@@ -26,10 +26,7 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT/results"
 exec > >(tee -a "$OUT/gpu_run.log") 2>&1
 
-echo "== installing wheels from .whl/ into /tmp/site"
-$PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || echo "!! wheel install failed"
-export PYTHONPATH=/tmp/site:$PWD/src:$PWD
-export TOKENIZERS_PARALLELISM=false
+source benchmarks/gpu_env.sh
 
 echo "== preflight"
 $PY - <<'EOF'
@@ -53,13 +50,6 @@ except Exception as err:
 free = shutil.disk_usage("/dev/shm").free / 2**30
 print(f"  /dev/shm free: {free:.1f} GiB")
 EOF
-SHM_FREE_GIB=$($PY -c 'import shutil; print(int(shutil.disk_usage("/dev/shm").free / 2**30))' 2>/dev/null || echo 0)
-if [ "${SHM_FREE_GIB:-0}" -lt 20 ]; then
-    # the snapshot slots of GPT-2 355M take about 3 x 4.3 GB; a container's /dev/shm is often 64 MB
-    mkdir -p /tmp/bench-shm
-    export BENCH_SHM_ROOT=/tmp/bench-shm
-    echo "!! /dev/shm has only ${SHM_FREE_GIB} GiB free: snapshot slots go to $BENCH_SHM_ROOT (disk-backed; results say so)"
-fi
 GPUS=$($PY -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 
 TAG=gpu-$(date -u +%Y%m%d-%H%M%S)
