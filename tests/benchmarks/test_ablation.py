@@ -26,13 +26,13 @@ def test_every_variant_gets_its_iterations_and_a_ratio_to_no_checkpointing_of_th
     env = dict(os.environ, PYTHONPATH=os.pathsep.join((str(ROOT / "src"), str(ROOT))), OTEACHECK_MEMORY_DIR=str(tmp_path / "shm"))
     rounds, block, skip = 2, 5, 1
     cmd = [sys.executable, "-m", "benchmarks.ablation", "--smoke", "--model", "gpt2-124m", "--variants",
-           "none,eager,bubbles,bubbles+coarse,bubbles+late,bubbles+fine,probe+end,probe+fwd,probe+side", "--rounds", str(rounds), "--block", str(block),
+           "none,eager,bubbles,bubbles+coarse,bubbles+late,probe+end,probe+side", "--rounds", str(rounds), "--block", str(block),
            "--skip", str(skip), "--warmup", "4", "--profile-rounds", "1", "--probe-ms", str(PROBE_MS), "--out", str(tmp_path)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = {json.loads(p.read_text())["variant"]: json.loads(p.read_text()) for p in tmp_path.glob("ablation__*.json")}
-    policies = ("eager", "bubbles", "bubbles+coarse", "bubbles+late", "bubbles+fine")
-    probes = ("probe+end", "probe+fwd", "probe+side")
+    policies = ("eager", "bubbles", "bubbles+coarse", "bubbles+late")
+    probes = ("probe+end", "probe+side")
     assert set(results) == {"none", *policies, *probes}
     kept_per_block = block - skip - 1  # all but the first `skip` iterations and the last
     for variant, r in results.items():
@@ -65,8 +65,7 @@ def test_every_variant_gets_its_iterations_and_a_ratio_to_no_checkpointing_of_th
         assert r["method"] == variant.replace("+", "-") and r["every_n_steps"] is None and r["probe_ms"] == PROBE_MS
         assert r["stall_ms_median"] is None and r["issues_median"] is None and r["extra_gpu_mib"] == 0.0
         assert len(r["overhead_pairs"]) == rounds
-    for variant in ("probe+end", "probe+fwd"):
-        assert results[variant]["host_ms_median"] >= results["none"]["host_ms_median"] + PROBE_MS / 2, variant
+    assert results["probe+end"]["host_ms_median"] >= results["none"]["host_ms_median"] + PROBE_MS / 2
     # the side probe spins its own thread: the training thread's CPU time is not it (the run itself, on two CPUs,
     # still slows through the GIL: not asserted)
     assert results["probe+side"]["train_cpu_ms_median"] < results["probe+end"]["train_cpu_ms_median"] - PROBE_MS / 2
