@@ -130,7 +130,24 @@ class _EMA:
         self.value = sample if self.value == 0.0 else (1 - self.alpha) * self.value + self.alpha * sample
 
 
-class ThreadCopier:
+class _Measured:
+    """What both copiers learn for the scheduler: window lengths (from the marks of snapshots that time them) and the
+    copy bandwidth."""
+
+    def __init__(self) -> None:
+        self._windows: dict[WindowKey, float] = {}
+        self._bandwidth = _EMA()
+        self.time_windows = True
+
+    def window_ms(self) -> dict[WindowKey, float]:
+        windows, self._windows = self._windows, {}
+        return windows
+
+    def bytes_per_ms(self) -> float:
+        return self._bandwidth.value
+
+
+class ThreadCopier(_Measured):
     """The CPU path: a worker thread copies issued partitions into the slot while training goes on.
 
     Safe because the tensors of snapshot *t* do not change before optimizer step *t+1*, and the fence (on the
@@ -138,13 +155,11 @@ class ThreadCopier:
     """
 
     def __init__(self, name: str = "oteacheck-copier") -> None:
+        super().__init__()
         self._worker = BackgroundWorker(name)
         self._buffer: torch.Tensor | None = None
         self._tensors: Sequence[torch.Tensor] = ()
-        self._bandwidth = _EMA()
         self._marks: list[tuple[WindowKey, float]] = []
-        self._windows: dict[WindowKey, float] = {}
-        self.time_windows = True
 
     def begin(self, buffer: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
         self._buffer, self._tensors = buffer, tensors
@@ -174,13 +189,6 @@ class ThreadCopier:
         for (key, t0), t1 in zip(self._marks, times[1:]):
             windows[key] = windows.get(key, 0.0) + (t1 - t0) * 1e3
         self._windows = windows
-
-    def window_ms(self) -> dict[WindowKey, float]:
-        windows, self._windows = self._windows, {}
-        return windows
-
-    def bytes_per_ms(self) -> float:
-        return self._bandwidth.value
 
     def thread_ms(self) -> float:
         return 0.0  # the worker copies; the issuing happens on the training thread
@@ -272,7 +280,7 @@ class _CudaFenceTicket:
         return self.host_wait_ms + self.before.elapsed_time(self.after) + self.host.stall_ms()
 
 
-class CudaCopier:
+class CudaCopier(_Measured):
     """GPU -> host copies on a dedicated stream, through a fixed staging ring, into page-locked shared memory.
 
     Why copies are queued window by window: a GPU serves device-to-host transfers in order, so if the whole snapshot
@@ -312,6 +320,7 @@ class CudaCopier:
             raise ValueError(f"a partition ({segment_bytes} bytes) must fit the staging ring ({staging_bytes} bytes)")
         if inflight < 1:
             raise ValueError(f"inflight must be at least 1, got {inflight}")
+        super().__init__()
         # the issuer thread selects this device by index
         self.device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
         self.staging_bytes = staging_bytes
@@ -339,9 +348,6 @@ class CudaCopier:
         self._marks: list[tuple[WindowKey, torch.cuda.Event]] = []
         self._previous_marks: tuple[list[tuple[WindowKey, torch.cuda.Event]], torch.cuda.Event] | None = None
         self._done_copies: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []
-        self._windows: dict[WindowKey, float] = {}
-        self.time_windows = True
-        self._bandwidth = _EMA()
         self._done_lock = threading.Lock()  # _done_copies is appended to by the issuer thread
         # the issuer: the pump's (partition, gate event) or a window's (runs, gate event), in issue order
         self._issuer = BackgroundWorker("oteacheck-copy-issuer", on_start=functools.partial(torch.cuda.set_device, self.device))
@@ -517,13 +523,6 @@ class CudaCopier:
             self._bandwidth.add(nbytes / ms)
         with self._done_lock:
             self._done_copies = keep + self._done_copies
-
-    def window_ms(self) -> dict[WindowKey, float]:
-        windows, self._windows = self._windows, {}
-        return windows
-
-    def bytes_per_ms(self) -> float:
-        return self._bandwidth.value
 
     def thread_ms(self) -> float:
         # CPU time, not wall time: waiting for the GIL is not the issuer's cost. It includes the driver's time with
