@@ -14,7 +14,9 @@ STEPS = "--trainer.max_steps=6"
 PERSIST = "--checkpoint.persist=[{every_n_steps: 3, keep_last: 2}]"
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+# ZeRO 1 is left out: it shares stage 2's optimizer, its checkpoint tensors (deepspeed_state.py) and the export's
+# path; its capture and SIGKILL resume are tested in tests/multiprocess/test_resume.py
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_export_of_a_two_process_run_equals_the_full_state_dict(tmp_path, stage):
     extra = support.write_extra_config(tmp_path / "extra.yaml", tmp_path / "final")
     support.fit(tmp_path, "run", STEPS, PERSIST, f"--trainer.strategy.init_args.stage={stage}", extra=extra)
