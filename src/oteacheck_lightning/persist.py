@@ -59,7 +59,7 @@ class PersistentTier(Protocol):
 
     def try_commit(self, step: int, world_size: int) -> list[int]: ...
 
-    def prune(self, rank: int, keep_last: int, coordinator: bool | None = None) -> list[int]: ...
+    def prune(self, rank: int, keep_last: int, coordinator: bool | None = None, world_size: int | None = None) -> list[int]: ...
 
 
 def unsnapshotted_interval(every_n_steps: int | None, snapshot_every: int, snapshot_key: str = "snapshot_every_n_steps") -> str | None:
@@ -191,8 +191,11 @@ class Persister:
         backoff_seconds: float = 0.5,
         poll_seconds: float = 0.05,
         paced: bool = False,
+        world_size: int | None = None,
     ) -> None:
         self.pool = pool
+        # the ranks of this run: retention also removes files of ranks beyond it (a run resumed with fewer ranks)
+        self.world_size = world_size
         # several ranks: time schedules fire at the agreed step intervals of pace(), never by this rank's clock
         self.paced = paced
         self.targets = [_Target(tier, schedule) for tier, schedule in targets]
@@ -377,7 +380,7 @@ class Persister:
 
     def _prune(self, target: _Target, rank: int) -> None:
         try:
-            target.tier.prune(rank, target.schedule.keep_last, coordinator=rank == 0)
+            target.tier.prune(rank, target.schedule.keep_last, coordinator=rank == 0, world_size=self.world_size)
         except Exception as err:
             self._record_failure(target, err, target.stats.persisted_step, 0, what="applying retention to")
 

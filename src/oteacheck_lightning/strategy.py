@@ -343,6 +343,7 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
                 directory.fs.rm(f"{directory.path}/{COMMIT_MARKER}")
             except FileNotFoundError:
                 pass
+            directory.remove_ranks_from(self.world_size)  # written before a resume with fewer ranks
         self.checkpoint_io.remove_checkpoint(filepath)
 
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor:

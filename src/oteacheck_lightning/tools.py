@@ -39,6 +39,7 @@ import torch
 import xxhash
 
 from .format import CheckpointFormatError, Manifest, TensorRecord
+from .reshard import Assembler
 from .slots import DEFAULT_SHM_ROOT, JOB_PREFIX, RANK_PREFIX, job_folder, job_id_for, read_manifest
 from .tiers import CheckpointDir, FsspecTier
 from .tiers.fsspec_tier import STEP_PREFIX
@@ -290,27 +291,9 @@ def consolidate(info: CheckpointInfo, progress: bool | None = None) -> tuple[dic
     directory = _dir(info.url)
     commit = _read_commit(directory)[1]
     manifests = {r: _read_manifest(directory, r, commit) for r in range(info.world_size)}
-    full: dict[str, torch.Tensor] = {}
-    # which elements some rank supplied: ZeRO 1-3 split parameters between ranks, stage 0 replicates them
-    covered: dict[str, torch.Tensor] = {}
     stage, pmap0 = _param_map(manifests[0], directory.manifest_path(0))
-
-    def place(entry: dict[str, Any], master: torch.Tensor) -> None:
-        name, shape = entry["name"], entry["shape"]
-        numel = 1
-        for d in shape:
-            numel *= int(d)
-        target = full.get(name)
-        if target is None:
-            target = full[name] = torch.zeros(shape, dtype=master.dtype)
-            covered[name] = torch.zeros(numel, dtype=torch.bool)
-        flat = target.view(-1)
-        for start, offset, length in entry["segments"]:
-            if start < 0 or offset < 0 or start + length > numel or offset + length > master.numel():
-                raise ToolError(Exit.CORRUPT, f"{info.url}: the parameter map of {name!r} does not fit its master")
-            flat[start : start + length] = master.view(-1)[offset : offset + length]
-            covered[name][start : start + length] = True
-
+    assembler = Assembler(info.url)
+    buffers: dict[str, torch.Tensor] = {}
     with _progress(info.size, f"export step {info.step}", progress) as bar:
         for rank, manifest in manifests.items():
             where = directory.data_path(rank)
@@ -329,18 +312,12 @@ def consolidate(info: CheckpointInfo, progress: bool | None = None) -> tuple[dic
             except FileNotFoundError:
                 raise ToolError(Exit.CORRUPT, f"{where} is missing") from None
             with f:
-                for group in pmap["groups"]:
-                    master = _read_tensor(f, records[group["master"]], bar, where)
-                    for entry in group["params"]:
-                        place(entry, master)
-                for entry in pmap["frozen"]:
-                    place(entry, _read_tensor(f, records[entry["master"]], bar, where))
+                assembler.add_rank(pmap, lambda name: _read_tensor(f, records[name], bar, where))
                 if rank == 0:
                     for name in pmap["buffers"]:
-                        full[name] = _read_tensor(f, records[f"buffer/{name}"], bar, where).clone()
-    incomplete = [n for n, mask in covered.items() if not bool(mask.all())]
-    if incomplete:
-        raise ToolError(Exit.CORRUPT, f"{info.url}: the ranks do not cover every element of {incomplete[:3]}")
+                        buffers[name] = _read_tensor(f, records[f"buffer/{name}"], bar, where).clone()
+    assembler.check_complete()
+    full = {**assembler.weights(), **buffers}
     for alias, canonical in pmap0["aliases"].items():
         if canonical in full:
             full[alias] = full[canonical]

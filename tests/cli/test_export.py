@@ -14,12 +14,23 @@ STEPS = "--trainer.max_steps=6"
 PERSIST = "--checkpoint.persist=[{every_n_steps: 3, keep_last: 2}]"
 
 
-# ZeRO 1 is left out: it shares stage 2's optimizer, its checkpoint tensors (deepspeed_state.py) and the export's
-# path; its capture and SIGKILL resume are tested in tests/multiprocess/test_resume.py
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_export_of_a_two_process_run_equals_the_full_state_dict(tmp_path, stage):
+def two_process_run(tmp_path, stage: int) -> None:
+    """Trains the GPT-2 example on 2 processes to step 6, persisting steps 3 and 6 to ``tmp_path/ckpt``; its final
+    full state_dict is in ``tmp_path/final/full.pt``."""
     extra = support.write_extra_config(tmp_path / "extra.yaml", tmp_path / "final")
     support.fit(tmp_path, "run", STEPS, PERSIST, f"--trainer.strategy.init_args.stage={stage}", extra=extra)
+
+
+# ZeRO 2 and 3 are exported by test_resize.py, from the runs it then resumes with another number of processes.
+# ZeRO 1 is left out: it shares stage 2's optimizer, its checkpoint tensors (deepspeed_state.py) and the export's
+# path; its capture and SIGKILL resume are tested in tests/multiprocess/test_resume.py
+def test_export_of_a_two_process_run_equals_the_full_state_dict(tmp_path):
+    two_process_run(tmp_path, 0)
+    assert_export_equals_the_full_state_dict(tmp_path, 0)
+
+
+def assert_export_equals_the_full_state_dict(tmp_path, stage: int) -> None:
+    """``oteacheck ls`` and ``export`` of :func:`two_process_run`'s checkpoints."""
     full = torch.load(tmp_path / "final" / "full.pt", weights_only=True)
     assert full["step"] == 6
 

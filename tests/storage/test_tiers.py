@@ -18,9 +18,9 @@ import torch
 
 from oteacheck_lightning.format import CheckpointFormatError, Manifest, byte_view, plan_layout, with_checksums
 from oteacheck_lightning.persist import Persister, PersistSchedule
-from oteacheck_lightning.recovery import recover
+from oteacheck_lightning.recovery import StrandedCheckpointError, recover
 from oteacheck_lightning.slots import SlotPool
-from oteacheck_lightning.tiers import FsspecTier
+from oteacheck_lightning.tiers import FsspecTier, MemoryTier
 from oteacheck_lightning.tiers.fsspec_tier import COMMIT_MARKER
 
 # hdfs-native gives up on a dead NameNode after ~0.3 s instead of Hadoop's default ~3 minutes of failover retries
@@ -152,10 +152,70 @@ def test_a_flipped_bit_on_hdfs_is_reported_by_name_and_the_previous_step_is_used
     for name in ("step 8", "rank 0", "'exp_avg'", urllib.parse.urlparse(hdfs_root).path):
         assert name in str(err.value)
     with caplog.at_level(logging.WARNING):
-        result = recover([tier], 0, single_rank_gather)
+        result = recover([tier], 0, 1, single_rank_gather)
     assert result is not None and result.step == 4
     assert [step for step, _ in result.skipped] == [8] and "exp_avg" in result.skipped[0][1]
     assert any("step 8, rank 0" in r.message and url in r.message for r in caplog.records)
+
+
+# ------------------------------------------------------------------------ another number of ranks
+
+
+def commit(tier: FsspecTier, step: int, world_size: int) -> None:
+    for rank in range(world_size):
+        tier.write(*rank_checkpoint(step, rank, world_size))
+    assert tier.try_commit(step, world_size) == []
+
+
+def test_after_a_resume_with_fewer_ranks_retention_removes_the_files_of_ranks_the_run_no_longer_has(tier_url):
+    tier = FsspecTier(tier_url)
+    for step in (5, 10, 20):
+        commit(tier, step, 2)
+    commit(tier, 15, 1)  # resumed from step 10 on one process
+    assert tier.commits() == {5: 2, 10: 2, 15: 1, 20: 2}
+    assert tier.committed_steps(0, world_size=1) == [15] and tier.committed_steps(1) == [5, 10, 20]
+    # the resumed run discards the abandoned step 20 and prunes to one step: no file of rank 1 is left behind
+    assert tier.discard_after(15, 0, world_size=1) == [20]
+    assert tier.prune(0, keep_last=1, world_size=1) == [5, 10]
+    assert tier.steps() == [15]
+    assert tier.commits() == {15: 1}
+
+
+def test_recovery_takes_the_newest_step_whatever_number_of_ranks_wrote_it(tmp_path, caplog):
+    tier = FsspecTier(str(tmp_path / "tier"))
+    for step, size in ((3, 2), (4, 1), (6, 2)):
+        commit(tier, step, size)
+    result = recover([tier], 0, 1, single_rank_gather)
+    # step 6, written by 2 ranks, is newer than step 4: this rank reads both ranks' parts to take its own
+    assert result.step == 6 and [c.manifest.rank for c in result.checkpoints] == [0, 1]
+    commit(tier, 8, 1)
+    result = recover([tier], 0, 1, single_rank_gather)
+    assert result.step == 8 and [c.manifest.rank for c in result.checkpoints] == [0]
+    # a corrupt part of the newest step written by 2 ranks: back to the previous good one
+    path = tmp_path / "tier" / "step-000000008"
+    for name in ("COMMIT", "rank-00000.data", "rank-00000.manifest.json"):
+        (path / name).unlink()
+    data = tmp_path / "tier" / "step-000000006" / "rank-00001.data"
+    raw = bytearray(data.read_bytes())
+    raw[10] ^= 0x01
+    data.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING):
+        result = recover([tier], 0, 1, single_rank_gather)
+    assert result.step == 4 and [step for step, _ in result.skipped] == [6]
+    assert "ranks 0 to 1" in result.skipped[0][1] and "checksum mismatch" in result.skipped[0][1]
+
+
+def test_snapshots_only_in_shared_memory_written_by_another_number_of_ranks_stop_the_resume_with_what_to_do(tmp_path):
+    pool = SlotPool(tmp_path / "shm", 3)
+    seal(pool, 7, 0, 2)
+    with pytest.raises(StrandedCheckpointError, match="step 7, was written by 2 ranks .* Restart with 2 processes"):
+        recover([MemoryTier(pool.directory)], 0, 1, single_rank_gather)
+    # a persisted step, even an older one, is one this run can resume from
+    tier = FsspecTier(str(tmp_path / "tier"))
+    commit(tier, 5, 2)
+    result = recover([MemoryTier(pool.directory), tier], 0, 1, single_rank_gather)
+    assert result.step == 5 and len(result.checkpoints) == 2
+    pool.close(remove=True)
 
 
 # ------------------------------------------------------------------------------------ persister, 2 "ranks"

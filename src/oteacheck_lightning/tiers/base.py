@@ -22,9 +22,15 @@ class LoadedRankCheckpoint:
 class Tier(Protocol):
     name: str
     speed: int  # 0 memory, 1 local disk, 2 remote storage
+    shared: bool  # every rank can read every rank's files (so a run with another number of ranks can resume)
 
-    def committed_steps(self, rank: int) -> list[int]:
-        """Steps for which this rank's checkpoint is committed in this tier, ascending."""
+    def commits(self, rank: int) -> dict[int, int]:
+        """The committed steps this rank can read here, each with the number of ranks that wrote it."""
+        ...
+
+    def committed_steps(self, rank: int, world_size: int | None = None) -> list[int]:
+        """Steps for which this rank's checkpoint is committed in this tier, ascending (only those written by
+        ``world_size`` ranks, if given)."""
         ...
 
     def read(self, step: int, rank: int) -> LoadedRankCheckpoint:

@@ -274,6 +274,21 @@ class CheckpointDir:
 
     # --- removing --------------------------------------------------------------------------------------
 
+    def remove_ranks_from(self, first: int) -> None:
+        """Removes the objects of every rank numbered ``first`` or higher: after a resume with fewer ranks, no
+        process of the run owns them any more."""
+        try:
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False)]
+        except FileNotFoundError:
+            return
+        for name in names:
+            digits = name.lstrip(".")[5:10]
+            if name.lstrip(".").startswith("rank-") and digits.isdigit() and int(digits) >= first:
+                try:
+                    self.fs.rm(f"{self.path}/{name}")
+                except FileNotFoundError:
+                    pass
+
     def remove_rank(self, rank: int) -> None:
         """Removes one rank's objects (manifest first) and its stale temporaries; the folder once empty."""
         for path in (self.manifest_path(rank), self.data_path(rank)):
@@ -305,6 +320,8 @@ class FsspecTier:
             ``{"dfs.client.failover.max.attempts": "2"}`` to give up on a dead NameNode sooner).
     """
 
+    shared = True  # every rank's files under one root
+
     def __init__(self, url: str | os.PathLike, speed: int | None = None, storage_options: dict[str, Any] | None = None) -> None:
         self.url = str(url)
         self.storage_options = dict(storage_options or {})
@@ -324,15 +341,20 @@ class FsspecTier:
             return []
         return sorted(int(n[len(STEP_PREFIX) :]) for n in names if n.startswith(STEP_PREFIX) and n[len(STEP_PREFIX) :].isdigit())
 
-    def committed_steps(self, rank: int = 0) -> list[int]:
-        """Steps whose ``COMMIT`` marker is complete (so every rank's files were durable), and that include
-        ``rank``."""
-        out = []
+    def commits(self, rank: int | None = None) -> dict[int, int]:
+        """Every step whose ``COMMIT`` marker is complete (so every rank's files were durable), with the number
+        of ranks that wrote it (any rank can read them all)."""
+        out = {}
         for step in self.steps():
             commit = self.checkpoint(step).read_commit()
-            if commit is not None and commit["step"] == step and rank < commit["world_size"]:
-                out.append(step)
+            if commit is not None and commit["step"] == step:
+                out[step] = commit["world_size"]
         return out
+
+    def committed_steps(self, rank: int = 0, world_size: int | None = None) -> list[int]:
+        """Committed steps that include ``rank`` (and were written by ``world_size`` ranks, if given)."""
+        return [step for step, size in self.commits().items()
+                if rank < size and (world_size is None or size == world_size)]
 
     def read(self, step: int, rank: int) -> LoadedRankCheckpoint:
         directory = self.checkpoint(step)
@@ -346,13 +368,14 @@ class FsspecTier:
     def try_commit(self, step: int, world_size: int) -> list[int]:
         return self.checkpoint(step).try_commit(step, world_size)
 
-    def prune(self, rank: int, keep_last: int, coordinator: bool | None = None) -> list[int]:
+    def prune(self, rank: int, keep_last: int, coordinator: bool | None = None, world_size: int | None = None) -> list[int]:
         """Keeps the newest ``keep_last`` committed steps and removes this rank's files of older steps.
 
         The coordinator (rank 0 by default) first removes an old step's ``COMMIT``, so the step disappears before
         any file of it does; the other ranks remove their files of old steps once the marker is gone (at their
         next prune). Uncommitted folders older than the oldest kept step are leftovers of interrupted writes and
-        go too. Returns the steps this call touched."""
+        go too. With ``world_size``, the coordinator also removes the files of ranks beyond it (written before a
+        resume with fewer ranks). Returns the steps this call touched."""
         coordinator = rank == 0 if coordinator is None else coordinator
         committed = self.committed_steps(rank)
         if len(committed) < keep_last:
@@ -367,13 +390,16 @@ class FsspecTier:
                 if not coordinator:
                     continue  # wait until the coordinator took it out of sight
                 directory.uncommit()
+            if coordinator and world_size is not None:
+                directory.remove_ranks_from(world_size)
             directory.remove_rank(rank)
             removed.append(step)
         return removed
 
-    def discard_after(self, step: int, rank: int, coordinator: bool | None = None) -> list[int]:
+    def discard_after(self, step: int, rank: int, coordinator: bool | None = None, world_size: int | None = None) -> list[int]:
         """After resuming from ``step``: newer steps belong to an abandoned run; makes them invisible (coordinator)
-        and removes this rank's files of them, so they can never be committed together with the new run's."""
+        and removes this rank's files of them, so they can never be committed together with the new run's. With
+        ``world_size``, the coordinator also removes the files of ranks beyond it."""
         coordinator = rank == 0 if coordinator is None else coordinator
         removed = []
         for newer in self.steps():
@@ -382,6 +408,8 @@ class FsspecTier:
             directory = self.checkpoint(newer)
             if coordinator:
                 directory.uncommit()
+                if world_size is not None:
+                    directory.remove_ranks_from(world_size)
             directory.remove_rank(rank)
             removed.append(newer)
         return removed

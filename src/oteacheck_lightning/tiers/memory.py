@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..format import CheckpointFormatError, verify
+from ..format import CheckpointFormatError, Manifest, verify
 from ..slots import read_manifest
 from .base import LoadedRankCheckpoint
 
@@ -15,26 +15,29 @@ class MemoryTier:
     """Reads the sealed snapshots that a (possibly crashed) training process left in shared memory."""
 
     speed = 0
+    shared = False  # this rank's folder: other ranks' snapshots may be on other machines
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.name = f"memory:{self.directory}"
 
-    def _sealed(self) -> dict[int, Path]:
-        found: dict[int, Path] = {}
+    def _sealed(self) -> dict[int, tuple[Path, Manifest]]:
+        found: dict[int, tuple[Path, Manifest]] = {}
         for path in sorted(self.directory.glob("slot-*.manifest.json")):
             manifest = read_manifest(path)
             if manifest is not None:
-                found[manifest.step] = path
+                found[manifest.step] = (path, manifest)
         return found
 
-    def committed_steps(self, rank: int) -> list[int]:
-        return sorted(self._sealed())
+    def commits(self, rank: int) -> dict[int, int]:
+        return {step: m.world_size for step, (_, m) in sorted(self._sealed().items())}
+
+    def committed_steps(self, rank: int, world_size: int | None = None) -> list[int]:
+        return [step for step, size in self.commits(rank).items() if world_size is None or size == world_size]
 
     def read(self, step: int, rank: int) -> LoadedRankCheckpoint:
-        path = self._sealed().get(step)
-        manifest = read_manifest(path) if path is not None else None
-        if manifest is None or manifest.rank != rank:
+        path, manifest = self._sealed().get(step, (None, None))
+        if path is None or manifest is None or manifest.rank != rank:
             raise CheckpointFormatError(f"{self.name}: no sealed snapshot of step {step} for rank {rank}")
         data_path = path.with_name(path.name.replace(".manifest.json", ".data"))
         buffer = bytearray(manifest.data_bytes)
