@@ -523,9 +523,11 @@ class OTeaCheckpointIO(CheckpointIO):
         return self._persister.drain(timeout) if wait else True
 
     def discard_snapshots_after(self, step: int) -> None:
-        """After resuming from ``step``: newer in-memory snapshots belong to an abandoned timeline."""
+        """After resuming from ``step``: newer in-memory snapshots belong to an abandoned timeline, and those of
+        ranks this run does not have (it resumed with fewer) to no one."""
         if self._pool is not None:
             self._pool.invalidate_after(step)
+            self._pool.remove_ranks_from(self._world_size)
 
     # --- CheckpointIO: explicit, durable checkpoints ----------------------------------------------------------
 

@@ -11,10 +11,10 @@ Commit protocol as recovery reads it:
    next tier on a corrupt copy;
 4. the ranks exchange success; if any rank could not load the step, every rank drops it and goes back to 2.
 
-A step written by another number of ranks counts where it is in a shared tier (a persistent one: every rank can
-read every rank's files), and wins if it is the newest: then each rank reads all the saved ranks' checkpoints and
-takes its own part of them (:mod:`.reshard`). Snapshots in shared memory cannot serve such a run (each machine holds
-only its own ranks'); if they are all there is, recovery says so rather than start afresh.
+A step written by another number of ranks counts where every rank can read every saved rank's part of it (a
+persistent tier; shared memory when all ranks ran on one machine), and wins if it is the newest: then each rank
+reads all the saved ranks' checkpoints and takes its own part of them (:mod:`.reshard`). If such a step is only in
+the shared memory of several machines, recovery says so rather than start afresh.
 
 So all ranks resume from the same step (DESIGN invariant 4), and a corrupt or partial checkpoint is skipped for
 the previous good one. Every skip is reported with the step, the rank, the tier's URL and the reason (for a
@@ -47,29 +47,30 @@ class RecoveryResult:
 
 
 class StrandedCheckpointError(RuntimeError):
-    """The only checkpoints there are were written by another number of ranks, in a tier that holds each rank's
-    part apart (shared memory), so this run can neither use nor re-partition them."""
+    """The only checkpoints there are were written by another number of ranks, and only parts of them can be read
+    here (snapshots in the shared memory of several machines), so this run can neither use nor re-partition them."""
 
 
 def _list_steps(tiers: Sequence[Tier], rank: int, world_size: int) -> tuple[dict[int, list[Tier]], dict[int, list[tuple[Tier, int]]], dict[int, int]]:
-    """Per step: the tiers holding it at this world size; the shared tiers holding it at another (with the
-    world size that wrote it); and steps at another world size in tiers that are not shared."""
+    """Per step: the tiers holding this rank's part at this world size; the tiers holding every rank's part at
+    another (with the world size that wrote it); and steps at another world size of which only parts are here."""
     holders: dict[int, list[Tier]] = {}
     foreign: dict[int, list[tuple[Tier, int]]] = {}
     stranded: dict[int, int] = {}
     for tier in sorted(tiers, key=lambda t: t.speed):
         try:
-            commits = tier.commits(rank)
+            commits, whole = tier.commits(rank), tier.whole_steps()
         except Exception as err:  # an unreachable tier simply holds nothing for this recovery
             log.warning("cannot list checkpoints in %s: %s", tier.name, err)
             continue
         for step, size in commits.items():
             if size == world_size:
                 holders.setdefault(step, []).append(tier)
-            elif tier.shared:
-                foreign.setdefault(step, []).append((tier, size))
-            else:
+            elif step not in whole:
                 stranded[step] = size
+        for step, size in whole.items():
+            if size != world_size:
+                foreign.setdefault(step, []).append((tier, size))
     return holders, foreign, stranded
 
 
@@ -122,7 +123,7 @@ def recover(tiers: Sequence[Tier], rank: int, world_size: int, gather: Gather) -
                 newest = max(stranded)
                 raise StrandedCheckpointError(
                     f"the newest checkpoint, step {newest}, was written by {stranded[newest]} ranks and is only in "
-                    f"shared memory, which holds each rank's part on its own machine; this run has {world_size} "
+                    f"shared memory, and not every rank's part of it is on every machine of this run of {world_size} "
                     f"ranks. Restart with {stranded[newest]} processes to resume from it, or configure a persistent "
                     "tier, from which a run with another number of ranks can resume."
                 )

@@ -251,6 +251,14 @@ class SlotPool:
                 raise RuntimeError(f"slot {slot.index} is not pinned")
             slot.pins -= 1
 
+    def remove_ranks_from(self, first: int) -> None:
+        """Deletes the shared memory of the job's ranks numbered ``first`` or higher on this machine: after a
+        resume with fewer ranks no process owns it, and it would hold the machine's memory until reboot."""
+        for folder in self.directory.parent.glob(f"{RANK_PREFIX}*"):
+            digits = folder.name[len(RANK_PREFIX) :]
+            if digits.isdigit() and int(digits) >= first and folder != self.directory:
+                shutil.rmtree(folder, ignore_errors=True)
+
     def close(self, remove: bool) -> None:
         """Unmaps every slot; with ``remove`` also deletes the shared memory (a normal end of training)."""
         for slot in self._slots:

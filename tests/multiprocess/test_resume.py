@@ -195,3 +195,17 @@ def test_a_sigkill_resume_is_bit_exact_and_the_fence_waits_for_the_update_in_oth
         for rank in range(2):
             expected = validations(reference / "out", rank)
             assert len(expected) >= 2 and validations(tmp_path / "out", rank) == expected
+
+
+def test_a_run_killed_on_one_machine_resumes_on_fewer_processes_from_shared_memory(tmp_path):
+    # all ranks ran on this machine, so every rank's snapshot of the newest step is here: the resume with one
+    # process re-partitions it (the state's exactness is tested from disk in tests/cli/test_resize.py)
+    env = harness.environment(f"fewer-{tmp_path.name}", tmp_path / "shm")
+    logged = harness.run_and_kill(tmp_path / "root", tmp_path / "out", env, 7, stage=3, sleep=0.05, **COMMON)
+    job = next((tmp_path / "shm").iterdir())
+    assert sorted(p.name for p in job.iterdir()) == ["rank-00000", "rank-00001"]
+    harness.run(tmp_path / "root", tmp_path / "out", env, stage=3, ckpt_path="last", **{**COMMON, "devices": 1})
+    resumed = harness.resumed_from(tmp_path / "out", 0)
+    assert resumed["source"].startswith("memory:") and logged - 1 <= resumed["step"] <= logged
+    assert harness.steps_logged(tmp_path / "out")[-1]["step"] == MAX_STEPS
+    assert not job.exists()  # rank 1's snapshots were freed at the resume, rank 0's at the normal end

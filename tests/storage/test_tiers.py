@@ -205,8 +205,28 @@ def test_recovery_takes_the_newest_step_whatever_number_of_ranks_wrote_it(tmp_pa
     assert "ranks 0 to 1" in result.skipped[0][1] and "checksum mismatch" in result.skipped[0][1]
 
 
-def test_snapshots_only_in_shared_memory_written_by_another_number_of_ranks_stop_the_resume_with_what_to_do(tmp_path):
-    pool = SlotPool(tmp_path / "shm", 3)
+def test_a_run_on_one_machine_resumes_with_fewer_ranks_from_shared_memory_and_frees_the_memory_of_the_others(tmp_path):
+    job = tmp_path / "oteacheck-job"
+    pools = [SlotPool(job / f"rank-{r:05d}", 3) for r in range(2)]
+    for step in (6, 7):
+        for rank, pool in enumerate(pools):
+            seal(pool, step, rank, 2)
+    tier = FsspecTier(str(tmp_path / "tier"))
+    commit(tier, 5, 2)
+    for pool in pools:
+        pool.close(remove=False)  # a crash: the shared memory stays
+    restarted = SlotPool(job / "rank-00000", 3)
+    result = recover([MemoryTier(restarted.directory), tier], 0, 1, single_rank_gather)
+    assert result.step == 7 and [c.manifest.rank for c in result.checkpoints] == [0, 1]
+    assert all(c.source.startswith("memory:") for c in result.checkpoints)
+    restarted.remove_ranks_from(1)
+    assert sorted(p.name for p in job.iterdir()) == ["rank-00000"]
+    restarted.close(remove=True)
+    assert not job.exists()
+
+
+def test_snapshots_only_in_the_shared_memory_of_several_machines_stop_a_resume_with_another_number_of_ranks(tmp_path):
+    pool = SlotPool(tmp_path / "oteacheck-job" / "rank-00000", 3)  # rank 1 ran on another machine
     seal(pool, 7, 0, 2)
     with pytest.raises(StrandedCheckpointError, match="step 7, was written by 2 ranks .* Restart with 2 processes"):
         recover([MemoryTier(pool.directory)], 0, 1, single_rank_gather)

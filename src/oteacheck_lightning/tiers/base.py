@@ -22,10 +22,14 @@ class LoadedRankCheckpoint:
 class Tier(Protocol):
     name: str
     speed: int  # 0 memory, 1 local disk, 2 remote storage
-    shared: bool  # every rank can read every rank's files (so a run with another number of ranks can resume)
 
     def commits(self, rank: int) -> dict[int, int]:
-        """The committed steps this rank can read here, each with the number of ranks that wrote it."""
+        """The committed steps of which this rank's part is here, each with the number of ranks that wrote it."""
+        ...
+
+    def whole_steps(self) -> dict[int, int]:
+        """The committed steps of which every rank's part can be read from here, each with the number of ranks
+        that wrote it: what a run with another number of ranks can resume from."""
         ...
 
     def committed_steps(self, rank: int, world_size: int | None = None) -> list[int]:

@@ -320,8 +320,6 @@ class FsspecTier:
             ``{"dfs.client.failover.max.attempts": "2"}`` to give up on a dead NameNode sooner).
     """
 
-    shared = True  # every rank's files under one root
-
     def __init__(self, url: str | os.PathLike, speed: int | None = None, storage_options: dict[str, Any] | None = None) -> None:
         self.url = str(url)
         self.storage_options = dict(storage_options or {})
@@ -343,13 +341,16 @@ class FsspecTier:
 
     def commits(self, rank: int | None = None) -> dict[int, int]:
         """Every step whose ``COMMIT`` marker is complete (so every rank's files were durable), with the number
-        of ranks that wrote it (any rank can read them all)."""
+        of ranks that wrote it."""
         out = {}
         for step in self.steps():
             commit = self.checkpoint(step).read_commit()
             if commit is not None and commit["step"] == step:
                 out[step] = commit["world_size"]
         return out
+
+    def whole_steps(self) -> dict[int, int]:
+        return self.commits()  # every rank's files under one root
 
     def committed_steps(self, rank: int = 0, world_size: int | None = None) -> list[int]:
         """Committed steps that include ``rank`` (and were written by ``world_size`` ranks, if given)."""

@@ -7,36 +7,50 @@ from pathlib import Path
 import torch
 
 from ..format import CheckpointFormatError, Manifest, verify
-from ..slots import read_manifest
+from ..slots import RANK_PREFIX, read_manifest
 from .base import LoadedRankCheckpoint
 
 
 class MemoryTier:
-    """Reads the sealed snapshots that a (possibly crashed) training process left in shared memory."""
+    """Reads the sealed snapshots that a (possibly crashed) training process left in shared memory: this rank's, and
+    for a resume with another number of ranks, those of the job's other ranks that ran on this machine."""
 
     speed = 0
-    shared = False  # this rank's folder: other ranks' snapshots may be on other machines
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.name = f"memory:{self.directory}"
 
-    def _sealed(self) -> dict[int, tuple[Path, Manifest]]:
+    def _folder(self, rank: int) -> Path:
+        return self.directory.parent / f"{RANK_PREFIX}{rank:05d}"
+
+    @staticmethod
+    def _sealed(folder: Path) -> dict[int, tuple[Path, Manifest]]:
         found: dict[int, tuple[Path, Manifest]] = {}
-        for path in sorted(self.directory.glob("slot-*.manifest.json")):
+        for path in sorted(folder.glob("slot-*.manifest.json")):
             manifest = read_manifest(path)
             if manifest is not None:
                 found[manifest.step] = (path, manifest)
         return found
 
     def commits(self, rank: int) -> dict[int, int]:
-        return {step: m.world_size for step, (_, m) in sorted(self._sealed().items())}
+        return {step: m.world_size for step, (_, m) in sorted(self._sealed(self.directory).items())}
 
     def committed_steps(self, rank: int, world_size: int | None = None) -> list[int]:
         return [step for step, size in self.commits(rank).items() if world_size is None or size == world_size]
 
+    def whole_steps(self) -> dict[int, int]:
+        """Steps of which every rank's snapshot is on this machine (all ranks of the job ran here)."""
+        held: dict[int, dict[int, int]] = {}
+        for folder in self.directory.parent.glob(f"{RANK_PREFIX}*"):
+            digits = folder.name[len(RANK_PREFIX) :]
+            if digits.isdigit():
+                held[int(digits)] = {step: m.world_size for step, (_, m) in self._sealed(folder).items()}
+        return {step: size for step, size in held.get(0, {}).items()
+                if all(held.get(r, {}).get(step) == size for r in range(size))}
+
     def read(self, step: int, rank: int) -> LoadedRankCheckpoint:
-        path, manifest = self._sealed().get(step, (None, None))
+        path, manifest = self._sealed(self._folder(rank)).get(step, (None, None))
         if path is None or manifest is None or manifest.rank != rank:
             raise CheckpointFormatError(f"{self.name}: no sealed snapshot of step {step} for rank {rank}")
         data_path = path.with_name(path.name.replace(".manifest.json", ".data"))
