@@ -46,7 +46,7 @@ from .format import Manifest, TensorRecord, load_tensors, plan_layout, with_chec
 from .persist import Persister, PersistSchedule, TargetStats
 from .plan import MiB
 from .recovery import Gather, recover
-from .reshard import Assembler, add_saved_rank, param_map_of, resharded_tensors, wanted_names
+from .reshard import Repartition
 from .scheduler import SchedulePolicy, WindowKey
 from .slots import DEFAULT_SHM_ROOT, Slot, SlotPool, job_id_for, rank_folder
 from .tiers import CheckpointDir, FsspecTier, LoadedRankCheckpoint, MemoryTier
@@ -555,8 +555,15 @@ class OTeaCheckpointIO(CheckpointIO):
         directory = CheckpointDir.from_url(path)
         commit = directory.read_commit()
         saved = commit["world_size"] if commit is not None else self._world_size
-        ranks = [self._rank] if saved == self._world_size else list(range(saved))
-        return self.decode([directory.read_rank(r) for r in ranks])
+        if saved == self._world_size:
+            return self.decode(directory.read_rank(self._rank))
+        repartition, keep, own = self._start_repartition(), self._rank if self._rank < saved else 0, None
+        for rank in range(saved):  # one saved rank in memory at a time
+            loaded = directory.read_rank(rank)
+            repartition.absorb(loaded)
+            own = loaded if rank == keep else own
+        assert own is not None
+        return self.decode(own, repartition)
 
     def remove_checkpoint(self, path: _PATH) -> None:
         directory = CheckpointDir.from_url(path)
@@ -627,71 +634,53 @@ class OTeaCheckpointIO(CheckpointIO):
 
     def recover(self, gather: Gather, url: str | None = None) -> dict[str, Any] | None:
         """The freshest checkpoint complete on every rank (a collective); ``None`` if there is none."""
-        result = recover(self.tiers_for_recovery(url), self._rank, self._world_size, gather)
+        result = recover(self.tiers_for_recovery(url), self._rank, self._world_size, gather, self._start_repartition)
         if result is None:
             return None
         for step, reason in result.skipped:
             log.warning("skipped checkpoint of step %d: %s", step, reason)
-        return self.decode(result.checkpoints)
+        return self.decode(result.checkpoint, result.repartition)
 
-    def decode(self, loaded: Sequence[LoadedRankCheckpoint]) -> dict[str, Any]:
-        """Lightning's checkpoint dict of a loaded checkpoint (this rank's, or after a change of world size every
-        saved rank's); the engine state rides along under ``PRIVATE_KEY`` for the strategy to apply."""
-        saved_world_size = loaded[0].manifest.world_size
-        if saved_world_size == self._world_size:
-            own = loaded[0]
-        elif len(loaded) != saved_world_size:
-            raise RuntimeError(f"{loaded[0].source} was written by {saved_world_size} ranks; re-partitioning it needs "
-                               f"all of them, {len(loaded)} were read")
-        else:
-            # what every rank keeps of its own (loader position, RNG streams, metric states): a saved rank's
-            own = loaded[self._rank if self._rank < saved_world_size else 0]
-        manifest = own.manifest
-        tensors = load_tensors(manifest, own.buffer)
+    def _start_repartition(self) -> Repartition:
+        assert self._state is not None
+        return Repartition(self._state.param_map(), self._state.stage)
+
+    def decode(self, loaded: LoadedRankCheckpoint, repartition: Repartition | None = None) -> dict[str, Any]:
+        """Lightning's checkpoint dict of a loaded rank checkpoint; the engine state rides along under
+        ``PRIVATE_KEY`` for the strategy to apply. After a change of world size, ``loaded`` is the saved rank this
+        rank goes on with, and the engine state comes from ``repartition``, which took in every saved rank."""
+        manifest = loaded.manifest
+        if manifest.world_size != self._world_size and repartition is None:
+            raise RuntimeError(f"{loaded.source} was written by {manifest.world_size} ranks, this run has "
+                               f"{self._world_size}; re-partitioning it needs every saved rank's part")
+        tensors = load_tensors(manifest, loaded.buffer)
         main = statecodec.decode(manifest.state["main"], tensors)
         engine = {n: t for n, t in tensors.items() if not n.startswith(("state/", "rng/"))}
         deepspeed = main["deepspeed"]
-        if saved_world_size != self._world_size:
-            engine, deepspeed = self._repartition(loaded, engine, deepspeed)
+        if repartition is not None:
+            assert self._state is not None
+            engine, deepspeed = repartition.tensors(dict(self._state.tensors()), engine, deepspeed)
+            self._warn_once(
+                "repartitioned",
+                f"step {manifest.step} was written by {manifest.world_size} ranks and this run has {self._world_size}: "
+                "the weights and optimizer state are re-partitioned exactly, but the rest of the epoch's data order, "
+                "the random number streams and the unsynchronized metric states continue from "
+                + ("the saved ranks of the same number (rank 0's for the new ones)"
+                   if self._world_size > manifest.world_size
+                   else f"saved ranks 0 to {self._world_size - 1} (those of the others are dropped)")
+                + ", so they differ from an uninterrupted run's",
+            )
         checkpoint = dict(main["lightning"])
         checkpoint[PRIVATE_KEY] = {
             "step": manifest.step,
-            "source": own.source,
+            "source": loaded.source,
             "engine": engine,
             "deepspeed": deepspeed,
             "metrics": main["metrics"],
             "rng": statecodec.decode(manifest.state["rng"], tensors),
-            "buffer": own.buffer,
+            "buffer": loaded.buffer,
         }
         return checkpoint
-
-    def _repartition(self, loaded: Sequence[LoadedRankCheckpoint], own_engine: dict[str, torch.Tensor],
-                     own_deepspeed: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """This rank's engine tensors and DeepSpeed state cut from every saved rank's (see :mod:`.reshard`)."""
-        assert self._state is not None
-        saved_world_size, step = loaded[0].manifest.world_size, loaded[0].manifest.step
-        pmap = self._state.param_map()
-        assembler = Assembler(loaded[0].source, wanted=wanted_names(pmap))
-        for ckpt in loaded:
-            tensors = load_tensors(ckpt.manifest, ckpt.buffer)
-            meta = statecodec.decode(ckpt.manifest.state["main"]["deepspeed"], tensors)
-            where = f"{ckpt.source} (step {ckpt.manifest.step}, rank {ckpt.manifest.rank})"
-            if ckpt.manifest.step != step or meta["stage"] != self._state.stage:
-                raise RuntimeError(f"{where}: step {ckpt.manifest.step}, ZeRO stage {meta['stage']}; expected step "
-                                   f"{step} and this run's ZeRO stage {self._state.stage}")
-            add_saved_rank(assembler, param_map_of(meta, where), tensors)
-        assembler.check_complete()
-        engine, deepspeed = resharded_tensors(assembler, pmap, dict(self._state.tensors()), own_engine, own_deepspeed)
-        self._warn_once(
-            "repartitioned",
-            f"step {step} was written by {saved_world_size} ranks and this run has {self._world_size}: the weights "
-            "and optimizer state are re-partitioned exactly, but the rest of the epoch's data order, the random "
-            "number streams and the unsynchronized metric states continue from "
-            + ("the saved ranks of the same number (rank 0's for the new ones)" if self._world_size > saved_world_size
-               else f"saved ranks 0 to {self._world_size - 1} (those of the others are dropped)")
-            + ", so they differ from an uninterrupted run's",
-        )
-        return engine, deepspeed
 
     # --- metrics -----------------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -38,12 +39,22 @@ log = logging.getLogger(__name__)
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
+class Sink(Protocol):
+    """Takes in the saved ranks' checkpoints of a step written by another number of ranks, one at a time (so that
+    each one's buffer can go once taken in): :class:`~oteacheck_lightning.reshard.Repartition`."""
+
+    def absorb(self, loaded: LoadedRankCheckpoint) -> None: ...
+
+
 @dataclass
 class RecoveryResult:
     step: int
-    # this rank's checkpoint; after a change of world size, every saved rank's (this rank re-partitions them)
-    checkpoints: list[LoadedRankCheckpoint]
+    # this rank's checkpoint; after a change of world size, that of the saved rank whose own state (data position,
+    # RNG streams, metric states) this rank goes on with
+    checkpoint: LoadedRankCheckpoint
     skipped: list[tuple[int, str]]
+    # after a change of world size: the sink that took in every saved rank's checkpoint
+    repartition: Sink | None = None
 
 
 class StrandedCheckpointError(RuntimeError):
@@ -88,24 +99,46 @@ def agree_on_step(steps: set[int], gather: Gather) -> int | None:
     return max(common) if common else None
 
 
-def _read_first(step: int, copies: Sequence[tuple[Tier, list[int]]], skipped: list[tuple[int, str]]) -> list[LoadedRankCheckpoint] | None:
-    """The ranks' checkpoints of ``step`` from the first tier in ``copies`` (tier, ranks to read) that has them
-    all intact."""
-    for tier, ranks in copies:
-        label = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]} to {ranks[-1]}"
+def _unusable(step: int, label: str, tier: Tier, err: Exception, skipped: list[tuple[int, str]]) -> None:
+    log.warning("checkpoint of step %d, %s in %s is unusable (%s: %s); trying the next copy",
+                step, label, tier.name, type(err).__name__, err)
+    skipped.append((step, f"{label} in {tier.name}: {err}"))
+
+
+def _read_own(step: int, tiers: Sequence[Tier], rank: int, skipped: list[tuple[int, str]]) -> RecoveryResult | None:
+    """This rank's checkpoint of ``step`` from the first tier that has it intact."""
+    for tier in tiers:
         try:
-            return [tier.read(step, r) for r in ranks]
+            return RecoveryResult(step, tier.read(step, rank), skipped)
         except Exception as err:  # corrupt (CheckpointFormatError) or unreachable (OSError, client errors)
-            log.warning(
-                "checkpoint of step %d, %s in %s is unusable (%s: %s); trying the next copy",
-                step, label, tier.name, type(err).__name__, err,
-            )
-            skipped.append((step, f"{label} in {tier.name}: {err}"))
+            _unusable(step, f"rank {rank}", tier, err, skipped)
     return None
 
 
-def recover(tiers: Sequence[Tier], rank: int, world_size: int, gather: Gather) -> RecoveryResult | None:
-    """Runs the protocol above; ``None`` when no step is complete on every rank."""
+def _read_all(step: int, copies: Sequence[tuple[Tier, int]], rank: int, start: Callable[[], Sink],
+              skipped: list[tuple[int, str]]) -> RecoveryResult | None:
+    """Every saved rank's checkpoint of ``step``, from the first tier (of ``copies``: tier, saved world size) that
+    has them all intact, taken in by a fresh ``start()`` sink one at a time; the one this rank goes on with is kept."""
+    for tier, size in copies:
+        keep = rank if rank < size else 0
+        sink, kept = start(), None
+        try:
+            for r in range(size):
+                loaded = tier.read(step, r)
+                sink.absorb(loaded)
+                kept = loaded if r == keep else kept
+        except Exception as err:  # corrupt, unreachable, or parts that do not fit together
+            _unusable(step, f"ranks 0 to {size - 1}", tier, err, skipped)
+            continue
+        assert kept is not None
+        return RecoveryResult(step, kept, skipped, sink)
+    return None
+
+
+def recover(tiers: Sequence[Tier], rank: int, world_size: int, gather: Gather,
+            start_repartition: Callable[[], Sink]) -> RecoveryResult | None:
+    """Runs the protocol above; ``None`` when no step is complete on every rank. ``start_repartition()`` makes the
+    sink for a step written by another number of ranks."""
     holders, foreign, stranded = _list_steps(tiers, rank, world_size)
     excluded: set[int] = set()
     skipped: list[tuple[int, str]] = []
@@ -115,9 +148,9 @@ def recover(tiers: Sequence[Tier], rank: int, world_size: int, gather: Gather) -
         if other is not None and (step is None or other > step):
             # written by another number of ranks: every rank reads all of them and takes its own part
             step = other
-            loaded = _read_first(step, [(tier, list(range(size))) for tier, size in foreign[step]], skipped)
+            result = _read_all(step, foreign[step], rank, start_repartition, skipped)
         elif step is not None:
-            loaded = _read_first(step, [(tier, [rank]) for tier in holders[step]], skipped)
+            result = _read_own(step, holders[step], rank, skipped)
         else:
             if stranded:
                 newest = max(stranded)
@@ -128,9 +161,9 @@ def recover(tiers: Sequence[Tier], rank: int, world_size: int, gather: Gather) -
                     "tier, from which a run with another number of ranks can resume."
                 )
             return None
-        ok = gather(torch.tensor([1 if loaded is not None else 0], dtype=torch.int64))
-        if loaded is not None and bool(ok.min().item()):
-            return RecoveryResult(step, loaded, skipped)
+        ok = gather(torch.tensor([1 if result is not None else 0], dtype=torch.int64))
+        if result is not None and bool(ok.min().item()):
+            return result
         failed = [r for r, v in enumerate(ok.view(-1).tolist()) if not v]
         log.warning("step %d could not be loaded on rank(s) %s; falling back to an older checkpoint", step, failed)
         excluded.add(step)

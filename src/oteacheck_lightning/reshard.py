@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
-from .format import CheckpointFormatError
+from . import statecodec
+from .format import CheckpointFormatError, load_tensors
+from .tiers.base import LoadedRankCheckpoint
 
 MASTER = ""  # the state key of the weights themselves; an optimizer state is keyed by its own name ("exp_avg")
 
@@ -108,6 +110,39 @@ def add_saved_rank(assembler: Assembler, pmap: Mapping[str, Any], tensors: Mappi
                 if n.startswith(prefix) and t.dim() > 0 and t.shape == master.shape]
 
     assembler.add_rank(pmap, read, per_element)
+
+
+class Repartition:
+    """The saved ranks' checkpoints of one step, taken in one at a time (:meth:`absorb`: only the parameters this
+    rank holds now are kept, so the buffers can go), then cut into this rank's tensors (:meth:`tensors`).
+
+    ``pmap`` and ``stage`` are this run's parameter map and ZeRO stage."""
+
+    def __init__(self, pmap: Mapping[str, Any], stage: int) -> None:
+        self.pmap, self.stage = pmap, stage
+        self.assembler = Assembler("", wanted=wanted_names(pmap))
+        self.step: int | None = None
+        self.saved_world_size: int | None = None
+
+    def absorb(self, loaded: LoadedRankCheckpoint) -> None:
+        manifest = loaded.manifest
+        where = f"{loaded.source} (step {manifest.step}, rank {manifest.rank})"
+        if self.step is None:
+            self.step, self.saved_world_size, self.assembler.where = manifest.step, manifest.world_size, loaded.source
+        tensors = load_tensors(manifest, loaded.buffer)
+        meta = statecodec.decode(manifest.state["main"]["deepspeed"], tensors)
+        if (manifest.step, manifest.world_size, meta["stage"]) != (self.step, self.saved_world_size, self.stage):
+            raise CheckpointFormatError(
+                f"{where}: step {manifest.step} of {manifest.world_size} ranks at ZeRO stage {meta['stage']}; expected "
+                f"step {self.step} of {self.saved_world_size} ranks at this run's ZeRO stage {self.stage}"
+            )
+        add_saved_rank(self.assembler, param_map_of(meta, where), tensors)
+
+    def tensors(self, live: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor],
+                saved_meta: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """See :func:`resharded_tensors`."""
+        self.assembler.check_complete()
+        return resharded_tensors(self.assembler, self.pmap, live, saved, saved_meta)
 
 
 def wanted_names(pmap: Mapping[str, Any]) -> set[str]:

@@ -152,13 +152,27 @@ def test_a_flipped_bit_on_hdfs_is_reported_by_name_and_the_previous_step_is_used
     for name in ("step 8", "rank 0", "'exp_avg'", urllib.parse.urlparse(hdfs_root).path):
         assert name in str(err.value)
     with caplog.at_level(logging.WARNING):
-        result = recover([tier], 0, 1, single_rank_gather)
+        result = recover([tier], 0, 1, single_rank_gather, Recorder)
     assert result is not None and result.step == 4
     assert [step for step, _ in result.skipped] == [8] and "exp_avg" in result.skipped[0][1]
     assert any("step 8, rank 0" in r.message and url in r.message for r in caplog.records)
 
 
 # ------------------------------------------------------------------------ another number of ranks
+
+
+class Recorder:
+    """A sink for the saved ranks of a step written by another number of ranks: notes what it took in."""
+
+    def __init__(self) -> None:
+        self.taken: list = []
+
+    def absorb(self, loaded) -> None:
+        self.taken.append(loaded)
+
+    @property
+    def ranks(self) -> list[int]:
+        return [c.manifest.rank for c in self.taken]
 
 
 def commit(tier: FsspecTier, step: int, world_size: int) -> None:
@@ -185,12 +199,12 @@ def test_recovery_takes_the_newest_step_whatever_number_of_ranks_wrote_it(tmp_pa
     tier = FsspecTier(str(tmp_path / "tier"))
     for step, size in ((3, 2), (4, 1), (6, 2)):
         commit(tier, step, size)
-    result = recover([tier], 0, 1, single_rank_gather)
+    result = recover([tier], 0, 1, single_rank_gather, Recorder)
     # step 6, written by 2 ranks, is newer than step 4: this rank reads both ranks' parts to take its own
-    assert result.step == 6 and [c.manifest.rank for c in result.checkpoints] == [0, 1]
+    assert result.step == 6 and result.repartition.ranks == [0, 1] and result.checkpoint.manifest.rank == 0
     commit(tier, 8, 1)
-    result = recover([tier], 0, 1, single_rank_gather)
-    assert result.step == 8 and [c.manifest.rank for c in result.checkpoints] == [0]
+    result = recover([tier], 0, 1, single_rank_gather, Recorder)
+    assert result.step == 8 and result.repartition is None and result.checkpoint.manifest.rank == 0
     # a corrupt part of the newest step written by 2 ranks: back to the previous good one
     path = tmp_path / "tier" / "step-000000008"
     for name in ("COMMIT", "rank-00000.data", "rank-00000.manifest.json"):
@@ -200,7 +214,7 @@ def test_recovery_takes_the_newest_step_whatever_number_of_ranks_wrote_it(tmp_pa
     raw[10] ^= 0x01
     data.write_bytes(bytes(raw))
     with caplog.at_level(logging.WARNING):
-        result = recover([tier], 0, 1, single_rank_gather)
+        result = recover([tier], 0, 1, single_rank_gather, Recorder)
     assert result.step == 4 and [step for step, _ in result.skipped] == [6]
     assert "ranks 0 to 1" in result.skipped[0][1] and "checksum mismatch" in result.skipped[0][1]
 
@@ -216,9 +230,9 @@ def test_a_run_on_one_machine_resumes_with_fewer_ranks_from_shared_memory_and_fr
     for pool in pools:
         pool.close(remove=False)  # a crash: the shared memory stays
     restarted = SlotPool(job / "rank-00000", 3)
-    result = recover([MemoryTier(restarted.directory), tier], 0, 1, single_rank_gather)
-    assert result.step == 7 and [c.manifest.rank for c in result.checkpoints] == [0, 1]
-    assert all(c.source.startswith("memory:") for c in result.checkpoints)
+    result = recover([MemoryTier(restarted.directory), tier], 0, 1, single_rank_gather, Recorder)
+    assert result.step == 7 and result.repartition.ranks == [0, 1]
+    assert all(c.source.startswith("memory:") for c in result.repartition.taken)
     restarted.remove_ranks_from(1)
     assert sorted(p.name for p in job.iterdir()) == ["rank-00000"]
     restarted.close(remove=True)
@@ -229,12 +243,12 @@ def test_snapshots_only_in_the_shared_memory_of_several_machines_stop_a_resume_w
     pool = SlotPool(tmp_path / "oteacheck-job" / "rank-00000", 3)  # rank 1 ran on another machine
     seal(pool, 7, 0, 2)
     with pytest.raises(StrandedCheckpointError, match="step 7, was written by 2 ranks .* Restart with 2 processes"):
-        recover([MemoryTier(pool.directory)], 0, 1, single_rank_gather)
+        recover([MemoryTier(pool.directory)], 0, 1, single_rank_gather, Recorder)
     # a persisted step, even an older one, is one this run can resume from
     tier = FsspecTier(str(tmp_path / "tier"))
     commit(tier, 5, 2)
-    result = recover([MemoryTier(pool.directory), tier], 0, 1, single_rank_gather)
-    assert result.step == 5 and len(result.checkpoints) == 2
+    result = recover([MemoryTier(pool.directory), tier], 0, 1, single_rank_gather, Recorder)
+    assert result.step == 5 and result.repartition.ranks == [0, 1]
     pool.close(remove=True)
 
 
