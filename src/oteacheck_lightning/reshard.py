@@ -4,8 +4,9 @@ partitions them.
 Every rank's checkpoint carries a parameter map (:meth:`DeepSpeedState.param_map`): for each master tensor, which
 elements of which parameter it holds. The optimizer's per-element states (Adam's moments) are laid out exactly as
 their master, so one map places them too. :class:`Assembler` puts the saved partitions together into whole
-parameters (``oteacheck export`` uses it for the weights alone); :func:`resharded_tensors` cuts them into the
-tensors this rank's engine holds now, named as a checkpoint of this world size names them, so that
+parameters (``oteacheck export`` uses it for the weights alone). :class:`Repartition` feeds it the saved ranks one at
+a time, keeping only the parameters this rank holds now, then cuts them (:func:`resharded_tensors`) into the tensors
+this rank's engine holds, named as a checkpoint of this world size names them, so that
 :meth:`DeepSpeedState.restore` applies them as it applies any checkpoint.
 
 Values that are not per element (an optimizer's step count) and buffers are the same on every rank: they come from
