@@ -56,6 +56,16 @@ def rank_folder(memory_dir: str | Path, job_id: str, rank: int) -> Path:
     return job_folder(memory_dir, job_id) / f"{RANK_PREFIX}{rank:05d}"
 
 
+def rank_folders(job: Path) -> dict[int, Path]:
+    """The rank folders in one job's folder on this machine, by rank."""
+    out = {}
+    for folder in sorted(job.glob(f"{RANK_PREFIX}*")):
+        digits = folder.name[len(RANK_PREFIX) :]
+        if digits.isdigit():
+            out[int(digits)] = folder
+    return out
+
+
 class SlotState(enum.Enum):
     FREE = "free"
     FILLING = "filling"
@@ -254,9 +264,8 @@ class SlotPool:
     def remove_ranks_from(self, first: int) -> None:
         """Deletes the shared memory of the job's ranks numbered ``first`` or higher on this machine: after a
         resume with fewer ranks no process owns it, and it would hold the machine's memory until reboot."""
-        for folder in self.directory.parent.glob(f"{RANK_PREFIX}*"):
-            digits = folder.name[len(RANK_PREFIX) :]
-            if digits.isdigit() and int(digits) >= first and folder != self.directory:
+        for rank, folder in rank_folders(self.directory.parent).items():
+            if rank >= first and folder != self.directory:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def close(self, remove: bool) -> None:

@@ -40,7 +40,7 @@ import xxhash
 
 from .format import CheckpointFormatError, Manifest, TensorRecord
 from .reshard import Assembler
-from .slots import DEFAULT_SHM_ROOT, JOB_PREFIX, RANK_PREFIX, job_folder, job_id_for, read_manifest
+from .slots import DEFAULT_SHM_ROOT, JOB_PREFIX, job_folder, job_id_for, rank_folders, read_manifest
 from .tiers import CheckpointDir, FsspecTier
 from .tiers.fsspec_tier import STEP_PREFIX
 
@@ -414,12 +414,8 @@ def memory_snapshots(memory_dir: str | Path) -> list[dict[str, Any]]:
             continue
         ranks: dict[int, list[int]] = {}
         world_sizes, used, sealed_at = set(), 0, 0.0
-        for rank_dir in sorted(job.glob(f"{RANK_PREFIX}*")):
+        for rank, rank_dir in rank_folders(job).items():
             if not os.access(rank_dir, os.R_OK | os.X_OK):
-                continue
-            try:
-                rank = int(rank_dir.name.removeprefix(RANK_PREFIX))
-            except ValueError:
                 continue
             steps = ranks.setdefault(rank, [])
             for path in rank_dir.glob("slot-*"):

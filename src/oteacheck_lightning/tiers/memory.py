@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..format import CheckpointFormatError, Manifest, verify
-from ..slots import RANK_PREFIX, read_manifest
+from ..slots import RANK_PREFIX, rank_folders, read_manifest
 from .base import LoadedRankCheckpoint
 
 
@@ -41,11 +41,8 @@ class MemoryTier:
 
     def whole_steps(self) -> dict[int, int]:
         """Steps of which every rank's snapshot is on this machine (all ranks of the job ran here)."""
-        held: dict[int, dict[int, int]] = {}
-        for folder in self.directory.parent.glob(f"{RANK_PREFIX}*"):
-            digits = folder.name[len(RANK_PREFIX) :]
-            if digits.isdigit():
-                held[int(digits)] = {step: m.world_size for step, (_, m) in self._sealed(folder).items()}
+        held = {rank: {step: m.world_size for step, (_, m) in self._sealed(folder).items()}
+                for rank, folder in rank_folders(self.directory.parent).items()}
         return {step: size for step, size in held.get(0, {}).items()
                 if all(held.get(r, {}).get(step) == size for r in range(size))}
 
