@@ -45,7 +45,7 @@ from .engine import DEFAULT_STAGING_MIB, EngineStats, SnapshotEngine
 from .format import Manifest, TensorRecord, load_tensors, plan_layout, with_checksums
 from .persist import Persister, PersistSchedule, TargetStats
 from .plan import MiB
-from .recovery import Gather, recover
+from .recovery import Gather, recover, take_in_every_rank
 from .reshard import Repartition
 from .scheduler import SchedulePolicy, WindowKey
 from .slots import DEFAULT_SHM_ROOT, Slot, SlotPool, job_id_for, rank_folder
@@ -557,12 +557,8 @@ class OTeaCheckpointIO(CheckpointIO):
         saved = commit["world_size"] if commit is not None else self._world_size
         if saved == self._world_size:
             return self.decode(directory.read_rank(self._rank))
-        repartition, keep, own = self._start_repartition(), self._rank if self._rank < saved else 0, None
-        for rank in range(saved):  # one saved rank in memory at a time
-            loaded = directory.read_rank(rank)
-            repartition.absorb(loaded)
-            own = loaded if rank == keep else own
-        assert own is not None
+        repartition = self._start_repartition()
+        own = take_in_every_rank(directory.read_rank, saved, self._rank, repartition)
         return self.decode(own, repartition)
 
     def remove_checkpoint(self, path: _PATH) -> None:

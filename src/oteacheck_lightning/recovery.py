@@ -70,7 +70,7 @@ def _list_steps(tiers: Sequence[Tier], rank: int, world_size: int) -> tuple[dict
     stranded: dict[int, int] = {}
     for tier in sorted(tiers, key=lambda t: t.speed):
         try:
-            commits, whole = tier.commits(rank), tier.whole_steps()
+            commits, whole = tier.holdings(rank)
         except Exception as err:  # an unreachable tier simply holds nothing for this recovery
             log.warning("cannot list checkpoints in %s: %s", tier.name, err)
             continue
@@ -115,22 +115,29 @@ def _read_own(step: int, tiers: Sequence[Tier], rank: int, skipped: list[tuple[i
     return None
 
 
+def take_in_every_rank(read: Callable[[int], LoadedRankCheckpoint], size: int, rank: int, sink: Sink) -> LoadedRankCheckpoint:
+    """Feeds ``sink`` the checkpoints of the ``size`` saved ranks that ``read(r)`` returns, one at a time; returns
+    the one this rank goes on with (that of its own number, or rank 0's for a rank the saved run did not have)."""
+    keep, kept = rank if rank < size else 0, None
+    for r in range(size):
+        loaded = read(r)
+        sink.absorb(loaded)
+        kept = loaded if r == keep else kept
+    assert kept is not None
+    return kept
+
+
 def _read_all(step: int, copies: Sequence[tuple[Tier, int]], rank: int, start: Callable[[], Sink],
               skipped: list[tuple[int, str]]) -> RecoveryResult | None:
     """Every saved rank's checkpoint of ``step``, from the first tier (of ``copies``: tier, saved world size) that
-    has them all intact, taken in by a fresh ``start()`` sink one at a time; the one this rank goes on with is kept."""
+    has them all intact, taken in by a fresh ``start()`` sink (:func:`take_in_every_rank`)."""
     for tier, size in copies:
-        keep = rank if rank < size else 0
-        sink, kept = start(), None
+        sink = start()
         try:
-            for r in range(size):
-                loaded = tier.read(step, r)
-                sink.absorb(loaded)
-                kept = loaded if r == keep else kept
+            kept = take_in_every_rank(lambda r: tier.read(step, r), size, rank, sink)
         except Exception as err:  # corrupt, unreachable, or parts that do not fit together
             _unusable(step, f"ranks 0 to {size - 1}", tier, err, skipped)
             continue
-        assert kept is not None
         return RecoveryResult(step, kept, skipped, sink)
     return None
 

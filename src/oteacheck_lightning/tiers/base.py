@@ -23,13 +23,10 @@ class Tier(Protocol):
     name: str
     speed: int  # 0 memory, 1 local disk, 2 remote storage
 
-    def commits(self, rank: int) -> dict[int, int]:
-        """The committed steps of which this rank's part is here, each with the number of ranks that wrote it."""
-        ...
-
-    def whole_steps(self) -> dict[int, int]:
-        """The committed steps of which every rank's part can be read from here, each with the number of ranks
-        that wrote it: what a run with another number of ranks can resume from."""
+    def holdings(self, rank: int) -> tuple[dict[int, int], dict[int, int]]:
+        """Two maps of committed step to the number of ranks that wrote it, from one listing: the steps of which
+        this rank's part is here, and those of which every rank's part can be read from here (what a run with
+        another number of ranks can resume from)."""
         ...
 
     def committed_steps(self, rank: int, world_size: int | None = None) -> list[int]:

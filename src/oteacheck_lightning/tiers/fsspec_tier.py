@@ -349,8 +349,9 @@ class FsspecTier:
                 out[step] = commit["world_size"]
         return out
 
-    def whole_steps(self) -> dict[int, int]:
-        return self.commits()  # every rank's files under one root
+    def holdings(self, rank: int) -> tuple[dict[int, int], dict[int, int]]:
+        commits = self.commits()
+        return {s: n for s, n in commits.items() if rank < n}, commits  # every rank's files under one root
 
     def committed_steps(self, rank: int = 0, world_size: int | None = None) -> list[int]:
         """Committed steps that include ``rank`` (and were written by ``world_size`` ranks, if given)."""

@@ -39,6 +39,9 @@ class MemoryTier:
     def committed_steps(self, rank: int, world_size: int | None = None) -> list[int]:
         return [step for step, size in self.commits(rank).items() if world_size is None or size == world_size]
 
+    def holdings(self, rank: int) -> tuple[dict[int, int], dict[int, int]]:
+        return self.commits(rank), self.whole_steps()
+
     def whole_steps(self) -> dict[int, int]:
         """Steps of which every rank's snapshot is on this machine (all ranks of the job ran here)."""
         held = {rank: {step: m.world_size for step, (_, m) in self._sealed(folder).items()}
