@@ -552,7 +552,7 @@ class OTeaCheckpointIO(CheckpointIO):
 
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         """Reads and verifies this rank's part of the checkpoint folder ``path`` (no unpickling)."""
-        directory = CheckpointDir.from_url(path)
+        directory = CheckpointDir.from_url(path, **self.storage_options_for(path))
         commit = directory.read_commit()
         saved = commit["world_size"] if commit is not None else self._world_size
         if saved == self._world_size:
@@ -606,10 +606,20 @@ class OTeaCheckpointIO(CheckpointIO):
 
     # --- recovery ----------------------------------------------------------------------------------------
 
+    def storage_options_for(self, url: _PATH) -> dict[str, Any]:
+        """The client settings of the configured tier that ``url`` lies in (an explicit ``ckpt_path`` into one of
+        them is read with the settings it was written with: failover, timeouts, credentials)."""
+        url = str(url).rstrip("/")
+        for tier in self._tiers:
+            root = tier.url.rstrip("/")
+            if url == root or url.startswith(root + "/"):
+                return tier.storage_options
+        return {}
+
     def tiers_for_recovery(self, url: str | None = None) -> list[Any]:
         """All tiers (memory first), or only the persistent tier at ``url``."""
         if url is not None:
-            return [FsspecTier(url)]
+            return [FsspecTier(url, storage_options=self.storage_options_for(url))]
         tiers: list[Any] = [self.memory_tier] if self._pool is not None else []
         return tiers + list(self._tiers)
 

@@ -4,7 +4,9 @@ Commit protocol as recovery reads it:
 
 1. every rank lists the steps it holds, in each tier it can reach, with the number of ranks that wrote each
    (memory: its sealed slots; persistent tiers: steps whose global ``COMMIT`` marker is complete, see
-   :mod:`.tiers.fsspec_tier`; a tier that cannot be listed holds nothing);
+   :mod:`.tiers.fsspec_tier`). A tier that cannot be listed holds nothing for this recovery, but if no step is
+   found anywhere, recovery stops with the tiers' errors rather than start afresh over checkpoints it could not see
+   (a missing root is no error: a first run finds nothing and starts);
 2. the ranks exchange those lists (a collective on the training thread) and take the newest step that every rank
    holds somewhere;
 3. each rank reads that step from its fastest tier that holds it and verifies the checksums, falling back to the
@@ -62,17 +64,30 @@ class StrandedCheckpointError(RuntimeError):
     here (snapshots in the shared memory of several machines), so this run can neither use nor re-partition them."""
 
 
-def _list_steps(tiers: Sequence[Tier], rank: int, world_size: int) -> tuple[dict[int, list[Tier]], dict[int, list[tuple[Tier, int]]], dict[int, int]]:
-    """Per step: the tiers holding this rank's part at this world size; the tiers holding every rank's part at
-    another (with the world size that wrote it); and steps at another world size of which only parts are here."""
-    holders: dict[int, list[Tier]] = {}
-    foreign: dict[int, list[tuple[Tier, int]]] = {}
-    stranded: dict[int, int] = {}
+class TiersUnreachableError(RuntimeError):
+    """No checkpoint was found, but a tier could not be listed on some rank: it may hold the run's checkpoints, and
+    training from step 0 would throw them away (and later write over their step numbers)."""
+
+
+@dataclass
+class _Listing:
+    """What one rank found in its tiers."""
+
+    holders: dict[int, list[Tier]]  # steps of this rank's part at this world size: the tiers holding it
+    foreign: dict[int, list[tuple[Tier, int]]]  # steps whole at another world size: the tiers, with that size
+    stranded: dict[int, int]  # steps at another world size of which only parts are here: that size
+    unreachable: list[str]  # "tier: error" of each tier that could not be listed
+
+
+def _list_steps(tiers: Sequence[Tier], rank: int, world_size: int) -> _Listing:
+    listing = _Listing({}, {}, {}, [])
+    holders, foreign, stranded = listing.holders, listing.foreign, listing.stranded
     for tier in sorted(tiers, key=lambda t: t.speed):
         try:
             commits, whole = tier.holdings(rank)
-        except Exception as err:  # an unreachable tier simply holds nothing for this recovery
-            log.warning("cannot list checkpoints in %s: %s", tier.name, err)
+        except Exception as err:  # unreachable: it holds nothing for this recovery (a missing root lists empty)
+            log.warning("cannot list checkpoints in %s: %s: %s", tier.name, type(err).__name__, err)
+            listing.unreachable.append(f"{tier.name}: {type(err).__name__}: {err}")
             continue
         for step, size in commits.items():
             if size == world_size:
@@ -82,7 +97,7 @@ def _list_steps(tiers: Sequence[Tier], rank: int, world_size: int) -> tuple[dict
         for step, size in whole.items():
             if size != world_size:
                 foreign.setdefault(step, []).append((tier, size))
-    return holders, foreign, stranded
+    return listing
 
 
 def agree_on_step(steps: set[int], gather: Gather) -> int | None:
@@ -142,11 +157,37 @@ def _read_all(step: int, copies: Sequence[tuple[Tier, int]], rank: int, start: C
     return None
 
 
+def _refuse_to_start_afresh(listing: _Listing, world_size: int, gather: Gather) -> None:
+    """No step is complete on every rank. Raises, on every rank alike (a collective), where starting afresh could
+    lose checkpoints: parts of a step in the shared memory of several machines, or a tier some rank could not list."""
+    newest = max(listing.stranded, default=-1)
+    mine = torch.tensor([len(listing.unreachable), newest, listing.stranded.get(newest, 0)], dtype=torch.int64)
+    everyone = gather(mine).view(-1, 3).tolist()
+    step, size = max((row[1], row[2]) for row in everyone)
+    if step >= 0:
+        raise StrandedCheckpointError(
+            f"the newest checkpoint, step {step}, was written by {size} ranks and is only in shared memory, and not "
+            f"every rank's part of it is on every machine of this run of {world_size} ranks. Restart with {size} "
+            "processes to resume from it, or configure a persistent tier, from which a run with another number of "
+            "ranks can resume."
+        )
+    failing = [r for r, row in enumerate(everyone) if row[0]]
+    if failing:
+        seen = "; ".join(listing.unreachable) if listing.unreachable else "see their logs"
+        raise TiersUnreachableError(
+            f"no checkpoint to resume from was found, but rank(s) {failing} could not list a tier ({seen}). It may "
+            "hold this run's checkpoints, and starting from step 0 would lose them. Restore access to the storage "
+            "and restart with the same ckpt_path; to start over on purpose, run without ckpt_path or with a new "
+            "checkpoint dirpath."
+        )
+
+
 def recover(tiers: Sequence[Tier], rank: int, world_size: int, gather: Gather,
             start_repartition: Callable[[], Sink]) -> RecoveryResult | None:
     """Runs the protocol above; ``None`` when no step is complete on every rank. ``start_repartition()`` makes the
     sink for a step written by another number of ranks."""
-    holders, foreign, stranded = _list_steps(tiers, rank, world_size)
+    listing = _list_steps(tiers, rank, world_size)
+    holders, foreign = listing.holders, listing.foreign
     excluded: set[int] = set()
     skipped: list[tuple[int, str]] = []
     while True:
@@ -159,14 +200,7 @@ def recover(tiers: Sequence[Tier], rank: int, world_size: int, gather: Gather,
         elif step is not None:
             result = _read_own(step, holders[step], rank, skipped)
         else:
-            if stranded:
-                newest = max(stranded)
-                raise StrandedCheckpointError(
-                    f"the newest checkpoint, step {newest}, was written by {stranded[newest]} ranks and is only in "
-                    f"shared memory, and not every rank's part of it is on every machine of this run of {world_size} "
-                    f"ranks. Restart with {stranded[newest]} processes to resume from it, or configure a persistent "
-                    "tier, from which a run with another number of ranks can resume."
-                )
+            _refuse_to_start_afresh(listing, world_size, gather)
             return None
         ok = gather(torch.tensor([1 if result is not None else 0], dtype=torch.int64))
         if result is not None and bool(ok.min().item()):

@@ -57,6 +57,15 @@ def match_norm_buffers_to_parameters(config: dict[str, Any], model: torch.nn.Mod
     return dtype
 
 
+def _is_checkpoint_folder(url: str, storage_options: dict[str, Any]) -> bool:
+    """Whether ``url`` is one committed checkpoint folder; ``False`` where it cannot be read (a tier that is down:
+    recovery then lists it and stops with the cause)."""
+    try:
+        return CheckpointDir.from_url(url, **storage_options).is_committed()
+    except Exception:
+        return False
+
+
 def _resume_last_batch_as_mid_epoch(checkpoint: dict[str, Any]) -> None:
     """A checkpoint taken after the last batch of an epoch, before the epoch's end hooks ran, resumes one epoch
     late in Lightning (2.6): the restarted epoch counts as completed twice, so the sampler of the next epoch is
@@ -351,6 +360,10 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
             return tensor.unsqueeze(0)
         return self.all_gather(tensor.to(self.root_device)).cpu()
 
+    def _every_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank (a collective): the ranks then take the same path."""
+        return bool(self._gather(torch.tensor([int(flag)], dtype=torch.int64)).min().item())
+
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         """Loads ``checkpoint_path`` (or, for ``"last"``, recovers) and restores the engine in place."""
         from .callback import OTeaCheckpoint
@@ -361,7 +374,7 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         io = self.checkpoint_io
         if os.path.normpath(path) in {os.path.normpath(a) for a in anchors}:
             checkpoint = io.recover(self._gather)
-        elif CheckpointDir.from_url(path).is_committed():  # one checkpoint folder (explicit, or one persisted step)
+        elif self._every_rank(_is_checkpoint_folder(path, io.storage_options_for(path))):  # explicit, or one step
             checkpoint = io.load_checkpoint(path)
         else:
             checkpoint = io.recover(self._gather, url=path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 import urllib.parse
 
@@ -40,8 +41,8 @@ def tier_stats(out, rank, url):
 def test_namenode_killed_mid_persist_then_resume_from_hdfs_alone(tmp_path, reference, hdfs_cluster, hdfs_root):
     """Local every 5 keeping 3 and HDFS every 4 keeping 2. Rank 0's HDFS write of step 4 is cut in the middle by
     SIGKILLing the NameNode; training goes on, the failure is warned about and counted, the NameNode restarts and
-    persistence resumes; the run is then SIGKILLed. With local disk and shared memory gone, the run resumes from
-    HDFS alone, skipping the newest HDFS step (one flipped bit) for the previous one, and ends bit-identical to an
+    persistence resumes; the run is then SIGKILLed. With local disk and shared memory gone, a restart while HDFS is
+    down stops on both ranks without training or removing anything; once it is up, the run resumes from HDFS alone, skipping the newest HDFS step (one flipped bit) for the previous one, and ends bit-identical to an
     uninterrupted run."""
     ctl, out, env = tmp_path / "ctl", tmp_path / "out", harness.environment(f"hdfs-{tmp_path.name}", tmp_path / "shm")
     ctl.mkdir()
@@ -107,6 +108,20 @@ def test_namenode_killed_mid_persist_then_resume_from_hdfs_alone(tmp_path, refer
     # the node is lost: no shared memory, no local disk; resume from HDFS alone
     shutil.rmtree(tmp_path / "shm", ignore_errors=True)
     shutil.rmtree(local)
+    # and HDFS is down at the restart: both ranks stop, naming the tier and the cause, instead of training from
+    # step 0 (which would lose every checkpoint HDFS holds)
+    hdfs_cluster.kill()
+    try:
+        refused = subprocess.run(harness.command(tmp_path / "fresh-root", tmp_path / "refused", ckpt_path=hdfs_root,
+                                                 **options), env=env, capture_output=True, text=True, timeout=300,
+                                 start_new_session=True)
+    finally:
+        hdfs_cluster.start()
+    assert refused.returncode != 0, refused.stderr[-3000:]
+    assert f"could not list a tier ({hdfs_root}: " in refused.stderr, refused.stderr[-3000:]
+    assert "Restore access to the storage" in refused.stderr
+    assert not harness.steps_logged(tmp_path / "refused")  # not one step trained
+    assert tier.committed_steps(0) == committed  # and nothing removed
     proc = harness.run(tmp_path / "fresh-root", out, env, ckpt_path=hdfs_root, **options)
     resumed = [harness.resumed_from(out, r) for r in range(2)]
     assert resumed[0] == resumed[1] == {"step": committed[0], "source": hdfs_root}

@@ -18,7 +18,7 @@ import torch
 
 from oteacheck_lightning.format import CheckpointFormatError, Manifest, byte_view, plan_layout, with_checksums
 from oteacheck_lightning.persist import Persister, PersistSchedule
-from oteacheck_lightning.recovery import StrandedCheckpointError, recover
+from oteacheck_lightning.recovery import StrandedCheckpointError, TiersUnreachableError, recover
 from oteacheck_lightning.slots import SlotPool
 from oteacheck_lightning.tiers import FsspecTier, MemoryTier
 from oteacheck_lightning.tiers.fsspec_tier import COMMIT_MARKER
@@ -249,6 +249,53 @@ def test_snapshots_only_in_the_shared_memory_of_several_machines_stop_a_resume_w
     commit(tier, 5, 2)
     result = recover([MemoryTier(pool.directory), tier], 0, 1, single_rank_gather, Recorder)
     assert result.step == 5 and result.repartition.ranks == [0, 1]
+    pool.close(remove=True)
+
+
+def test_a_root_never_created_holds_nothing_so_a_first_run_with_ckpt_path_last_starts(tier_url):
+    # every backend reports a missing root as "not found", never as an outage
+    tier = FsspecTier(f"{tier_url}/never-created")
+    assert tier.holdings(0) == ({}, {})
+    assert recover([tier], 0, 1, single_rank_gather, Recorder) is None
+
+
+def test_a_restart_while_hdfs_is_down_stops_with_the_cause_instead_of_starting_afresh(hdfs_cluster, hdfs_root, tmp_path, caplog):
+    commit(FsspecTier(hdfs_root), 5, 1)
+    pool = SlotPool(tmp_path / "oteacheck-job" / "rank-00000", 2)  # a new machine: nothing in memory
+    tiers = [MemoryTier(pool.directory), FsspecTier(hdfs_root, storage_options=FAST_FAIL),
+             FsspecTier(webhdfs_url(hdfs_cluster, hdfs_root))]
+    try:
+        hdfs_cluster.kill()
+        with caplog.at_level(logging.WARNING), pytest.raises(TiersUnreachableError) as stopped:
+            recover(tiers, 0, 1, single_rank_gather, Recorder)
+        message = str(stopped.value)
+        # it names each tier it could not list, with the cause, and what to do
+        assert f"{hdfs_root}: " in message and f"{tiers[2].name}: " in message and "Error" in message
+        assert "Restore access to the storage" in message and "without ckpt_path" in message
+        assert sum("cannot list checkpoints in" in r.message for r in caplog.records) == 2
+        # a tier that works and holds a step is still resumed from, as before
+        local = FsspecTier(str(tmp_path / "local"))
+        commit(local, 3, 1)
+        assert recover([*tiers, local], 0, 1, single_rank_gather, Recorder).step == 3
+    finally:
+        hdfs_cluster.start()
+    # nothing was lost: once HDFS is back, the same restart resumes from its newest step
+    result = recover(tiers, 0, 1, single_rank_gather, Recorder)
+    assert result.step == 5 and result.checkpoint.source == hdfs_root
+    pool.close(remove=True)
+
+
+def test_every_rank_stops_when_one_rank_could_not_list_a_tier(tmp_path):
+    """The ranks raise together (a rank that went on alone would wait forever in training's first collective)."""
+    pool = SlotPool(tmp_path / "oteacheck-job" / "rank-00000", 2)
+
+    def gather_with_rank_1(t: torch.Tensor) -> torch.Tensor:
+        # rank 1 holds no step either, and could not list one tier (the exchange of what each rank found: tiers it
+        # could not list, newest stranded step, its world size)
+        return torch.stack([t, torch.tensor([1, -1, 0]) if t.numel() == 3 else t])
+
+    with pytest.raises(TiersUnreachableError, match=r"rank\(s\) \[1\] could not list a tier \(see their logs\)"):
+        recover([MemoryTier(pool.directory)], 0, 2, gather_with_rank_1, Recorder)
     pool.close(remove=True)
 
 
