@@ -45,6 +45,8 @@ from .run import ROOT, result_name
 
 BUDGET = 0.05
 NARROW_BELOW = 0.8  # a run within the budget that used less of it than this is tried once at a shorter interval
+# seconds a run takes before its first iteration (model, DeepSpeed, warm-up) on a GPU host, for the time budget
+SETUP_S = 45.0
 
 
 def interval_within_budget(cost_ms: float, base_ms: float) -> int:
@@ -64,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", required=True, help=f"comma-separated, from {', '.join(METHODS)}")
     p.add_argument("--gpus", default="1", help="comma-separated GPU counts")
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--baseline-steps", type=int, default=None,
+                   help="iterations of the no-checkpointing runs (default --steps): a run at a long interval needs "
+                        "many iterations to hold 3 checkpoints, its baseline only enough for a stable mean")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--every-n-steps", default="1", help="comma-separated intervals to run every method at")
     p.add_argument("--persist-every-n-steps", type=int, default=50)
@@ -96,7 +101,7 @@ class Matrix:
         start = time.time()
         ends = [t for t in (args.deadline, start + args.budget_s if args.budget_s else None) if t]
         self.deadline = min(ends) if ends else None
-        self.durations: list[tuple[str, float]] = []
+        self.durations: list[tuple[str, float, int]] = []  # model, seconds (a recovery run's / 2.5), iterations
         self.log = self.out / "matrix-log.jsonl"
         self.recovery = set(METHODS) if args.recovery == "all" else {m for m in args.recovery.split(",") if m}
 
@@ -105,11 +110,15 @@ class Matrix:
     def remaining(self) -> float:
         return math.inf if self.deadline is None else self.deadline - time.time()
 
-    def estimate(self, model: str, recovery: bool) -> float:
-        same = [d for m, d in self.durations if m == model]
-        known = same or [d for _, d in self.durations]
+    def estimate(self, model: str, recovery: bool, steps: int) -> float:
+        """Seconds a run of ``steps`` iterations will take: a start-up, then the iterations at the rate the runs
+        so far had (a 2800-iteration run after a 400-iteration baseline is not the baseline's time again)."""
+        same = [(d, n) for m, d, n in self.durations if m == model]
+        known = same or [(d, n) for _, d, n in self.durations]
         if known:
-            guess = sorted(known)[len(known) // 2]
+            setup = min(SETUP_S, 0.5 * min(d for d, _ in known))
+            rates = sorted((d - setup) / max(n, 1) for d, n in known)
+            guess = setup + rates[len(rates) // 2] * steps
         else:
             guess = self.args.first_run_estimate or (20.0 if self.args.smoke else 60.0)
         return guess * (2.5 if recovery else 1.0)
@@ -129,16 +138,17 @@ class Matrix:
             return got
         recovery = method in self.recovery
         paired = bool(self.args.paired_block) and every == 1 and method in OTEACHECK_METHODS and method != "none"
-        scale = 2.0 if paired else 1.0  # twice the iterations
-        need = self.estimate(model, recovery) * scale
+        a = self.args
+        if steps is None:
+            steps = a.baseline_steps if a.baseline_steps and method in ("none", "none-deepspeed") else a.steps
+        steps *= 2 if paired else 1  # twice the iterations
+        need = self.estimate(model, recovery, steps)
         left = self.remaining()
         entry = {"tag": self.tag, "model": model, "method": method, "gpus": gpus, "every_n_steps": every}
         if need > left:
             self._log({**entry, "status": "skipped", "reason": f"time budget: needs about {need:.0f} s, {max(left, 0):.0f} s left"})
             print(f"[matrix] skip {model} {method} x{gpus} n={every}: needs ~{need:.0f}s, {max(left, 0):.0f}s left", flush=True)
             return None
-        a = self.args
-        steps = (steps or a.steps) * (2 if paired else 1)
         cmd = [sys.executable, "-m", "benchmarks.run", "--model", model, "--method", method, "--gpus", str(gpus),
                "--steps", str(steps), "--warmup", str(a.warmup), "--every-n-steps", str(every),
                "--persist-every-n-steps", str(a.persist_every_n_steps), "--staging-mib", str(a.staging_mib),
@@ -150,7 +160,7 @@ class Matrix:
         if paired:
             cmd += ["--paired-block", str(a.paired_block)]
         if a.run_seconds:
-            cmd += ["--max-seconds", str(a.run_seconds * scale)]
+            cmd += ["--max-seconds", str(a.run_seconds * (2 if paired else 1))]
         print(f"[matrix] run {model} {method} x{gpus} n={every} ({left:.0f}s left)", flush=True)
         if a.dry_run:
             print("  " + shlex.join(cmd))
@@ -160,7 +170,7 @@ class Matrix:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")) if p)
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         took = time.time() - started
-        self.durations.append((model, took / (2.5 if recovery else 1.0) / scale))
+        self.durations.append((model, took / (2.5 if recovery else 1.0), steps))
         path = self.out / result_name(model, method, gpus, every)
         result = json.loads(path.read_text()) if path.exists() else None
         status = result.get("status") if result else f"driver failed ({proc.returncode})"

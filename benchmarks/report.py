@@ -43,6 +43,14 @@ MODELS="gpt2-124m resnet50" VARIANTS=none,bubbles,bubbles+late ROUNDS=16 BUDGET_
     bash benchmarks/gpu_ablation.sh
 ```
 
+Issue 5's runs at given intervals (`model:method:interval`; a run holds three checkpoints, and its model's baseline
+runs `BASELINE_STEPS` iterations, 400 by default), packed into `$OUT/intervals.tar.gz`:
+
+```bash
+SPECS="gpt2-124m:checkfreq:700 vit-b16:sync-deepspeed:632" TAG=gpu-search23 BUDGET_S=540 OUT=/some/folder \
+    bash benchmarks/gpu_intervals.sh
+```
+
 Or by hand, on any machine with CUDA GPUs:
 
 ```bash

@@ -157,3 +157,18 @@ def test_a_slow_warm_up_is_cut_short_but_never_into_the_slots_creation():
     assert warmup_after(8) == 2  # cut at the earliest point allowed by default
     assert warmup_after(8, min_warmup=7) == 7  # e.g. OTeaCheck's slots: the first seven iterations stay warm-up
     assert warmup_after(5, min_warmup=7) == 12  # not reached yet: nothing cut
+
+
+def test_baselines_run_their_own_number_of_iterations_and_the_budget_scales_with_iterations(tmp_path, capsys):
+    argv = ["--models", "gpt2-124m", "--methods", "sync-torch-save", "--every-n-steps", "1400", "--steps", "2820",
+            "--baseline-steps", "400", "--out", str(tmp_path), "--tag", "t", "--dry-run"]
+    m = matrix_mod.Matrix(matrix_mod.parser().parse_args(argv))
+    m.main()
+    commands = [line for line in capsys.readouterr().out.splitlines() if "benchmarks.run" in line]
+    assert len(commands) == 2
+    assert "--method none-deepspeed" in commands[0] and "--steps 400 " in commands[0]
+    assert "--method sync-torch-save" in commands[1] and "--steps 2820 " in commands[1]
+    # a 400-iteration baseline took 105 s: 45 s of start-up, 0.15 s an iteration
+    m.durations.append(("gpt2-124m", 105.0, 400))
+    assert m.estimate("gpt2-124m", False, 2820) == pytest.approx(45 + 0.15 * 2820)
+    assert m.estimate("gpt2-124m", False, 400) == pytest.approx(105.0)
