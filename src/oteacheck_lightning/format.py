@@ -75,6 +75,9 @@ class Manifest:
     tensors: list[TensorRecord]
     state: Any
     job: str = ""
+    # the training run that wrote it (one id agreed by every rank at setup; a resumed job is a new run): a step is
+    # committed only from manifests of one run, never from a new rank's file beside a stale one of an abandoned run
+    run: str = ""
     created_unix: float = field(default_factory=time.time)
     format_version: int = FORMAT_VERSION
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +172,7 @@ class OTeaCheckpointIO(CheckpointIO):
         self.memory_slots = memory_slots
         self.memory_dir = Path(memory_dir or os.environ.get("OTEACHECK_MEMORY_DIR", DEFAULT_SHM_ROOT))
         self.job_id = job_id or os.environ.get("OTEACHECK_JOB_ID")
+        self.run_id = ""  # set by attach()
         self.schedules: list[PersistSchedule] = []
         self.root: str | None = None
         self.engine: SnapshotEngine | None = None
@@ -209,11 +211,13 @@ class OTeaCheckpointIO(CheckpointIO):
         if self.job_id is None:
             self.job_id = job_id_for(self.root)
 
-    def attach(self, state: DeepSpeedState, module: torch.nn.Module, rank: int, world_size: int) -> None:
-        """Called by the strategy once the DeepSpeed engine exists: opens the slots and starts the persister."""
+    def attach(self, state: DeepSpeedState, module: torch.nn.Module, rank: int, world_size: int, run_id: str | None = None) -> None:
+        """Called by the strategy once the DeepSpeed engine exists: opens the slots and starts the persister.
+        ``run_id``: this run's id, the same on every rank (a fresh one for a single process)."""
         if self.root is None:
             raise RuntimeError("OTeaCheckpointIO.configure() must run before attach(); add OTeaCheckpoint to the callbacks")
         self._state, self._module, self._rank, self._world_size = state, module, rank, world_size
+        self.run_id = run_id or uuid.uuid4().hex
         # metrics are modules of the LightningModule, created before fit; found once, not at every snapshot
         self._metric_modules = find_metrics(module)
         self._tiers = [FsspecTier(s.url or self.root, storage_options=s.storage_options) for s in self.schedules]
@@ -434,6 +438,7 @@ class OTeaCheckpointIO(CheckpointIO):
             tensors=pending.records + pending.rng_records,
             state={"main": pending.document, "rng": self._store_rng(pending)},
             job=self.job_id or "",
+            run=self.run_id,
         )
 
     def _land(self, pending: _Pending) -> None:
@@ -628,15 +633,9 @@ class OTeaCheckpointIO(CheckpointIO):
         job's persistent tiers belong to the abandoned run; they are taken out of sight (rank 0) and this rank's
         files of them removed, so they can never be committed together with the resumed run's files. Every rank
         does this before its first collective of the resumed run, so no rank writes a newer step before all
-        ranks cleaned up."""
-        for tier in self._tiers:
-            try:
-                removed = tier.discard_after(step, self._rank, world_size=self._world_size)
-            except Exception as err:  # a tier that is down now: its stale steps stay invisible or fail their digest
-                log.warning("could not remove steps after %d from %s: %s", step, tier.name, err)
-                continue
-            if removed:
-                log.info("removed this rank's files of steps %s from %s (newer than the resumed step)", removed, tier.name)
+        ranks cleaned up. A tier that is down now is cleaned up before this rank's next write to it."""
+        assert self._persister is not None, "attach() first"
+        self._persister.discard_after(step, self._rank)
 
     def recover(self, gather: Gather, url: str | None = None) -> dict[str, Any] | None:
         """The freshest checkpoint complete on every rank (a collective); ``None`` if there is none."""

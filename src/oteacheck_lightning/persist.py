@@ -57,9 +57,11 @@ class PersistentTier(Protocol):
 
     def write(self, manifest: Manifest, data: memoryview) -> None: ...
 
-    def try_commit(self, step: int, world_size: int) -> list[int]: ...
+    def try_commit(self, step: int, world_size: int, run: str | None = None) -> list[int]: ...
 
     def prune(self, rank: int, keep_last: int, coordinator: bool | None = None, world_size: int | None = None) -> list[int]: ...
+
+    def discard_after(self, step: int, rank: int, coordinator: bool | None = None, world_size: int | None = None) -> list[int]: ...
 
 
 def unsnapshotted_interval(every_n_steps: int | None, snapshot_every: int, snapshot_key: str = "snapshot_every_n_steps") -> str | None:
@@ -174,10 +176,13 @@ class _Target:
     pending: Slot | None = None  # pinned by request(), owned by the target until the thread takes it
     last_request: float = field(default_factory=time.monotonic)
     warned: bool = False
-    # coordinator only: step -> (world size, monotonic deadline)
-    commits: dict[int, tuple[int, float]] = field(default_factory=dict)
+    # coordinator only: step -> (world size, monotonic deadline, the run that wrote it)
+    commits: dict[int, tuple[int, float, str]] = field(default_factory=dict)
     # with several ranks: every_n_seconds as agreed step intervals, (from step, every n steps), newest last
     paced: list[tuple[int, int]] = field(default_factory=list)
+    # after a resume from this step while the tier was down: its newer steps belong to the abandoned run and are
+    # removed before this rank's next write to it
+    discard_after: int | None = None
 
 
 class Persister:
@@ -245,6 +250,23 @@ class Persister:
                 snapshots = max(1, round(t.schedule.every_n_seconds / (max(seconds_per_step, 1e-9) * step_multiple)))
                 t.paced = t.paced[-1:] + [(from_step, snapshots * step_multiple)]  # the previous one still applies before
                 t.stats.paced_every_n_steps = snapshots * step_multiple
+
+    def discard_after(self, step: int, rank: int) -> None:
+        """After resuming from ``step`` (training thread): each tier's newer steps belong to the abandoned run; they
+        are taken out of sight (rank 0) and this rank's files of them removed now, or, where the tier is down,
+        before this rank's next write to it. (Until then its stale files cannot be committed with the resumed run's:
+        a commit takes only manifests of one run.)"""
+        for t in self.targets:
+            try:
+                removed = t.tier.discard_after(step, rank, world_size=self.world_size)
+            except Exception as err:  # down now: done before the next write (_persist)
+                log.warning("could not remove steps after %d from %s now (%s: %s); they are removed before the next "
+                            "write to it", step, t.tier.name, type(err).__name__, err)
+                with self._cond:
+                    t.discard_after = step
+                continue
+            if removed:
+                log.info("removed this rank's files of steps %s from %s (newer than the resumed step)", removed, t.tier.name)
 
     def stats(self) -> dict[str, TargetStats]:
         return {t.tier.name: t.stats for t in self.targets}
@@ -320,6 +342,8 @@ class Persister:
                 try:
                     started = time.monotonic()
                     manifest = self._checksummed_manifest(slot)
+                    if target.discard_after is not None:
+                        self._discard_abandoned(target, manifest.rank)
                     target.tier.write(manifest, slot.memoryview(manifest.data_bytes))
                 except Exception as err:  # any storage error degrades persistence, never training
                     step = manifest.step if manifest is not None else slot.step
@@ -333,10 +357,19 @@ class Persister:
             self.pool.unpin(slot)
         if manifest.rank == 0:
             deadline = time.monotonic() + target.schedule.commit_timeout_seconds
-            target.commits[manifest.step] = (manifest.world_size, deadline)
+            target.commits[manifest.step] = (manifest.world_size, deadline, manifest.run)
             target.stats.uncommitted = len(target.commits)
         elif target.schedule.keep_last is not None:
             self._prune(target, manifest.rank)
+
+    def _discard_abandoned(self, target: _Target, rank: int) -> None:
+        """The removal :meth:`discard_after` could not do at the resume; raises while the tier is still down."""
+        assert target.discard_after is not None
+        removed = target.tier.discard_after(target.discard_after, rank, world_size=self.world_size)
+        if removed:
+            log.warning("removed this rank's files of steps %s from %s (newer than the resumed step %d), now that it "
+                        "can be written", removed, target.tier.name, target.discard_after)
+        target.discard_after = None
 
     def _backoff(self, target: _Target, seconds: float) -> bool:
         """Sleeps before a retry; False when the retry is pointless (closing, or a newer snapshot is due)."""
@@ -355,9 +388,9 @@ class Persister:
             for step in sorted(target.commits):
                 if step not in target.commits:
                     continue  # dropped below as superseded
-                world_size, deadline = target.commits[step]
+                world_size, deadline, run = target.commits[step]
                 try:
-                    missing = target.tier.try_commit(step, world_size)
+                    missing = target.tier.try_commit(step, world_size, run)
                 except Exception as err:
                     self._record_failure(target, err, step, 0)
                     break

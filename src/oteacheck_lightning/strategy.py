@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -240,7 +241,8 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         if trainer.state.fn != "fit":
             return
         self._ds_state = DeepSpeedState(self.deepspeed_engine)
-        self.checkpoint_io.attach(self._ds_state, self.lightning_module, self.global_rank, self.world_size)
+        run_id = self.broadcast(uuid.uuid4().hex)  # one id for this run's manifests on every rank
+        self.checkpoint_io.attach(self._ds_state, self.lightning_module, self.global_rank, self.world_size, run_id)
         self.bus.subscribe(self.checkpoint_io.on_phase)
         install_bucket_hook(self.deepspeed_engine, lambda k: self.bus.emit(Phase.BUCKET_REDUCED, self._iteration_step, bucket=k))
         update = install_update_hook(self._ds_state.base, lambda: self.bus.emit(Phase.BEFORE_UPDATE, self._iteration_step))

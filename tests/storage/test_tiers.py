@@ -116,6 +116,23 @@ def test_a_rank_rewriting_a_committed_step_reads_as_corrupt_never_as_a_mix(tier_
     assert tier.read(7, 1).manifest.data_bytes == manifest.data_bytes
 
 
+def test_a_commit_takes_only_manifests_of_one_run_never_a_stale_file_of_an_abandoned_one(tier_url):
+    tier = FsspecTier(tier_url)
+
+    def write(rank: int, run: str) -> None:
+        manifest, view = rank_checkpoint(10, rank)
+        tier.write(dataclasses.replace(manifest, run=run), view)
+
+    write(0, "abandoned")
+    write(1, "abandoned")  # a rank whose tier was down at the resume has not removed this one yet
+    write(0, "resumed")
+    assert tier.try_commit(10, 2, run="resumed") == [1]
+    assert not tier.checkpoint(10).is_committed()
+    write(1, "resumed")
+    assert tier.try_commit(10, 2, run="resumed") == []
+    assert {tier.read(10, r).manifest.run for r in range(2)} == {"resumed"}
+
+
 def test_the_explicit_checkpoint_marker_is_the_same_commit_concept(tmp_path):
     # strategy.save_checkpoint writes COMMIT with the step and the world size; readers accept it as committed
     tier = FsspecTier(str(tmp_path))
@@ -310,6 +327,31 @@ def seal(pool: SlotPool, step: int, rank: int, world_size: int, numel: int = 400
     assert slot is not None, "training would have had to skip a snapshot"
     slot.memoryview(manifest.data_bytes)[:] = view
     pool.seal(slot, manifest)
+
+
+def test_steps_of_the_abandoned_run_on_a_tier_down_at_the_resume_go_before_the_next_write_to_it(hdfs_cluster, hdfs_root, tmp_path, caplog):
+    tier = FsspecTier(hdfs_root, storage_options=FAST_FAIL)
+    for step in (4, 8):
+        commit(tier, step, 1)  # the interrupted run persisted step 8; the restart resumed from step 4 (from disk)
+    pool = SlotPool(tmp_path / "shm", 4)
+    persister = Persister(pool, [(tier, PersistSchedule(every_n_steps=1))], retries=2, backoff_seconds=0.2, world_size=1)
+    try:
+        hdfs_cluster.kill()
+        with caplog.at_level(logging.WARNING):
+            persister.discard_after(4, 0)
+        assert f"could not remove steps after 4 from {hdfs_root} now" in caplog.text
+        hdfs_cluster.start()
+        seal(pool, 5, 0, 1)
+        persister.request(5)
+        assert persister.drain(60)
+        # step 8 of the abandoned run is gone before the resumed run's first step there
+        assert FsspecTier(hdfs_root).commits() == {4: 1, 5: 1}
+        assert "removed this rank's files of steps [8]" in caplog.text
+    finally:
+        if not hdfs_cluster.running:
+            hdfs_cluster.start()
+        persister.close(drain=False)
+        pool.close(remove=True)
 
 
 class HeldTier(FsspecTier):

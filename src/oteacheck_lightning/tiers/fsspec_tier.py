@@ -187,10 +187,11 @@ class CheckpointDir:
         else:
             self._put(f"{self.path}/{name}", [payload])
 
-    def try_commit(self, step: int, world_size: int) -> list[int]:
+    def try_commit(self, step: int, world_size: int, run: str | None = None) -> list[int]:
         """Coordinator: writes ``COMMIT`` if every rank's manifest of ``step`` is there; returns the ranks still
         missing (empty once committed). A manifest that does not parse yet (a store without atomic rename, read
-        while being written) counts as missing."""
+        while being written) counts as missing, and so, with ``run``, does one another run wrote (a rank's stale
+        file of an abandoned run, which that rank has not yet replaced)."""
         digests: dict[str, str] = {}
         missing: list[int] = []
         for rank in range(world_size):
@@ -198,6 +199,9 @@ class CheckpointDir:
                 raw = self.fs.cat_file(self.manifest_path(rank))
                 manifest = Manifest.from_json(raw)
             except (FileNotFoundError, CheckpointFormatError):
+                missing.append(rank)
+                continue
+            if run is not None and manifest.run != run:
                 missing.append(rank)
                 continue
             if manifest.step != step or manifest.rank != rank or manifest.world_size != world_size:
@@ -367,8 +371,8 @@ class FsspecTier:
     def write(self, manifest: Manifest, data: memoryview) -> None:
         self.checkpoint(manifest.step).write_rank(manifest, data)
 
-    def try_commit(self, step: int, world_size: int) -> list[int]:
-        return self.checkpoint(step).try_commit(step, world_size)
+    def try_commit(self, step: int, world_size: int, run: str | None = None) -> list[int]:
+        return self.checkpoint(step).try_commit(step, world_size, run)
 
     def prune(self, rank: int, keep_last: int, coordinator: bool | None = None, world_size: int | None = None) -> list[int]:
         """Keeps the newest ``keep_last`` committed steps and removes this rank's files of older steps.
