@@ -257,16 +257,13 @@ class Persister:
         before this rank's next write to it. (Until then its stale files cannot be committed with the resumed run's:
         a commit takes only manifests of one run.)"""
         for t in self.targets:
+            with self._cond:
+                t.discard_after = step
             try:
-                removed = t.tier.discard_after(step, rank, world_size=self.world_size)
+                self._discard_abandoned(t, rank, logging.INFO)
             except Exception as err:  # down now: done before the next write (_persist)
                 log.warning("could not remove steps after %d from %s now (%s: %s); they are removed before the next "
                             "write to it", step, t.tier.name, type(err).__name__, err)
-                with self._cond:
-                    t.discard_after = step
-                continue
-            if removed:
-                log.info("removed this rank's files of steps %s from %s (newer than the resumed step)", removed, t.tier.name)
 
     def stats(self) -> dict[str, TargetStats]:
         return {t.tier.name: t.stats for t in self.targets}
@@ -343,7 +340,7 @@ class Persister:
                     started = time.monotonic()
                     manifest = self._checksummed_manifest(slot)
                     if target.discard_after is not None:
-                        self._discard_abandoned(target, manifest.rank)
+                        self._discard_abandoned(target, manifest.rank, logging.WARNING)
                     target.tier.write(manifest, slot.memoryview(manifest.data_bytes))
                 except Exception as err:  # any storage error degrades persistence, never training
                     step = manifest.step if manifest is not None else slot.step
@@ -362,13 +359,14 @@ class Persister:
         elif target.schedule.keep_last is not None:
             self._prune(target, manifest.rank)
 
-    def _discard_abandoned(self, target: _Target, rank: int) -> None:
-        """The removal :meth:`discard_after` could not do at the resume; raises while the tier is still down."""
+    def _discard_abandoned(self, target: _Target, rank: int, level: int) -> None:
+        """Removes ``target``'s steps newer than its ``discard_after`` (see :meth:`discard_after`); raises, leaving
+        it due, while the tier is down."""
         assert target.discard_after is not None
         removed = target.tier.discard_after(target.discard_after, rank, world_size=self.world_size)
         if removed:
-            log.warning("removed this rank's files of steps %s from %s (newer than the resumed step %d), now that it "
-                        "can be written", removed, target.tier.name, target.discard_after)
+            log.log(level, "removed this rank's files of steps %s from %s (newer than the resumed step %d)",
+                    removed, target.tier.name, target.discard_after)
         target.discard_after = None
 
     def _backoff(self, target: _Target, seconds: float) -> bool:
