@@ -8,19 +8,8 @@
 # call's log); publish with python -m benchmarks.report after copying results/*.json to docs/benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-START=$(date +%s)
-DEADLINE=$((START + ${BUDGET_S:-520}))
-OUT=${OUT:-$PWD/bench-out}
-WORK=$(mktemp -d)
-PY=${PYTHON:-python3}
-mkdir -p "$WORK/results" "$OUT"
-exec > >(tee -a "$WORK/call.log") 2>&1
-pack() { tar -C "$WORK" -czf "$OUT/ablation.tar.gz" .; }
-trap pack EXIT
-source benchmarks/gpu_env.sh
-export OTEACHECK_COMMIT=${OTEACHECK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-$PY -c 'import torch, deepspeed, lightning; print(torch.__version__, deepspeed.__version__, lightning.__version__, torch.cuda.get_device_name(0))'
-lscpu | grep -E "Model name|^CPU\(s\)"
+ARCHIVE=ablation.tar.gz BUDGET_S=${BUDGET_S:-520}
+source benchmarks/gpu_call.sh
 for model in ${MODELS:-gpt2-124m resnet50}; do
     left=$((DEADLINE - $(date +%s)))
     # a model's run takes 45-90 s on an H100 at 16 rounds of two policies

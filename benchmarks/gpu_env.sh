@@ -1,6 +1,6 @@
-# Sourced by the GPU machine's benchmark scripts (gpu_run.sh, gpu_ablation.sh), from the repository root, with $PY
-# set: installs the wheels carried in .whl/ (scripts/device_wheels.sh) into /tmp/site, puts them and the sources on
-# PYTHONPATH, and moves the snapshot slots to disk where /dev/shm is too small.
+# Sourced by the GPU machine's benchmark scripts (gpu_run.sh, and gpu_call.sh for the packed calls), from the
+# repository root, with $PY set: installs the wheels carried in .whl/ (scripts/device_wheels.sh) into /tmp/site, puts
+# them and the sources on PYTHONPATH, and moves the snapshot slots to disk where /dev/shm is too small.
 echo "== installing wheels from .whl/ into /tmp/site"
 $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || echo "!! wheel install failed"
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD

@@ -10,19 +10,8 @@
 # and running python -m benchmarks.report.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-START=$(date +%s)
-DEADLINE=$((START + ${BUDGET_S:-540}))
-OUT=${OUT:-$PWD/bench-out}
-WORK=$(mktemp -d)
-PY=${PYTHON:-python3}
-mkdir -p "$WORK/results" "$OUT"
-exec > >(tee -a "$WORK/call.log") 2>&1
-pack() { tar -C "$WORK" -czf "$OUT/intervals.tar.gz" .; }
-trap pack EXIT
-source benchmarks/gpu_env.sh
-export OTEACHECK_COMMIT=${OTEACHECK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-$PY -c 'import torch, deepspeed, lightning; print(torch.__version__, deepspeed.__version__, lightning.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")'
-lscpu | grep -E "Model name|^CPU\(s\)"
+ARCHIVE=intervals.tar.gz BUDGET_S=${BUDGET_S:-540}
+source benchmarks/gpu_call.sh
 for spec in ${SPECS:?model:method:interval ...}; do
     IFS=: read -r model method every <<< "$spec"
     left=$((DEADLINE - $(date +%s)))
