@@ -38,7 +38,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .methods import METHODS, OTEACHECK_METHODS, baseline_of
+from .methods import BASELINES, METHODS, OTEACHECK_METHODS, baseline_of
 from .models import MODELS
 from .models import SMOKE as SMOKE_MODELS
 from .run import ROOT, result_name
@@ -140,7 +140,7 @@ class Matrix:
         paired = bool(self.args.paired_block) and every == 1 and method in OTEACHECK_METHODS and method != "none"
         a = self.args
         if steps is None:
-            steps = a.baseline_steps if a.baseline_steps and method in ("none", "none-deepspeed") else a.steps
+            steps = a.baseline_steps if a.baseline_steps and method in BASELINES else a.steps
         steps *= 2 if paired else 1  # twice the iterations
         need = self.estimate(model, recovery, steps)
         left = self.remaining()
@@ -212,7 +212,7 @@ class Matrix:
                         jobs.append((model, b, gpus, 1))
                 for every in [int(e) for e in a.every_n_steps.split(",")]:
                     for m in methods:
-                        if m not in ("none", "none-deepspeed"):
+                        if m not in BASELINES:
                             jobs.append((model, m, gpus, every))
         return jobs
 
@@ -245,7 +245,7 @@ class Matrix:
     def fill(self) -> None:
         results = self.results()
         base = {(d["model"], d["gpus"], d["method"]): d for _, d in results
-                if d.get("status") == "ok" and d["method"] in ("none", "none-deepspeed")}
+                if d.get("status") == "ok" and d["method"] in BASELINES}
         for path, d in results:
             if d.get("status") != "ok":
                 continue
@@ -269,7 +269,7 @@ class Matrix:
                 d["overhead"] = d["overhead_median"] = d["overhead_paired"]
             if d.get("peak_gpu_mib") is not None and b.get("peak_gpu_mib") is not None:
                 d["extra_gpu_mib"] = d["peak_gpu_mib"] - b["peak_gpu_mib"]
-            if d["method"] not in ("none", "none-deepspeed") and d.get("checkpoints") and d.get("overhead_paired") is None:
+            if d["method"] not in BASELINES and d.get("checkpoints") and d.get("overhead_paired") is None:
                 # the time checkpointing added per checkpoint, all effects included (the host stall is only part)
                 extra_ms = (d["iter_ms_mean"] - b["iter_ms_mean"]) * d["steps_measured"]
                 d["cost_ms_per_checkpoint"] = extra_ms / d["checkpoints"]
@@ -279,7 +279,7 @@ class Matrix:
 
     def search(self) -> None:
         for path, d in self.results():
-            if d.get("status") != "ok" or d["method"] in ("none", "none-deepspeed") or d.get("every_n_steps_requested", d["every_n_steps"]) != 1:
+            if d.get("status") != "ok" or d["method"] in BASELINES or d.get("every_n_steps_requested", d["every_n_steps"]) != 1:
                 continue
             model, method, gpus = d["model"], d["method"], d["gpus"]
             if method == "checkfreq":

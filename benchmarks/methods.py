@@ -35,6 +35,7 @@ OTEACHECK_METHODS = ("none", "oteacheck", "oteacheck-naive", "oteacheck-eager")
 DEEPSPEED_METHODS = ("none-deepspeed", "sync-torch-save", "sync-deepspeed", "checkfreq", "torchsnapshot", "dcp-async",
                      "lightning-async")
 METHODS = OTEACHECK_METHODS + DEEPSPEED_METHODS
+BASELINES = ("none", "none-deepspeed")  # the no-checkpointing runs, one per strategy
 # recovery from a restart: which tiers each method can resume from
 RECOVERY = {"oteacheck": ("memory", "disk"), "oteacheck-naive": ("memory", "disk"), "oteacheck-eager": ("memory", "disk"),
             "sync-torch-save": ("disk",), "sync-deepspeed": ("disk",), "checkfreq": ("disk",), "dcp-async": ("disk",)}
