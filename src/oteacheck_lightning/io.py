@@ -46,7 +46,7 @@ from .engine import DEFAULT_STAGING_MIB, EngineStats, SnapshotEngine
 from .format import Manifest, TensorRecord, load_tensors, plan_layout, with_checksums
 from .persist import Persister, PersistSchedule, TargetStats
 from .plan import MiB
-from .recovery import Gather, recover, take_in_every_rank
+from .recovery import Gather, newest_held, recover, take_in_every_rank
 from .reshard import Repartition
 from .scheduler import SchedulePolicy, WindowKey
 from .slots import DEFAULT_SHM_ROOT, Slot, SlotPool, job_id_for, rank_folder
@@ -627,6 +627,10 @@ class OTeaCheckpointIO(CheckpointIO):
             return [FsspecTier(url, storage_options=self.storage_options_for(url))]
         tiers: list[Any] = [self.memory_tier] if self._pool is not None else []
         return tiers + list(self._tiers)
+
+    def newest_held(self) -> tuple[int, str | None]:
+        """The newest step of which this rank finds any part in this job's tiers, and where (``(-1, None)``: none)."""
+        return newest_held(self.tiers_for_recovery(), self._rank, self._world_size)
 
     def discard_persisted_after(self, step: int) -> None:
         """After resuming from ``step`` (training thread, before the next iteration): steps newer than it in this

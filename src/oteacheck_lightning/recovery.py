@@ -64,6 +64,12 @@ class StrandedCheckpointError(RuntimeError):
     here (snapshots in the shared memory of several machines), so this run can neither use nor re-partition them."""
 
 
+class CheckpointsExistError(RuntimeError):
+    """A fit started without ``ckpt_path`` in a checkpoint folder that already holds checkpoints: it would train
+    from step 0 over them, and its retention would remove the newer ones' older neighbours and then its own steps
+    (they are older than the earlier run's), so a later ``ckpt_path="last"`` would go back to the earlier run."""
+
+
 class TiersUnreachableError(RuntimeError):
     """No checkpoint was found, but a tier could not be listed on some rank: it may hold the run's checkpoints, and
     training from step 0 would throw them away (and later write over their step numbers)."""
@@ -98,6 +104,21 @@ def _list_steps(tiers: Sequence[Tier], rank: int, world_size: int) -> _Listing:
             if size != world_size:
                 foreign.setdefault(step, []).append((tier, size))
     return listing
+
+
+def newest_held(tiers: Sequence[Tier], rank: int, world_size: int) -> tuple[int, str | None]:
+    """The newest step of which this rank finds any part in ``tiers`` (at any world size), and the first tier
+    holding it; ``(-1, None)`` when there is none. A tier that cannot be listed is skipped (with a warning)."""
+    listing = _list_steps(tiers, rank, world_size)
+    newest, where = -1, None
+    for step, held in listing.holders.items():
+        if step > newest:
+            newest, where = step, held[0].name
+    for step, copies in listing.foreign.items():
+        if step > newest:
+            newest, where = step, copies[0][0].name
+    stranded = max(listing.stranded, default=-1)  # parts at another world size, in this machine's shared memory
+    return (stranded, "shared memory") if stranded > newest else (newest, where)
 
 
 def agree_on_step(steps: set[int], gather: Gather) -> int | None:

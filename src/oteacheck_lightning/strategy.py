@@ -34,6 +34,7 @@ from .bubbles import BubbleBus, Phase, find_blocks, install_block_hooks
 from .deepspeed_state import DeepSpeedState, install_bucket_hook, install_update_hook
 from .io import PRIVATE_KEY, OTeaCheckpointIO
 from .lightning_state import LightningStateDump
+from .recovery import CheckpointsExistError
 from .scheduler import WindowKey
 from .tiers import CheckpointDir
 from .training_state import restore_metrics, restore_rng
@@ -137,6 +138,7 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         self._ds_state: DeepSpeedState | None = None
         self._restore_at_next_iteration: tuple[dict, dict] | None = None
         self.resumed_from: dict[str, Any] | None = None
+        self._asked_to_resume = False  # this fit was given a ckpt_path (load_checkpoint ran)
         self._in_training_forward = False
         # set per iteration: the block events the checkpoint IO needs (None: all of them)
         self._block_windows: frozenset[WindowKey] | None = None
@@ -241,6 +243,7 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         if trainer.state.fn != "fit":
             return
         self._ds_state = DeepSpeedState(self.deepspeed_engine)
+        self._asked_to_resume = False
         run_id = self.broadcast(uuid.uuid4().hex)  # one id for this run's manifests on every rank
         self.checkpoint_io.attach(self._ds_state, self.lightning_module, self.global_rank, self.world_size, run_id)
         self.bus.subscribe(self.checkpoint_io.on_phase)
@@ -267,6 +270,8 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
 
     def on_train_start(self) -> None:
         super().on_train_start()
+        if not self._asked_to_resume:
+            self._refuse_to_train_over_checkpoints()
         loader_position.track(self.lightning_module.trainer)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -362,6 +367,26 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
             return tensor.unsqueeze(0)
         return self.all_gather(tensor.to(self.root_device)).cpu()
 
+    def _refuse_to_train_over_checkpoints(self) -> None:
+        """A fit without ``ckpt_path`` stops, on every rank alike (a collective), before its first snapshot where
+        this job's tiers already hold checkpoints: nothing of them is written over or removed."""
+        io = self.checkpoint_io
+        step, where = io.newest_held()
+        found = self._gather(torch.tensor([step], dtype=torch.int64)).view(-1).tolist()
+        newest = max(found)
+        if newest < 0:
+            return
+        holder = found.index(newest)
+        place = where if holder == self.global_rank else f"a tier of rank {holder}"
+        raise CheckpointsExistError(
+            f"this fit was started without ckpt_path, but its checkpoint folder {io.root} already holds checkpoints "
+            f"(the newest: step {newest}, in {place}). Training from step 0 there would mix two runs: the persisted "
+            "steps' retention would remove this run's steps as older than the earlier run's, and ckpt_path=\"last\" "
+            "would go back to the earlier run. To continue it, pass ckpt_path=\"last\". To start over, give "
+            "OTeaCheckpoint another dirpath, or first remove the earlier run's checkpoints (the folders of its "
+            f"persistent tiers, and its in-memory snapshots: oteacheck memory --remove {io.job_id})."
+        )
+
     def _every_rank(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank (a collective): the ranks then take the same path."""
         return bool(self._gather(torch.tensor([int(flag)], dtype=torch.int64)).min().item())
@@ -370,6 +395,7 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         """Loads ``checkpoint_path`` (or, for ``"last"``, recovers) and restores the engine in place."""
         from .callback import OTeaCheckpoint
 
+        self._asked_to_resume = True
         path = str(checkpoint_path)
         trainer = self.lightning_module.trainer
         anchors = {cb.root for cb in trainer.callbacks if isinstance(cb, OTeaCheckpoint) and cb.root is not None}
