@@ -78,6 +78,10 @@ class Manifest:
     # the training run that wrote it (one id agreed by every rank at setup; a resumed job is a new run): a step is
     # committed only from manifests of one run, never from a new rank's file beside a stale one of an abandoned run
     run: str = ""
+    # where this run's line of training left earlier runs, oldest first: [run, step] for each resume, from ``step``
+    # of ``run``. That run's newer steps were abandoned then, and recovery never takes them, wherever they still lie
+    # (a tier that was down at the resume keeps them until this line writes there)
+    forks: list = field(default_factory=list)
     created_unix: float = field(default_factory=time.time)
     format_version: int = FORMAT_VERSION
 
@@ -113,6 +117,10 @@ class Manifest:
 
     def validate(self) -> None:
         """Checks that every record lies inside the data object and agrees with its dtype and shape."""
+        if not isinstance(self.forks, list) or not all(
+            isinstance(f, list) and len(f) == 2 and isinstance(f[0], str) and isinstance(f[1], int) for f in self.forks
+        ):
+            raise CheckpointFormatError(f"manifest's forks are not a list of [run, step]: {self.forks!r}")
         for r in self.tensors:
             numel = 1
             for dim in r.shape:

@@ -87,6 +87,9 @@ class _Pending:
 
 
 MIN_MEMORY_SLOTS = 3
+# the forks a manifest keeps (Manifest.forks): the newest 64, so a manifest stays small however often a job resumes
+# (a step left behind 64 resumes ago would have to lie in a tier that stayed down through all of them)
+MAX_FORKS = 64
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,7 @@ class OTeaCheckpointIO(CheckpointIO):
         self.memory_dir = Path(memory_dir or os.environ.get("OTEACHECK_MEMORY_DIR", DEFAULT_SHM_ROOT))
         self.job_id = job_id or os.environ.get("OTEACHECK_JOB_ID")
         self.run_id = ""  # set by attach()
+        self.forks: list[list] = []  # where this run's line left earlier runs (Manifest.forks); set at a resume
         self.schedules: list[PersistSchedule] = []
         self.root: str | None = None
         self.engine: SnapshotEngine | None = None
@@ -218,6 +222,7 @@ class OTeaCheckpointIO(CheckpointIO):
             raise RuntimeError("OTeaCheckpointIO.configure() must run before attach(); add OTeaCheckpoint to the callbacks")
         self._state, self._module, self._rank, self._world_size = state, module, rank, world_size
         self.run_id = run_id or uuid.uuid4().hex
+        self.forks = []  # a fresh line until a resume says otherwise (continue_line)
         # metrics are modules of the LightningModule, created before fit; found once, not at every snapshot
         self._metric_modules = find_metrics(module)
         self._tiers = [FsspecTier(s.url or self.root, storage_options=s.storage_options) for s in self.schedules]
@@ -439,6 +444,7 @@ class OTeaCheckpointIO(CheckpointIO):
             state={"main": pending.document, "rng": self._store_rng(pending)},
             job=self.job_id or "",
             run=self.run_id,
+            forks=self.forks,
         )
 
     def _land(self, pending: _Pending) -> None:
@@ -551,7 +557,8 @@ class OTeaCheckpointIO(CheckpointIO):
         buffer = torch.empty(data_bytes, dtype=torch.uint8)
         HostCopier().start(buffer, records, [t for _, t in named])
         manifest = Manifest(int(checkpoint.get("global_step", -1)), self._rank, self._world_size, data_bytes, records,
-                            {"main": document, "rng": rng_doc}, job=self.job_id or "")
+                            {"main": document, "rng": rng_doc}, job=self.job_id or "", run=self.run_id,
+                            forks=self.forks)
         view = memoryview(buffer.numpy())
         CheckpointDir.from_url(path).write_rank(with_checksums(manifest, view), view)
 
@@ -632,6 +639,13 @@ class OTeaCheckpointIO(CheckpointIO):
         """The newest step of which this rank finds any part in this job's tiers, and where (``(-1, None)``: none)."""
         return newest_held(self.tiers_for_recovery(), self._rank, self._world_size)
 
+    def continue_line(self, step: int, origin: list) -> None:
+        """After resuming from ``step`` of the run ``origin`` names (``[run, forks]`` of the checkpoint, the same on
+        every rank): this run's manifests carry that line's forks and this one, so that recovery never takes a step
+        the earlier run wrote after ``step`` (kept by a tier that is down now, say). The newest ``MAX_FORKS``."""
+        run, forks = origin
+        self.forks = (list(forks) + [[run, step]])[-MAX_FORKS:]
+
     def discard_persisted_after(self, step: int) -> None:
         """After resuming from ``step`` (training thread, before the next iteration): steps newer than it in this
         job's persistent tiers belong to the abandoned run; they are taken out of sight (rank 0) and this rank's
@@ -683,6 +697,7 @@ class OTeaCheckpointIO(CheckpointIO):
         checkpoint[PRIVATE_KEY] = {
             "step": manifest.step,
             "source": loaded.source,
+            "origin": [manifest.run, manifest.forks],
             "engine": engine,
             "deepspeed": deepspeed,
             "metrics": main["metrics"],

@@ -8,7 +8,9 @@ Commit protocol as recovery reads it:
    found anywhere, recovery stops with the tiers' errors rather than start afresh over checkpoints it could not see
    (a missing root is no error: a first run finds nothing and starts);
 2. the ranks exchange those lists (a collective on the training thread) and take the newest step that every rank
-   holds somewhere;
+   holds somewhere. A step of an abandoned timeline does not count: one a run wrote after the step that a later
+   run resumed from (every manifest names the run that wrote it and where that run's line left earlier runs, its
+   forks), as a tier that was down at that resume still holds until the resumed line writes there;
 3. each rank reads that step from its fastest tier that holds it and verifies the checksums, falling back to the
    next tier on a corrupt copy;
 4. the ranks exchange success; if any rank could not load the step, every rank drops it and goes back to 2.
@@ -27,13 +29,13 @@ never run in a background thread (invariant 8).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from .tiers.base import LoadedRankCheckpoint, Tier
+from .tiers.base import Holdings, LoadedRankCheckpoint, Origin, Tier
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +68,8 @@ class StrandedCheckpointError(RuntimeError):
 
 class CheckpointsExistError(RuntimeError):
     """A fit started without ``ckpt_path`` in a checkpoint folder that already holds checkpoints: it would train
-    from step 0 over them, and its retention would remove the newer ones' older neighbours and then its own steps
-    (they are older than the earlier run's), so a later ``ckpt_path="last"`` would go back to the earlier run."""
+    from step 0 beside them, retention would remove its persisted steps as older than the earlier run's, and a later
+    ``ckpt_path="last"`` would go back to the earlier run."""
 
 
 class TiersUnreachableError(RuntimeError):
@@ -85,16 +87,34 @@ class _Listing:
     unreachable: list[str]  # "tier: error" of each tier that could not be listed
 
 
+def abandoned_after(origins: Iterable[Origin]) -> dict[str, int]:
+    """Each run that a later run's line left, with the step it was left at (the earliest, if several lines left
+    it): that run's newer steps belong to an abandoned timeline."""
+    cut: dict[str, int] = {}
+    for origin in origins:
+        for run, step in origin.forks:
+            cut[run] = min(step, cut.get(run, step))
+    return cut
+
+
 def _list_steps(tiers: Sequence[Tier], rank: int, world_size: int) -> _Listing:
     listing = _Listing({}, {}, {}, [])
     holders, foreign, stranded = listing.holders, listing.foreign, listing.stranded
+    found: list[tuple[Tier, Holdings]] = []
     for tier in sorted(tiers, key=lambda t: t.speed):
         try:
-            commits, whole = tier.holdings(rank)
+            found.append((tier, tier.holdings(rank)))
         except Exception as err:  # unreachable: it holds nothing for this recovery (a missing root lists empty)
             log.warning("cannot list checkpoints in %s: %s: %s", tier.name, type(err).__name__, err)
             listing.unreachable.append(f"{tier.name}: {type(err).__name__}: {err}")
-            continue
+    cut = abandoned_after(origin for _, held in found for origin in held.origins.values())
+    for tier, held in found:
+        gone = {step for step, origin in held.origins.items() if origin.run in cut and step > cut[origin.run]}
+        for step in sorted(gone):
+            log.warning("step %d in %s is of a run that a later run resumed from step %d: a step of an abandoned "
+                        "timeline, not resumed from", step, tier.name, cut[held.origins[step].run])
+        commits = {step: size for step, size in held.mine.items() if step not in gone}
+        whole = {step: size for step, size in held.whole.items() if step not in gone}
         for step, size in commits.items():
             if size == world_size:
                 holders.setdefault(step, []).append(tier)

@@ -415,6 +415,8 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
         assert self._ds_state is not None
         self._ds_state.restore(private["engine"], private["deepspeed"])
         self._restore_at_next_iteration = (private["rng"], private["metrics"])
+        # rank 0's origin: one fork on every rank, whichever tier each rank read the step from
+        io.continue_line(private["step"], self.broadcast(private["origin"]))
         io.discard_snapshots_after(private["step"])
         io.discard_persisted_after(private["step"])
         self.resumed_from = {"step": private["step"], "source": private["source"]}

@@ -4,9 +4,11 @@ memory and local disk, killed with SIGKILL and resumed with ckpt_path="last"."""
 import json
 import random
 import shutil
+import subprocess
 
 import pytest
 
+from oteacheck_lightning.tiers import FsspecTier, Origin
 from tests.support import harness
 
 pytestmark = pytest.mark.multiprocess
@@ -53,6 +55,19 @@ def test_resume_from_the_last_step_of_an_epoch_keeps_the_next_epochs_data_order(
     env = harness.environment(f"epoch-end-{tmp_path.name}", tmp_path / "shm")
     with pytest.raises(AssertionError, match="training failed"):
         harness.run(tmp_path / "root", tmp_path / "out", env, stage=1, kill_at=17, **COMMON)
+    # a fit without ckpt_path in the same folder stops on both ranks before its first snapshot, and loses nothing
+    # (the resume below is bit-exact from step 16, in shared memory)
+    disk = sorted(p.name for p in (tmp_path / "root").rglob("*"))
+    fresh = subprocess.run(harness.command(tmp_path / "root", tmp_path / "fresh", stage=1, **COMMON), env=env,
+                           capture_output=True, text=True, timeout=600, start_new_session=True)
+    assert fresh.returncode != 0
+    for rank in range(2):
+        assert f"[rank{rank}]: oteacheck_lightning.recovery.CheckpointsExistError: this fit was started without " \
+               f"ckpt_path, but its checkpoint folder {tmp_path / 'root'} already holds checkpoints (the newest: " \
+               "step 16, in " in fresh.stderr, fresh.stderr[-3000:]
+    assert 'To continue it, pass ckpt_path="last"' in fresh.stderr
+    assert not harness.steps_logged(tmp_path / "fresh")
+    assert sorted(p.name for p in (tmp_path / "root").rglob("*")) == disk
     harness.run(tmp_path / "root", tmp_path / "out", env, stage=1, ckpt_path="last", **COMMON)
     assert [harness.resumed_from(tmp_path / "out", r)["step"] for r in range(2)] == [16, 16]
     harness.assert_bit_identical(reference, tmp_path / "out", ranks=2)
@@ -112,6 +127,12 @@ def test_after_a_node_loss_the_disk_checkpoint_is_taken(tmp_path, references):
     resumed = [harness.resumed_from(tmp_path / "out", r) for r in range(2)]
     assert resumed[0] == resumed[1] == {"step": 10, "source": str(tmp_path / "root")}
     harness.assert_bit_identical(references(2), tmp_path / "out", ranks=2)
+    # the resumed run's steps say where its line left the killed run's (so that no later recovery takes a step the
+    # killed run wrote after step 10, from a tier that was down at this resume)
+    origins = FsspecTier(str(tmp_path / "root")).holdings(0).origins  # kept: 15, 20 and the end's 24
+    (killed, at), = origins[15].forks
+    assert at == 10 and killed and killed != origins[15].run
+    assert set(origins.values()) == {Origin(origins[15].run, ((killed, 10),))}
 
 
 def test_disk_checkpoint_after_node_loss_and_kill_during_a_local_write(tmp_path, references):

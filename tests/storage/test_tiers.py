@@ -20,7 +20,7 @@ from oteacheck_lightning.format import CheckpointFormatError, Manifest, byte_vie
 from oteacheck_lightning.persist import Persister, PersistSchedule
 from oteacheck_lightning.recovery import StrandedCheckpointError, TiersUnreachableError, recover
 from oteacheck_lightning.slots import SlotPool
-from oteacheck_lightning.tiers import FsspecTier, MemoryTier
+from oteacheck_lightning.tiers import FsspecTier, Holdings, MemoryTier, Origin
 from oteacheck_lightning.tiers.fsspec_tier import COMMIT_MARKER
 
 # hdfs-native gives up on a dead NameNode after ~0.3 s instead of Hadoop's default ~3 minutes of failover retries
@@ -272,7 +272,7 @@ def test_snapshots_only_in_the_shared_memory_of_several_machines_stop_a_resume_w
 def test_a_root_never_created_holds_nothing_so_a_first_run_with_ckpt_path_last_starts(tier_url):
     # every backend reports a missing root as "not found", never as an outage
     tier = FsspecTier(f"{tier_url}/never-created")
-    assert tier.holdings(0) == ({}, {})
+    assert tier.holdings(0) == Holdings({}, {}, {})
     assert recover([tier], 0, 1, single_rank_gather, Recorder) is None
 
 
@@ -300,6 +300,43 @@ def test_a_restart_while_hdfs_is_down_stops_with_the_cause_instead_of_starting_a
     result = recover(tiers, 0, 1, single_rank_gather, Recorder)
     assert result.step == 5 and result.checkpoint.source == hdfs_root
     pool.close(remove=True)
+
+
+def commit_of(tier: FsspecTier, step: int, run: str, forks: list) -> None:
+    manifest, view = rank_checkpoint(step, 0, 1)
+    tier.write(dataclasses.replace(manifest, run=run, forks=forks), view)
+    assert tier.try_commit(step, 1, run=run) == []
+
+
+def test_a_step_of_an_abandoned_timeline_left_in_a_tier_that_was_down_is_never_resumed_from(tmp_path, caplog):
+    # run A persisted steps 4 and 8 to the remote tier; it was down when run B resumed from step 4 (from local
+    # disk), so B could not remove step 8 there; B persisted steps 5 and 6 locally, and was killed before writing
+    # to the remote tier, which is back now
+    remote, local = FsspecTier(f"memory://oteacheck-{uuid.uuid4().hex}"), FsspecTier(str(tmp_path / "local"))
+    for step in (4, 8):
+        commit_of(remote, step, "A", [])
+    for step in (5, 6):
+        commit_of(local, step, "B", [["A", 4]])
+    with caplog.at_level(logging.WARNING):
+        result = recover([remote, local], 0, 1, single_rank_gather, Recorder)
+    assert (result.step, result.checkpoint.manifest.run) == (6, "B")
+    assert f"step 8 in {remote.name} is of a run that a later run resumed from step 4" in caplog.text
+    # a corrupt step 6 falls back to B's step 5, then to A's step 4, where B's line left A; never to A's step 8
+    for step, expected in ((6, 5), (5, 4)):
+        data = tmp_path / "local" / f"step-{step:09d}" / "rank-00000.data"
+        data.write_bytes(bytes(b ^ 0xFF for b in data.read_bytes()))
+        result = recover([remote, local], 0, 1, single_rank_gather, Recorder)
+        assert result.step == expected
+    assert result.checkpoint.source == remote.name
+    local.discard_after(4, 0)
+    assert FsspecTier(str(tmp_path / "local")).commits() == {}
+    # with no step of B's line left anywhere, nothing says step 8 was abandoned: as before, the newest is taken
+    assert recover([remote, local], 0, 1, single_rank_gather, Recorder).step == 8
+    # the commit marker carries the origin, so recovery reads it from one listing per tier
+    assert remote.holdings(0).origins[8] == Origin("A", ())
+    commit_of(local, 7, "C", [["A", 4], ["B", 6]])
+    assert local.holdings(0).origins[7] == Origin("C", (("A", 4), ("B", 6)))
+    assert recover([remote, local], 0, 1, single_rank_gather, Recorder).step == 7
 
 
 def test_every_rank_stops_when_one_rank_could_not_list_a_tier(tmp_path):

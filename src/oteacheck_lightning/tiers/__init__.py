@@ -5,8 +5,8 @@ which steps it holds committed for a rank, and the manifest and data of one. Tie
 :attr:`Tier.speed` (lower is faster); recovery reads from the fastest tier that holds the chosen step.
 """
 
-from .base import LoadedRankCheckpoint, Tier
+from .base import Holdings, LoadedRankCheckpoint, Origin, Tier
 from .fsspec_tier import CheckpointDir, FsspecTier
 from .memory import MemoryTier
 
-__all__ = ["CheckpointDir", "FsspecTier", "LoadedRankCheckpoint", "MemoryTier", "Tier"]
+__all__ = ["CheckpointDir", "FsspecTier", "Holdings", "LoadedRankCheckpoint", "MemoryTier", "Origin", "Tier"]

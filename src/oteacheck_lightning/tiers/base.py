@@ -19,14 +19,40 @@ class LoadedRankCheckpoint:
     source: str
 
 
+@dataclass(frozen=True)
+class Origin:
+    """The run that wrote a step, and where that run's line of training left earlier runs ([run, step] pairs,
+    oldest first; see :attr:`Manifest.forks`). Checkpoints of older formats have neither."""
+
+    run: str = ""
+    forks: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def of(cls, run: object, forks: object) -> Origin:
+        """From a manifest's or a ``COMMIT`` marker's fields; anything malformed reads as unknown."""
+        if not isinstance(run, str) or not isinstance(forks, list):
+            return cls()
+        pairs = tuple((f[0], f[1]) for f in forks
+                      if isinstance(f, list) and len(f) == 2 and isinstance(f[0], str) and isinstance(f[1], int))
+        return cls(run, pairs)
+
+
+@dataclass
+class Holdings:
+    """What one listing of a tier found: committed steps with the number of ranks that wrote each, and their
+    origins."""
+
+    mine: dict[int, int]  # the steps of which this rank's part is here
+    whole: dict[int, int]  # the steps of which every rank's part can be read from here (a resume at another size)
+    origins: dict[int, Origin]  # of the steps in either map
+
+
 class Tier(Protocol):
     name: str
     speed: int  # 0 memory, 1 local disk, 2 remote storage
 
-    def holdings(self, rank: int) -> tuple[dict[int, int], dict[int, int]]:
-        """Two maps of committed step to the number of ranks that wrote it, from one listing: the steps of which
-        this rank's part is here, and those of which every rank's part can be read from here (what a run with
-        another number of ranks can resume from)."""
+    def holdings(self, rank: int) -> Holdings:
+        """The committed steps as one listing finds them (what recovery chooses from)."""
         ...
 
     def committed_steps(self, rank: int, world_size: int | None = None) -> list[int]:

@@ -15,8 +15,8 @@ Commit protocol of a periodic (persisted) checkpoint of step *s*, in one tier:
    durable before the next: fsync on local disk, a closed file on HDFS);
 2. the coordinator (rank 0's persister thread) polls the step folder until all ``world_size`` manifests exist,
    parse, and describe step *s*; it never waits on the training thread and no rank runs a collective;
-3. the coordinator writes ``COMMIT``: JSON with the step, the world size and the xxh3 digest of every rank's
-   manifest bytes;
+3. the coordinator writes ``COMMIT``: JSON with the step, the world size, the xxh3 digest of every rank's
+   manifest bytes, and the run that wrote it with that run's forks (:class:`~.base.Origin`);
 4. readers (:meth:`FsspecTier.committed_steps`, recovery) see step *s* only once ``COMMIT`` parses, and check each
    rank's manifest against its digest, so a rank's files rewritten after the commit read as corrupt, not as a
    mix of two runs.
@@ -53,7 +53,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ..format import CheckpointFormatError, Manifest, checksum, verify
 from ..slots import write_file_atomically
-from .base import LoadedRankCheckpoint
+from .base import Holdings, LoadedRankCheckpoint, Origin
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,7 @@ class CheckpointDir:
         file of an abandoned run, which that rank has not yet replaced)."""
         digests: dict[str, str] = {}
         missing: list[int] = []
+        first: Manifest | None = None
         for rank in range(world_size):
             try:
                 raw = self.fs.cat_file(self.manifest_path(rank))
@@ -210,9 +211,12 @@ class CheckpointDir:
                     f"{manifest.world_size}, expected step {step} of {world_size}"
                 )
             digests[str(rank)] = checksum(raw)
-        if missing:
+            first = first or manifest
+        if missing or first is None:
             return missing
-        doc = {"step": step, "world_size": world_size, "manifests": digests}
+        # the origin, for recovery to tell a step of an abandoned line from one listing (the ranks' manifests
+        # agree on it: one run wrote them)
+        doc = {"step": step, "world_size": world_size, "manifests": digests, "run": first.run, "forks": first.forks}
         self.write_marker(COMMIT_MARKER, json.dumps(doc, sort_keys=True).encode())
         return []
 
@@ -343,19 +347,25 @@ class FsspecTier:
             return []
         return sorted(int(n[len(STEP_PREFIX) :]) for n in names if n.startswith(STEP_PREFIX) and n[len(STEP_PREFIX) :].isdigit())
 
-    def commits(self, rank: int | None = None) -> dict[int, int]:
-        """Every step whose ``COMMIT`` marker is complete (so every rank's files were durable), with the number
-        of ranks that wrote it."""
+    def _commit_markers(self) -> dict[int, dict[str, Any]]:
+        """The parsed ``COMMIT`` marker of every step whose marker is complete (so every rank's files were durable)."""
         out = {}
         for step in self.steps():
             commit = self.checkpoint(step).read_commit()
             if commit is not None and commit["step"] == step:
-                out[step] = commit["world_size"]
+                out[step] = commit
         return out
 
-    def holdings(self, rank: int) -> tuple[dict[int, int], dict[int, int]]:
-        commits = self.commits()
-        return {s: n for s, n in commits.items() if rank < n}, commits  # every rank's files under one root
+    def commits(self, rank: int | None = None) -> dict[int, int]:
+        """Every committed step, with the number of ranks that wrote it."""
+        return {step: commit["world_size"] for step, commit in self._commit_markers().items()}
+
+    def holdings(self, rank: int) -> Holdings:
+        markers = self._commit_markers()
+        commits = {step: commit["world_size"] for step, commit in markers.items()}
+        origins = {step: Origin.of(commit.get("run", ""), commit.get("forks", [])) for step, commit in markers.items()}
+        # every rank's files under one root: all of a step is here
+        return Holdings({s: n for s, n in commits.items() if rank < n}, commits, origins)
 
     def committed_steps(self, rank: int = 0, world_size: int | None = None) -> list[int]:
         """Committed steps that include ``rank`` (and were written by ``world_size`` ranks, if given)."""

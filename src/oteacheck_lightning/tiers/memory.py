@@ -8,7 +8,7 @@ import torch
 
 from ..format import CheckpointFormatError, Manifest, verify
 from ..slots import RANK_PREFIX, rank_folders, read_manifest
-from .base import LoadedRankCheckpoint
+from .base import Holdings, LoadedRankCheckpoint, Origin
 
 
 class MemoryTier:
@@ -39,15 +39,18 @@ class MemoryTier:
     def committed_steps(self, rank: int, world_size: int | None = None) -> list[int]:
         return [step for step, size in self.commits(rank).items() if world_size is None or size == world_size]
 
-    def holdings(self, rank: int) -> tuple[dict[int, int], dict[int, int]]:
-        return self.commits(rank), self.whole_steps()
-
-    def whole_steps(self) -> dict[int, int]:
-        """Steps of which every rank's snapshot is on this machine (all ranks of the job ran here)."""
-        held = {rank: {step: m.world_size for step, (_, m) in self._sealed(folder).items()}
-                for rank, folder in rank_folders(self.directory.parent).items()}
-        return {step: size for step, size in held.get(0, {}).items()
-                if all(held.get(r, {}).get(step) == size for r in range(size))}
+    def holdings(self, rank: int) -> Holdings:
+        own = self._sealed(self.directory)
+        # the job's ranks that ran on this machine: the steps of which every rank's snapshot is here
+        sealed = {r: self._sealed(folder) for r, folder in rank_folders(self.directory.parent).items()}
+        held = {r: {step: m.world_size for step, (_, m) in found.items()} for r, found in sealed.items()}
+        whole = {step: size for step, size in held.get(0, {}).items()
+                 if all(held.get(r, {}).get(step) == size for r in range(size))}
+        # a step's origin as this rank's snapshot of it says (one run wrote every rank's), else as rank 0's
+        origins = {step: Origin.of(m.run, m.forks) for step, (_, m) in own.items()}
+        for step, (_, m) in sealed.get(0, {}).items():
+            origins.setdefault(step, Origin.of(m.run, m.forks))
+        return Holdings({step: m.world_size for step, (_, m) in own.items()}, whole, origins)
 
     def read(self, step: int, rank: int) -> LoadedRankCheckpoint:
         path, manifest = self._sealed(self._folder(rank)).get(step, (None, None))
