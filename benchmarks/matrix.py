@@ -41,6 +41,7 @@ from typing import Any
 from .methods import BASELINES, METHODS, OTEACHECK_METHODS, baseline_of
 from .models import MODELS
 from .models import SMOKE as SMOKE_MODELS
+from .in_run import in_run_of
 from .run import ROOT, result_name
 
 BUDGET = 0.05
@@ -53,6 +54,13 @@ def interval_within_budget(cost_ms: float, base_ms: float) -> int:
     """The shortest checkpoint interval (steps) at which ``cost_ms`` per checkpoint, spread over the interval, adds
     at most ``BUDGET`` to an iteration of ``base_ms``."""
     return max(1, math.ceil(round(cost_ms / (BUDGET * base_ms), 6)))
+
+
+def decisive_overhead(result: dict[str, Any]) -> float | None:
+    """The overhead that decides whether a run held the budget: against its own quiet iterations where it has them
+    (a run at an interval, :mod:`.in_run`), else against the baseline (paired within the run for OTeaCheck)."""
+    in_run = result.get("overhead_in_run")
+    return in_run if in_run is not None else result.get("overhead")
 
 
 def checkpoint_cost_ms(result: dict[str, Any], base_ms: float) -> float:
@@ -273,6 +281,7 @@ class Matrix:
                 # the time checkpointing added per checkpoint, all effects included (the host stall is only part)
                 extra_ms = (d["iter_ms_mean"] - b["iter_ms_mean"]) * d["steps_measured"]
                 d["cost_ms_per_checkpoint"] = extra_ms / d["checkpoints"]
+            d.update(in_run_of(d) or {})
             path.write_text(json.dumps(d, indent=1, default=str))
 
     # --- shortest interval within 5% -----------------------------------------------------------------------
@@ -303,12 +312,12 @@ class Matrix:
                 got = self.run(model, method, gpus, n, steps=steps)
                 self.fill()
                 got = self.existing(model, method, gpus, n) if got is not None else None
-                if got is None or got.get("overhead") is None:
+                if got is None or decisive_overhead(got) is None:
                     break
                 # once more at the interval this run's own cost per checkpoint gives: wider if it went over the
                 # budget; narrower if it used less than NARROW_BELOW of it and its cost was resolved (over 1%: below
                 # that, noise between processes decides), since the first guess came from another run
-                used = (got["overhead"] - 1) / BUDGET
+                used = (decisive_overhead(got) - 1) / BUDGET
                 if used <= 1 and not (0.2 < used < NARROW_BELOW):
                     break
                 adjusted = max(2, math.ceil(round(n * used, 6)))

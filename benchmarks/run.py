@@ -319,6 +319,8 @@ def _train_result(args: argparse.Namespace, trainer: Any, timer: Any, record: An
         "every_n_steps_history": record.every_n_steps_chosen,
         "persist_every_n_steps": args.persist_every_n_steps if args.method.startswith("oteacheck") else None,
         "steps_measured": len(times),
+        "measured_first_step": steps[0] if steps else None,
+        "checkpoint_steps": [s for s in record.taken if s in window],
         "warmup": timer.warmup,
         "stopped_early": timer.stopped_early,
         "iter_ms": times,
