@@ -66,6 +66,11 @@ class TensorRecord:
             raise CheckpointFormatError(f"tensor {self.name!r} has unsupported dtype {self.dtype!r}") from None
 
 
+def is_fork(entry: object) -> bool:
+    """Whether ``entry`` is one of :attr:`Manifest.forks`: ``[run, step]``."""
+    return isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], int)
+
+
 @dataclass
 class Manifest:
     step: int
@@ -117,9 +122,7 @@ class Manifest:
 
     def validate(self) -> None:
         """Checks that every record lies inside the data object and agrees with its dtype and shape."""
-        if not isinstance(self.forks, list) or not all(
-            isinstance(f, list) and len(f) == 2 and isinstance(f[0], str) and isinstance(f[1], int) for f in self.forks
-        ):
+        if not isinstance(self.forks, list) or not all(is_fork(f) for f in self.forks):
             raise CheckpointFormatError(f"manifest's forks are not a list of [run, step]: {self.forks!r}")
         for r in self.tensors:
             numel = 1

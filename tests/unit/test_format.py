@@ -59,6 +59,8 @@ def test_truncated_data_is_detected():
         (lambda d: d["tensors"][0].update(dtype="object"), "unsupported dtype"),
         (lambda d: d["tensors"][0].update(shape=[-1]), "bad shape"),
         (lambda d: d.update(surprise=1), "unexpected fields"),
+        (lambda d: d.update(forks=[["run", "7"]]), r"forks are not a list of \[run, step\]"),
+        (lambda d: d.update(forks={"run": 7}), r"forks are not a list of \[run, step\]"),
     ],
 )
 def test_malformed_manifests_are_rejected(mutate, message):

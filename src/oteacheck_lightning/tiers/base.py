@@ -7,7 +7,7 @@ from typing import Protocol
 
 import torch
 
-from ..format import Manifest
+from ..format import Manifest, is_fork
 
 
 @dataclass
@@ -32,9 +32,7 @@ class Origin:
         """From a manifest's or a ``COMMIT`` marker's fields; anything malformed reads as unknown."""
         if not isinstance(run, str) or not isinstance(forks, list):
             return cls()
-        pairs = tuple((f[0], f[1]) for f in forks
-                      if isinstance(f, list) and len(f) == 2 and isinstance(f[0], str) and isinstance(f[1], int))
-        return cls(run, pairs)
+        return cls(run, tuple((f[0], f[1]) for f in forks if is_fork(f)))
 
 
 @dataclass
