@@ -32,14 +32,16 @@ def in_run_overhead(times: list[float], steps: list[int], taken: list[int], tail
 def in_run_of(result: dict[str, Any]) -> dict[str, Any] | None:
     """:func:`in_run_overhead` of a result with checkpoints every so many steps (not a paired or every-iteration
     run), as fields to add to it. Its checkpoints are the steps it recorded, or, in results from before it
-    recorded them, the multiples of its fixed interval (the first measured iteration starts at step ``warmup``).
+    recorded them, the multiples of its fixed interval (the first measured iteration starts at step ``warmup``;
+    ``None`` for an interval chosen as it went).
     The tail covers the slowest durable write (p90) and 10 iterations more."""
-    times, every = result.get("iter_ms"), result.get("every_n_steps") or 1
-    if not times or every <= 1 or result.get("overhead_paired") is not None or result.get("every_n_steps_history"):
+    times, every, taken = result.get("iter_ms"), result.get("every_n_steps") or 1, result.get("checkpoint_steps")
+    if not times or every <= 1 or result.get("overhead_paired") is not None:
         return None
+    if taken is None and result.get("every_n_steps_history"):
+        return None  # an interval it chose as it went (CheckFreq's), and no record of its checkpoints' steps
     first = result.get("measured_first_step", result.get("warmup", 0))
     steps = list(range(first, first + len(times)))
-    taken = result.get("checkpoint_steps")
     if taken is None:
         taken = [s + 1 for s in steps if (s + 1) % every == 0]
     durable = result.get("durable_s_p90") or result.get("durable_s") or 0.0

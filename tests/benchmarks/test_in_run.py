@@ -46,6 +46,9 @@ def test_a_result_without_recorded_checkpoint_steps_takes_the_multiples_of_its_i
     assert got["overhead_in_run"] == pytest.approx(in_run_overhead(times, steps, [100, 200], 10)[0])
     assert got["cost_ms_per_checkpoint_in_run"] == pytest.approx(400 + 8 * 5)
     assert in_run_of({**result, "checkpoint_steps": [100, 200], "measured_first_step": 5}) == got
+    # an interval chosen as it went (CheckFreq's): only with its checkpoints' steps on record
+    assert in_run_of({**result, "every_n_steps_history": [100]}) is None
+    assert in_run_of({**result, "every_n_steps_history": [100], "checkpoint_steps": [100, 200]}) == got
 
 
 def test_runs_without_quiet_iterations_have_no_in_run_cost():
