@@ -128,8 +128,13 @@ def _list_steps(tiers: Sequence[Tier], rank: int, world_size: int) -> _Listing:
 
 def newest_held(tiers: Sequence[Tier], rank: int, world_size: int) -> tuple[int, str | None]:
     """The newest step of which this rank finds any part in ``tiers`` (at any world size), and the first tier
-    holding it; ``(-1, None)`` when there is none. A tier that cannot be listed is skipped (with a warning)."""
+    holding it; ``(-1, None)`` when there is none. A tier that cannot be listed is skipped, with a warning that
+    says what that can cost a run starting afresh."""
     listing = _list_steps(tiers, rank, world_size)
+    for tier in listing.unreachable:
+        log.warning("could not check a tier for an earlier run's checkpoints (%s); if it holds some, the steps this run "
+                    "persists there are removed by retention as older than those, and ckpt_path=\"last\" may later "
+                    "take them: restore access, or give this run another dirpath", tier)
     newest, where = -1, None
     for step, held in listing.holders.items():
         if step > newest:
