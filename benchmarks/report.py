@@ -312,6 +312,10 @@ def table(rows: list[dict]) -> str:
             p = r["paired"]
             note += (" " if note else "") + (f"paired in its own run: {p.get('pairs')} pairs of {p.get('block')}-iteration "
                                              f"blocks; against the baseline's process {_f(r.get('overhead_separate'), '{:.3f}x')}")
+        elif r.get("overhead_in_run") is not None:
+            note += (" " if note else "") + (f"in its run (against its quiet iterations, `benchmarks/in_run.py`): "
+                                             f"{r['overhead_in_run']:.3f}x, "
+                                             f"{_f(r.get('cost_ms_per_checkpoint_in_run'), '{:.0f}')} ms a checkpoint")
         lines.append("| " + " | ".join([
             r["model"], str(r.get("gpus")), f"`{r['method']}`", str(r.get("every_n_steps")),
             f"{_f(r.get('iter_ms_median'))} / {_f(r.get('iter_ms_p90'))}", ovh, _f(r.get("overhead_median"), "{:.3f}x"),
