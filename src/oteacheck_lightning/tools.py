@@ -1,7 +1,7 @@
 """The ``oteacheck`` tools: list, verify, export and garbage-collect checkpoints in a persistent tier, and list the
 in-memory snapshots on this machine.
 
-    oteacheck ls URL [--verify] [--json]       checkpoints in a tier: step, ranks, size, committed, verified
+    oteacheck ls URL [--verify] [--json]       checkpoints in a tier: step, ranks, size, committed, verified, run
     oteacheck verify URL [--step N] [--json]   re-reads the data and checks every tensor's checksum
     oteacheck export CKPT OUT.safetensors      consolidated fp32 weights (any ZeRO stage, any world size)
     oteacheck gc URL --keep K [--dry-run]      keeps the newest K complete checkpoints, removes the rest
@@ -39,9 +39,10 @@ import torch
 import xxhash
 
 from .format import CheckpointFormatError, Manifest, TensorRecord
+from .recovery import abandoned_after
 from .reshard import Assembler
 from .slots import DEFAULT_SHM_ROOT, JOB_PREFIX, job_folder, job_id_for, rank_folders, read_manifest
-from .tiers import CheckpointDir, FsspecTier
+from .tiers import CheckpointDir, FsspecTier, Origin
 from .tiers.fsspec_tier import STEP_PREFIX
 
 READ_CHUNK = 8 * 1024 * 1024
@@ -118,6 +119,11 @@ class CheckpointInfo:
     ranks: list[RankInfo] = field(default_factory=list)
     verified: bool | None = None  # None: not checked
     commit_marker: bool | None = None  # None: a layout without step markers
+    run: str = ""  # the training run that wrote it ("" before runs were recorded)
+    forks: list = field(default_factory=list)  # where that run's line left earlier runs: [run, step] per resume
+    # set where a later run in the same tier resumed from an earlier step of this one's run: the step it left it at
+    # (this checkpoint belongs to an abandoned timeline, and recovery does not take it)
+    abandoned_after: int | None = None
 
     @property
     def committed(self) -> bool:
@@ -143,6 +149,7 @@ def _is_checkpoint_dir(directory: CheckpointDir) -> bool:
 
 def _describe(directory: CheckpointDir, url: str, step_hint: int | None = None) -> CheckpointInfo:
     ranks, world_size, step = [], 0, step_hint if step_hint is not None else -1
+    run, forks = "", []
     uses_marker, commit = _read_commit(directory)
     if commit is not None:
         world_size = int(commit["world_size"])
@@ -154,8 +161,10 @@ def _describe(directory: CheckpointDir, url: str, step_hint: int | None = None) 
             continue
         world_size = max(world_size, manifest.world_size)
         step = manifest.step if step_hint is None else step
+        run, forks = (run, forks) if ranks else (manifest.run, manifest.forks)  # the ranks' manifests agree
         ranks.append(RankInfo(rank, manifest.data_bytes, manifest.verified))
-    return CheckpointInfo(url, step, world_size, ranks, commit_marker=(commit is not None) if uses_marker else None)
+    return CheckpointInfo(url, step, world_size, ranks, commit_marker=(commit is not None) if uses_marker else None,
+                          run=run, forks=forks)
 
 
 def _join(url: str, name: str) -> str:
@@ -178,18 +187,22 @@ def find_checkpoints(url: str) -> list[CheckpointInfo]:
     for step in tier.steps():
         name = f"{STEP_PREFIX}{step:09d}"
         found.append(_describe(tier.checkpoint(step), _join(url, name), step_hint=step))
+    cut = abandoned_after(Origin.of(c.run, c.forks) for c in found)
+    for c in found:
+        if c.run in cut and c.step > cut[c.run]:
+            c.abandoned_after = cut[c.run]
     return found
 
 
 def resolve_checkpoint(url: str, step: int | None = None) -> CheckpointInfo:
     """One complete checkpoint: ``url`` itself if it is a checkpoint folder, else the tier's step ``step``
-    (default: the newest complete one)."""
+    (default: the newest complete one that is not of an abandoned timeline)."""
     found = find_checkpoints(url)
     if step is not None:
         found = [c for c in found if c.step == step]
         if not found:
             raise ToolError(Exit.NOT_FOUND, f"no checkpoint of step {step} in {url}")
-    complete = [c for c in found if c.committed]
+    complete = [c for c in found if c.committed and (step is not None or c.abandoned_after is None)]
     if not complete:
         if found:
             raise ToolError(Exit.NOT_FOUND, f"no complete checkpoint in {url} (some ranks have not committed)")
@@ -495,11 +508,13 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([c.to_json() for c in found], indent=1))
     else:
-        print(f"{'STEP':>10}  {'RANKS':>7}  {'SIZE':>10}  {'COMMITTED':9}  VERIFIED")
+        print(f"{'STEP':>10}  {'RANKS':>7}  {'SIZE':>10}  {'COMMITTED':9}  {'VERIFIED':8}  RUN")
         for c in found:
             ranks = f"{len([r for r in c.ranks if r.error is None or r.error.startswith('data:')])}/{c.world_size or '?'}"
             verified = "-" if c.verified is None else ("yes" if c.verified else "CORRUPT")
-            print(f"{c.step:>10}  {ranks:>7}  {_human(c.size):>10}  {'yes' if c.committed else 'no':9}  {verified}")
+            run = (c.run[:8] or "-") + (f" (abandoned: a later run resumed from step {c.abandoned_after})"
+                                        if c.abandoned_after is not None else "")
+            print(f"{c.step:>10}  {ranks:>7}  {_human(c.size):>10}  {'yes' if c.committed else 'no':9}  {verified:8}  {run}")
     if args.verify and any(c.verified is False for c in found if c.committed):
         return Exit.CORRUPT
     return Exit.OK

@@ -29,7 +29,8 @@ PMAP = [
 ]
 
 
-def write_rank(directory: CheckpointDir, step: int, rank: int, param_map: bool = True) -> None:
+def write_rank(directory: CheckpointDir, step: int, rank: int, param_map: bool = True, run: str = "",
+               forks: tuple = ()) -> None:
     named = [("fp32/0", FLAT[rank * 9 : (rank + 1) * 9].clone()), ("optim/fp32/0/exp_avg", torch.ones(9)),
              ("buffer/_forward_module.bn", BN.clone())]
     records, data_bytes = plan_layout(named)
@@ -37,7 +38,8 @@ def write_rank(directory: CheckpointDir, step: int, rank: int, param_map: bool =
     for record, (_, t) in zip(records, named):
         buffer[record.offset : record.offset + record.nbytes] = t.view(-1).view(torch.uint8)
     deepspeed = {"stage": 2, **({"param_map": PMAP[rank]} if param_map else {})}
-    manifest = Manifest(step, rank, 2, data_bytes, records, {"main": {"deepspeed": deepspeed}, "rng": {}})
+    manifest = Manifest(step, rank, 2, data_bytes, records, {"main": {"deepspeed": deepspeed}, "rng": {}}, run=run,
+                        forks=[list(f) for f in forks])
     view = memoryview(buffer.numpy())
     directory.write_rank(with_checksums(manifest, view), view)
 
@@ -49,9 +51,9 @@ def commit(directory: CheckpointDir, step: int) -> None:
         assert try_commit(step, 2) == []
 
 
-def write_step(tier: FsspecTier, step: int, param_map: bool = True) -> None:
+def write_step(tier: FsspecTier, step: int, param_map: bool = True, run: str = "", forks: tuple = ()) -> None:
     for rank in (0, 1):
-        write_rank(tier.checkpoint(step), step, rank, param_map)
+        write_rank(tier.checkpoint(step), step, rank, param_map, run, forks)
     commit(tier.checkpoint(step), step)
 
 
@@ -75,7 +77,7 @@ def test_ls_lists_steps_ranks_sizes_and_commits(tier, capsys):
     code, out, _ = run(capsys, "ls", str(tier))
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["STEP", "RANKS", "SIZE", "COMMITTED", "VERIFIED"]
+    assert lines[0].split() == ["STEP", "RANKS", "SIZE", "COMMITTED", "VERIFIED", "RUN"]
     assert [line.split()[0] for line in lines[1:]] == ["10", "20", "30", "40"]
     assert lines[-1].split()[1] == "1/2" and "no" in lines[-1].split()
     code, out, _ = run(capsys, "ls", str(tier), "--json", "--verify")
@@ -83,6 +85,26 @@ def test_ls_lists_steps_ranks_sizes_and_commits(tier, capsys):
     doc = json.loads(out)
     assert [(c["step"], c["committed"], c["verified"]) for c in doc] == [
         (10, True, True), (20, True, True), (30, True, True), (40, False, None)]
+
+
+def test_ls_names_each_steps_run_and_marks_a_step_of_an_abandoned_timeline(tmp_path, capsys):
+    # run A persisted steps 4 and 8; run B resumed from step 4 and persisted step 6, but could not remove step 8
+    # (the tier was down at the resume)
+    root = tmp_path / "tier"
+    t = FsspecTier(str(root))
+    for step in (4, 8):
+        write_step(t, step, run="a" * 32)
+    write_step(t, 6, run="b" * 32, forks=(("a" * 32, 4),))
+    code, out, _ = run(capsys, "ls", str(root))
+    assert code == 0
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert rows["4"].endswith("  aaaaaaaa") and rows["6"].endswith("  bbbbbbbb")
+    assert rows["8"].endswith("  aaaaaaaa (abandoned: a later run resumed from step 4)")
+    code, out, _ = run(capsys, "ls", str(root), "--json")
+    assert [(c["step"], c["run"][:1], c["abandoned_after"]) for c in json.loads(out)] == [(4, "a", None), (6, "b", None), (8, "a", 4)]
+    # export's newest complete checkpoint is the newest of the live timeline; step 8 only when asked for by number
+    assert tools.resolve_checkpoint(str(root)).step == 6
+    assert tools.resolve_checkpoint(str(root), step=8).step == 8
 
 
 def test_verify_detects_a_flipped_bit_and_names_the_tensor(tier, capsys):
