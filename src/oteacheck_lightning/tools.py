@@ -380,8 +380,8 @@ def export(ckpt: str, out: str, step: int | None = None, prefix: str = "", progr
 
 
 def gc(url: str, keep: int, dry_run: bool = False) -> list[int]:
-    """Keeps the newest ``keep`` complete checkpoints of the tier at ``url``; removes complete ones older than
-    those, and incomplete ones older than the oldest kept (newer incomplete ones may be writes in progress).
+    """Keeps the newest ``keep`` complete checkpoints of the tier at ``url`` (not counting steps of an abandoned
+    timeline); removes every step older than the oldest kept (newer incomplete ones may be writes in progress).
     Returns the removed steps."""
     if keep < 1:
         raise ToolError(Exit.USAGE, f"--keep must be at least 1 (got {keep})")
@@ -389,7 +389,8 @@ def gc(url: str, keep: int, dry_run: bool = False) -> list[int]:
     tier = _tier(url)
     if len(found) == 1 and found[0].url == url and _is_checkpoint_dir(_dir(url)):
         raise ToolError(Exit.USAGE, f"{url} is one checkpoint, not a tier of step-* checkpoints")
-    complete = [c.step for c in found if c.committed]
+    # a step of an abandoned timeline is never one of the kept (it would push out the live line's newest)
+    complete = [c.step for c in found if c.committed and c.abandoned_after is None]
     kept = set(complete[-keep:])
     oldest_kept = min(kept) if kept else None
     removed = [c.step for c in found if c.step not in kept and oldest_kept is not None and c.step < oldest_kept]

@@ -105,6 +105,8 @@ def test_ls_names_each_steps_run_and_marks_a_step_of_an_abandoned_timeline(tmp_p
     # export's newest complete checkpoint is the newest of the live timeline; step 8 only when asked for by number
     assert tools.resolve_checkpoint(str(root)).step == 6
     assert tools.resolve_checkpoint(str(root), step=8).step == 8
+    # gc keeps the live timeline's newest: step 8 does not count among the kept
+    assert tools.gc(str(root), keep=1, dry_run=True) == [4]
 
 
 def test_verify_detects_a_flipped_bit_and_names_the_tensor(tier, capsys):
