@@ -29,7 +29,8 @@ import glob, json, sys
 for path in sorted(glob.glob(sys.argv[1] + "/*.json")):
     d = json.load(open(path))
     if "method" in d:
+        in_run = d.get("overhead_in_run")
         print(d["model"], d["method"], "every", d.get("every_n_steps"), d.get("status"), f"{d.get('overhead') or 0:.4f}x",
-              "stall", d.get("stall_ms_median"), d.get("error") or "")
+              f"in its run {in_run:.4f}x" if in_run is not None else "", "stall", d.get("stall_ms_median"), d.get("error") or "")
 PYEOF
 echo "== done in $(( $(date +%s) - START )) s"
