@@ -97,6 +97,13 @@ def abandoned_after(origins: Iterable[Origin]) -> dict[str, int]:
     return cut
 
 
+def left_at(step: int, origin: Origin, cut: dict[str, int]) -> int | None:
+    """The step at which a later line left the run that wrote ``step`` (of ``cut``, :func:`abandoned_after`), if
+    ``step`` is newer: then it belongs to an abandoned timeline. ``None`` for a live step."""
+    at = cut.get(origin.run)
+    return at if at is not None and step > at else None
+
+
 def _list_steps(tiers: Sequence[Tier], rank: int, world_size: int) -> _Listing:
     listing = _Listing({}, {}, {}, [])
     holders, foreign, stranded = listing.holders, listing.foreign, listing.stranded
@@ -109,10 +116,10 @@ def _list_steps(tiers: Sequence[Tier], rank: int, world_size: int) -> _Listing:
             listing.unreachable.append(f"{tier.name}: {type(err).__name__}: {err}")
     cut = abandoned_after(origin for _, held in found for origin in held.origins.values())
     for tier, held in found:
-        gone = {step for step, origin in held.origins.items() if origin.run in cut and step > cut[origin.run]}
-        for step in sorted(gone):
+        gone = {step: at for step, origin in held.origins.items() if (at := left_at(step, origin, cut)) is not None}
+        for step, at in sorted(gone.items()):
             log.warning("step %d in %s is of a run that a later run resumed from step %d: a step of an abandoned "
-                        "timeline, not resumed from", step, tier.name, cut[held.origins[step].run])
+                        "timeline, not resumed from", step, tier.name, at)
         commits = {step: size for step, size in held.mine.items() if step not in gone}
         whole = {step: size for step, size in held.whole.items() if step not in gone}
         for step, size in commits.items():

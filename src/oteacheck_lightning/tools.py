@@ -39,7 +39,7 @@ import torch
 import xxhash
 
 from .format import CheckpointFormatError, Manifest, TensorRecord
-from .recovery import abandoned_after
+from .recovery import abandoned_after, left_at
 from .reshard import Assembler
 from .slots import DEFAULT_SHM_ROOT, JOB_PREFIX, job_folder, job_id_for, rank_folders, read_manifest
 from .tiers import CheckpointDir, FsspecTier, Origin
@@ -189,8 +189,7 @@ def find_checkpoints(url: str) -> list[CheckpointInfo]:
         found.append(_describe(tier.checkpoint(step), _join(url, name), step_hint=step))
     cut = abandoned_after(Origin.of(c.run, c.forks) for c in found)
     for c in found:
-        if c.run in cut and c.step > cut[c.run]:
-            c.abandoned_after = cut[c.run]
+        c.abandoned_after = left_at(c.step, Origin.of(c.run, c.forks), cut)
     return found
 
 
