@@ -33,7 +33,8 @@ def references(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# ZeRO 2 and 3 here; ZeRO 1's SIGKILL resume is bit-exact in the epoch-end test below (its kill is at a fixed step)
+@pytest.mark.parametrize("stage", [2, 3])
 def test_sigkill_at_a_random_step_then_resume_is_bit_exact(tmp_path, references, stage):
     reference = references(stage)
     kill_after = random.randint(3, MAX_STEPS - 4)
