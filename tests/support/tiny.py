@@ -106,3 +106,7 @@ class ValidatedTinyModel(TinyModel):
 
     def val_dataloader(self):
         return tiny_loader(samples=64, seed=11, rank=self.trainer.global_rank, world_size=self.trainer.world_size)
+
+
+class StreamValidatedTinyModel(StreamTinyModel, ValidatedTinyModel):
+    """:class:`ValidatedTinyModel` fed by a stream: validation runs while Lightning holds the next training batch."""

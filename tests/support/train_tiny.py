@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from oteacheck_lightning import OTeaCheckpoint, OTeaCheckpointIO, OTeaCheckStrategy, PersistSchedule  # noqa: E402
 from oteacheck_lightning.deepspeed_state import DeepSpeedState  # noqa: E402
-from tests.support.tiny import ManualTinyModel, StreamTinyModel, TinyModel, ValidatedTinyModel  # noqa: E402
+from tests.support.tiny import ManualTinyModel, StreamTinyModel, StreamValidatedTinyModel, TinyModel, ValidatedTinyModel  # noqa: E402
 
 
 class Recorder(pl.Callback):
@@ -247,8 +247,12 @@ def main() -> None:
         use_distributed_sampler=False,
     )
     ckpt = None if args.ckpt_path in (None, "none") else args.ckpt_path
-    model = (ManualTinyModel() if args.manual else ValidatedTinyModel() if args.validate_every else StreamTinyModel() if args.stream
-             else TinyModel())
+    if args.manual:
+        model = ManualTinyModel()
+    elif args.validate_every:
+        model = StreamValidatedTinyModel() if args.stream else ValidatedTinyModel()
+    else:
+        model = StreamTinyModel() if args.stream else TinyModel()
     trainer.fit(model, ckpt_path=ckpt)
 
 
