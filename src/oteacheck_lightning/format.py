@@ -14,6 +14,7 @@ manifest's checksums make a torn or corrupted data object detectable.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -71,6 +72,11 @@ def is_fork(entry: object) -> bool:
     return isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], int)
 
 
+def is_time(value: object) -> bool:
+    """Whether ``value`` is a time as :attr:`Manifest.run_began` holds one: seconds since the epoch, or 0."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
 @dataclass
 class Manifest:
     step: int
@@ -87,6 +93,10 @@ class Manifest:
     # of ``run``. That run's newer steps were abandoned then, and recovery never takes them, wherever they still lie
     # (a tier that was down at the resume keeps them until this line writes there)
     forks: list = field(default_factory=list)
+    # when that run began (rank 0's clock at its setup, seconds since the epoch; 0: not recorded). Recovery goes on
+    # with the line begun last, so a run started afresh beside an earlier one's steps that it could not see (their
+    # tier was down at its start) is never set aside for them
+    run_began: float = 0.0
     created_unix: float = field(default_factory=time.time)
     format_version: int = FORMAT_VERSION
 
@@ -124,6 +134,8 @@ class Manifest:
         """Checks that every record lies inside the data object and agrees with its dtype and shape."""
         if not isinstance(self.forks, list) or not all(is_fork(f) for f in self.forks):
             raise CheckpointFormatError(f"manifest's forks are not a list of [run, step]: {self.forks!r}")
+        if not is_time(self.run_began):
+            raise CheckpointFormatError(f"manifest's run_began is not a time: {self.run_began!r}")
         for r in self.tensors:
             numel = 1
             for dim in r.shape:

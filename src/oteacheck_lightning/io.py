@@ -176,6 +176,7 @@ class OTeaCheckpointIO(CheckpointIO):
         self.memory_dir = Path(memory_dir or os.environ.get("OTEACHECK_MEMORY_DIR", DEFAULT_SHM_ROOT))
         self.job_id = job_id or os.environ.get("OTEACHECK_JOB_ID")
         self.run_id = ""  # set by attach()
+        self.run_began = 0.0  # set by attach()
         self.forks: list[list] = []  # where this run's line left earlier runs (Manifest.forks); set at a resume
         self.schedules: list[PersistSchedule] = []
         self.root: str | None = None
@@ -215,13 +216,16 @@ class OTeaCheckpointIO(CheckpointIO):
         if self.job_id is None:
             self.job_id = job_id_for(self.root)
 
-    def attach(self, state: DeepSpeedState, module: torch.nn.Module, rank: int, world_size: int, run_id: str | None = None) -> None:
+    def attach(self, state: DeepSpeedState, module: torch.nn.Module, rank: int, world_size: int, run_id: str | None = None,
+               run_began: float | None = None) -> None:
         """Called by the strategy once the DeepSpeed engine exists: opens the slots and starts the persister.
-        ``run_id``: this run's id, the same on every rank (a fresh one for a single process)."""
+        ``run_id`` and ``run_began``: this run's id and when it began, the same on every rank (for a single
+        process, a fresh id and now)."""
         if self.root is None:
             raise RuntimeError("OTeaCheckpointIO.configure() must run before attach(); add OTeaCheckpoint to the callbacks")
         self._state, self._module, self._rank, self._world_size = state, module, rank, world_size
         self.run_id = run_id or uuid.uuid4().hex
+        self.run_began = time.time() if run_began is None else run_began
         self.forks = []  # a fresh line until a resume says otherwise (continue_line)
         # metrics are modules of the LightningModule, created before fit; found once, not at every snapshot
         self._metric_modules = find_metrics(module)
@@ -445,6 +449,7 @@ class OTeaCheckpointIO(CheckpointIO):
             job=self.job_id or "",
             run=self.run_id,
             forks=self.forks,
+            run_began=self.run_began,
         )
 
     def _land(self, pending: _Pending) -> None:
@@ -558,7 +563,7 @@ class OTeaCheckpointIO(CheckpointIO):
         HostCopier().start(buffer, records, [t for _, t in named])
         manifest = Manifest(int(checkpoint.get("global_step", -1)), self._rank, self._world_size, data_bytes, records,
                             {"main": document, "rng": rng_doc}, job=self.job_id or "", run=self.run_id,
-                            forks=self.forks)
+                            forks=self.forks, run_began=self.run_began)
         view = memoryview(buffer.numpy())
         CheckpointDir.from_url(path).write_rank(with_checksums(manifest, view), view)
 

@@ -88,20 +88,40 @@ class _Listing:
 
 
 def abandoned_after(origins: Iterable[Origin]) -> dict[str, int]:
-    """Each run that a later run's line left, with the step it was left at (the earliest, if several lines left
-    it): that run's newer steps belong to an abandoned timeline."""
+    """Each run whose newer steps belong to an abandoned timeline, with the newest step of it that stays live (-1:
+    none).
+
+    The live timeline is the line begun last: its run's steps, and each earlier run's up to the step where the line
+    left it (its forks). Every other run was left behind: by a resume from an earlier step of it, or entirely, by a
+    run started afresh beside its steps (that could not see them: their tier was down at its start) or by a resume
+    from another line. Where no run recorded its start (older checkpoints), the forks alone decide: a run is
+    abandoned after the earliest step any later line left it at."""
+    origins = set(origins)
+    live = max(origins, key=lambda o: (o.began, o.run), default=None)
+    ordered = live is not None and live.began > 0
     cut: dict[str, int] = {}
-    for origin in origins:
+    for origin in [live] if ordered else origins:
         for run, step in origin.forks:
             cut[run] = min(step, cut.get(run, step))
+    if ordered:
+        assert live is not None
+        for origin in origins:
+            if origin.run != live.run:
+                cut.setdefault(origin.run, -1)
     return cut
 
 
 def left_at(step: int, origin: Origin, cut: dict[str, int]) -> int | None:
-    """The step at which a later line left the run that wrote ``step`` (of ``cut``, :func:`abandoned_after`), if
-    ``step`` is newer: then it belongs to an abandoned timeline. ``None`` for a live step."""
+    """The step at which the live line left the run that wrote ``step`` (of ``cut``, :func:`abandoned_after`; -1:
+    it never went on from that run), if ``step`` is newer: then it belongs to an abandoned timeline. ``None`` for a
+    live step."""
     at = cut.get(origin.run)
     return at if at is not None and step > at else None
+
+
+def how_left(at: int) -> str:
+    """Why a step that :func:`left_at` places at ``at`` is of an abandoned timeline, for messages."""
+    return f"a later run resumed from step {at}" if at >= 0 else "a later run did not go on from it"
 
 
 def _list_steps(tiers: Sequence[Tier], rank: int, world_size: int) -> _Listing:
@@ -118,8 +138,8 @@ def _list_steps(tiers: Sequence[Tier], rank: int, world_size: int) -> _Listing:
     for tier, held in found:
         gone = {step: at for step, origin in held.origins.items() if (at := left_at(step, origin, cut)) is not None}
         for step, at in sorted(gone.items()):
-            log.warning("step %d in %s is of a run that a later run resumed from step %d: a step of an abandoned "
-                        "timeline, not resumed from", step, tier.name, at)
+            log.warning("step %d in %s is of a run that %s: a step of an abandoned timeline, not resumed from",
+                        step, tier.name, how_left(at))
         commits = {step: size for step, size in held.mine.items() if step not in gone}
         whole = {step: size for step, size in held.whole.items() if step not in gone}
         for step, size in commits.items():

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import uuid
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -244,8 +245,9 @@ class OTeaCheckStrategy(DeepSpeedStrategy):
             return
         self._ds_state = DeepSpeedState(self.deepspeed_engine)
         self._asked_to_resume = False
-        run_id = self.broadcast(uuid.uuid4().hex)  # one id for this run's manifests on every rank
-        self.checkpoint_io.attach(self._ds_state, self.lightning_module, self.global_rank, self.world_size, run_id)
+        # one id and start for this run's manifests on every rank
+        run_id, run_began = self.broadcast([uuid.uuid4().hex, time.time()])
+        self.checkpoint_io.attach(self._ds_state, self.lightning_module, self.global_rank, self.world_size, run_id, run_began)
         self.bus.subscribe(self.checkpoint_io.on_phase)
         install_bucket_hook(self.deepspeed_engine, lambda k: self.bus.emit(Phase.BUCKET_REDUCED, self._iteration_step, bucket=k))
         update = install_update_hook(self._ds_state.base, lambda: self.bus.emit(Phase.BEFORE_UPDATE, self._iteration_step))

@@ -39,7 +39,7 @@ import torch
 import xxhash
 
 from .format import CheckpointFormatError, Manifest, TensorRecord
-from .recovery import abandoned_after, left_at
+from .recovery import abandoned_after, how_left, left_at
 from .reshard import Assembler
 from .slots import DEFAULT_SHM_ROOT, JOB_PREFIX, job_folder, job_id_for, rank_folders, read_manifest
 from .tiers import CheckpointDir, FsspecTier, Origin
@@ -121,8 +121,10 @@ class CheckpointInfo:
     commit_marker: bool | None = None  # None: a layout without step markers
     run: str = ""  # the training run that wrote it ("" before runs were recorded)
     forks: list = field(default_factory=list)  # where that run's line left earlier runs: [run, step] per resume
-    # set where a later run in the same tier resumed from an earlier step of this one's run: the step it left it at
-    # (this checkpoint belongs to an abandoned timeline, and recovery does not take it)
+    run_began: float = 0.0  # when that run began (seconds since the epoch; 0: not recorded)
+    # set where the line begun last in the same tier left this one's run before this step: the step it left it at
+    # (-1: it never went on from that run); this checkpoint belongs to an abandoned timeline, and recovery does not
+    # take it
     abandoned_after: int | None = None
 
     @property
@@ -149,7 +151,7 @@ def _is_checkpoint_dir(directory: CheckpointDir) -> bool:
 
 def _describe(directory: CheckpointDir, url: str, step_hint: int | None = None) -> CheckpointInfo:
     ranks, world_size, step = [], 0, step_hint if step_hint is not None else -1
-    run, forks = "", []
+    run, forks, began = "", [], 0.0
     uses_marker, commit = _read_commit(directory)
     if commit is not None:
         world_size = int(commit["world_size"])
@@ -161,10 +163,11 @@ def _describe(directory: CheckpointDir, url: str, step_hint: int | None = None) 
             continue
         world_size = max(world_size, manifest.world_size)
         step = manifest.step if step_hint is None else step
-        run, forks = (run, forks) if ranks else (manifest.run, manifest.forks)  # the ranks' manifests agree
+        if not ranks:  # the ranks' manifests agree on their run
+            run, forks, began = manifest.run, manifest.forks, manifest.run_began
         ranks.append(RankInfo(rank, manifest.data_bytes, manifest.verified))
     return CheckpointInfo(url, step, world_size, ranks, commit_marker=(commit is not None) if uses_marker else None,
-                          run=run, forks=forks)
+                          run=run, forks=forks, run_began=began)
 
 
 def _join(url: str, name: str) -> str:
@@ -187,9 +190,10 @@ def find_checkpoints(url: str) -> list[CheckpointInfo]:
     for step in tier.steps():
         name = f"{STEP_PREFIX}{step:09d}"
         found.append(_describe(tier.checkpoint(step), _join(url, name), step_hint=step))
-    cut = abandoned_after(Origin.of(c.run, c.forks) for c in found)
-    for c in found:
-        c.abandoned_after = left_at(c.step, Origin.of(c.run, c.forks), cut)
+    origins = [Origin.of(c.run, c.forks, c.run_began) for c in found]
+    cut = abandoned_after(origins)
+    for c, origin in zip(found, origins):
+        c.abandoned_after = left_at(c.step, origin, cut)
     return found
 
 
@@ -512,7 +516,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         for c in found:
             ranks = f"{len([r for r in c.ranks if r.error is None or r.error.startswith('data:')])}/{c.world_size or '?'}"
             verified = "-" if c.verified is None else ("yes" if c.verified else "CORRUPT")
-            run = (c.run[:8] or "-") + (f" (abandoned: a later run resumed from step {c.abandoned_after})"
+            run = (c.run[:8] or "-") + (f" (abandoned: {how_left(c.abandoned_after)})"
                                         if c.abandoned_after is not None else "")
             print(f"{c.step:>10}  {ranks:>7}  {_human(c.size):>10}  {'yes' if c.committed else 'no':9}  {verified:8}  {run}")
     if args.verify and any(c.verified is False for c in found if c.committed):

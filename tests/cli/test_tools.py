@@ -30,7 +30,7 @@ PMAP = [
 
 
 def write_rank(directory: CheckpointDir, step: int, rank: int, param_map: bool = True, run: str = "",
-               forks: tuple = ()) -> None:
+               forks: tuple = (), began: float = 0.0) -> None:
     named = [("fp32/0", FLAT[rank * 9 : (rank + 1) * 9].clone()), ("optim/fp32/0/exp_avg", torch.ones(9)),
              ("buffer/_forward_module.bn", BN.clone())]
     records, data_bytes = plan_layout(named)
@@ -39,7 +39,7 @@ def write_rank(directory: CheckpointDir, step: int, rank: int, param_map: bool =
         buffer[record.offset : record.offset + record.nbytes] = t.view(-1).view(torch.uint8)
     deepspeed = {"stage": 2, **({"param_map": PMAP[rank]} if param_map else {})}
     manifest = Manifest(step, rank, 2, data_bytes, records, {"main": {"deepspeed": deepspeed}, "rng": {}}, run=run,
-                        forks=[list(f) for f in forks])
+                        forks=[list(f) for f in forks], run_began=began)
     view = memoryview(buffer.numpy())
     directory.write_rank(with_checksums(manifest, view), view)
 
@@ -51,9 +51,10 @@ def commit(directory: CheckpointDir, step: int) -> None:
         assert try_commit(step, 2) == []
 
 
-def write_step(tier: FsspecTier, step: int, param_map: bool = True, run: str = "", forks: tuple = ()) -> None:
+def write_step(tier: FsspecTier, step: int, param_map: bool = True, run: str = "", forks: tuple = (),
+               began: float = 0.0) -> None:
     for rank in (0, 1):
-        write_rank(tier.checkpoint(step), step, rank, param_map, run, forks)
+        write_rank(tier.checkpoint(step), step, rank, param_map, run, forks, began)
     commit(tier.checkpoint(step), step)
 
 
@@ -107,6 +108,14 @@ def test_ls_names_each_steps_run_and_marks_a_step_of_an_abandoned_timeline(tmp_p
     assert tools.resolve_checkpoint(str(root), step=8).step == 8
     # gc keeps the live timeline's newest: step 8 does not count among the kept
     assert tools.gc(str(root), keep=1, dry_run=True) == [4]
+    # run C, started afresh later beside them (their tier was down at its start): the line begun last is live,
+    # and every step of the earlier runs is of an abandoned timeline
+    write_step(t, 2, run="c" * 32, began=300.0)
+    code, out, _ = run(capsys, "ls", str(root))
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert rows["2"].endswith("  cccccccc")
+    assert rows["6"].endswith("  bbbbbbbb (abandoned: a later run did not go on from it)")
+    assert tools.resolve_checkpoint(str(root)).step == 2
 
 
 def test_verify_detects_a_flipped_bit_and_names_the_tensor(tier, capsys):

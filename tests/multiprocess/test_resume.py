@@ -5,6 +5,7 @@ import json
 import random
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -133,7 +134,11 @@ def test_after_a_node_loss_the_disk_checkpoint_is_taken(tmp_path, references):
     origins = FsspecTier(str(tmp_path / "root")).holdings(0).origins  # kept: 15, 20 and the end's 24
     (killed, at), = origins[15].forks
     assert at == 10 and killed and killed != origins[15].run
-    assert set(origins.values()) == {Origin(origins[15].run, ((killed, 10),))}
+    # and when it began, the same on both ranks (the marker holds rank 0's; the commit took manifests of one run)
+    assert set(origins.values()) == {Origin(origins[15].run, ((killed, 10),), origins[15].began)}
+    began = {json.loads((tmp_path / "root" / "step-000000015" / f"rank-{r:05d}.manifest.json").read_text())["run_began"]
+             for r in range(2)}
+    assert began == {origins[15].began} and time.time() - 600 < origins[15].began < time.time()
 
 
 def test_disk_checkpoint_after_node_loss_and_kill_during_a_local_write(tmp_path, references):

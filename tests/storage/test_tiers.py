@@ -18,7 +18,7 @@ import torch
 
 from oteacheck_lightning.format import CheckpointFormatError, Manifest, byte_view, plan_layout, with_checksums
 from oteacheck_lightning.persist import Persister, PersistSchedule
-from oteacheck_lightning.recovery import StrandedCheckpointError, TiersUnreachableError, newest_held, recover
+from oteacheck_lightning.recovery import StrandedCheckpointError, TiersUnreachableError, abandoned_after, newest_held, recover
 from oteacheck_lightning.slots import SlotPool
 from oteacheck_lightning.tiers import FsspecTier, Holdings, MemoryTier, Origin
 from oteacheck_lightning.tiers.fsspec_tier import COMMIT_MARKER
@@ -309,9 +309,9 @@ def test_a_restart_while_hdfs_is_down_stops_with_the_cause_instead_of_starting_a
     pool.close(remove=True)
 
 
-def commit_of(tier: FsspecTier, step: int, run: str, forks: list) -> None:
+def commit_of(tier: FsspecTier, step: int, run: str, forks: list, began: float = 0.0) -> None:
     manifest, view = rank_checkpoint(step, 0, 1)
-    tier.write(dataclasses.replace(manifest, run=run, forks=forks), view)
+    tier.write(dataclasses.replace(manifest, run=run, forks=forks, run_began=began), view)
     assert tier.try_commit(step, 1, run=run) == []
 
 
@@ -344,6 +344,31 @@ def test_a_step_of_an_abandoned_timeline_left_in_a_tier_that_was_down_is_never_r
     commit_of(local, 7, "C", [["A", 4], ["B", 6]])
     assert local.holdings(0).origins[7] == Origin("C", (("A", 4), ("B", 6)))
     assert recover([remote, local], 0, 1, single_rank_gather, Recorder).step == 7
+
+
+def test_the_line_begun_last_is_resumed_never_an_earlier_runs_newer_steps_it_could_not_see(tmp_path, caplog):
+    # run A (began at t=100) persisted steps 20, 25 and 30, only to the remote tier; run B was started afresh in the
+    # same folder (t=200) while that tier was down, so its start could not see them, and persisted steps 5 and 10
+    # locally before it was killed; the remote tier is back
+    remote, local = FsspecTier(f"memory://oteacheck-{uuid.uuid4().hex}"), FsspecTier(str(tmp_path / "local"))
+    for step in (20, 25, 30):
+        commit_of(remote, step, "A", [], began=100.0)
+    for step in (5, 10):
+        commit_of(local, step, "B", [], began=200.0)
+    with caplog.at_level(logging.WARNING):
+        result = recover([remote, local], 0, 1, single_rank_gather, Recorder)
+    assert (result.step, result.checkpoint.manifest.run) == (10, "B")
+    assert f"step 30 in {remote.name} is of a run that a later run did not go on from it" in caplog.text
+    assert remote.holdings(0).origins[30] == Origin("A", (), 100.0)
+    # run C resumed from A's step 25 by its path (t=300): its line is A up to 25, then C; B's steps and A's 30 are
+    # abandoned, and a corrupt step of C falls back to A's 25, never to B's 10 or A's 30
+    commit_of(local, 27, "C", [["A", 25]], began=300.0)
+    assert recover([remote, local], 0, 1, single_rank_gather, Recorder).step == 27
+    data = tmp_path / "local" / f"step-{27:09d}" / "rank-00000.data"
+    data.write_bytes(bytes(b ^ 0xFF for b in data.read_bytes()))
+    result = recover([remote, local], 0, 1, single_rank_gather, Recorder)
+    assert (result.step, result.checkpoint.manifest.run) == (25, "A")
+    assert abandoned_after([Origin("A", (), 100.0), Origin("B", (), 200.0), Origin("C", (("A", 25),), 300.0)]) == {"A": 25, "B": -1}
 
 
 def test_every_rank_stops_when_one_rank_could_not_list_a_tier(tmp_path):

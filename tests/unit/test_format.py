@@ -61,6 +61,8 @@ def test_truncated_data_is_detected():
         (lambda d: d.update(surprise=1), "unexpected fields"),
         (lambda d: d.update(forks=[["run", "7"]]), r"forks are not a list of \[run, step\]"),
         (lambda d: d.update(forks={"run": 7}), r"forks are not a list of \[run, step\]"),
+        (lambda d: d.update(run_began="yesterday"), "run_began is not a time"),
+        (lambda d: d.update(run_began=-1.0), "run_began is not a time"),
     ],
 )
 def test_malformed_manifests_are_rejected(mutate, message):

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import torch
 
-from ..format import Manifest, is_fork
+from ..format import Manifest, is_fork, is_time
 
 
 @dataclass
@@ -21,18 +21,24 @@ class LoadedRankCheckpoint:
 
 @dataclass(frozen=True)
 class Origin:
-    """The run that wrote a step, and where that run's line of training left earlier runs ([run, step] pairs,
-    oldest first; see :attr:`Manifest.forks`). Checkpoints of older formats have neither."""
+    """The run that wrote a step, where that run's line of training left earlier runs ([run, step] pairs, oldest
+    first; see :attr:`Manifest.forks`), and when it began (:attr:`Manifest.run_began`). Checkpoints of older formats
+    have none of them, or no start."""
 
     run: str = ""
     forks: tuple[tuple[str, int], ...] = ()
+    began: float = 0.0
 
     @classmethod
-    def of(cls, run: object, forks: object) -> Origin:
+    def of(cls, run: object, forks: object, began: object = 0.0) -> Origin:
         """From a manifest's or a ``COMMIT`` marker's fields; anything malformed reads as unknown."""
         if not isinstance(run, str) or not isinstance(forks, list):
             return cls()
-        return cls(run, tuple((f[0], f[1]) for f in forks if is_fork(f)))
+        return cls(run, tuple((f[0], f[1]) for f in forks if is_fork(f)), float(began) if is_time(began) else 0.0)
+
+    @classmethod
+    def of_manifest(cls, manifest: Manifest) -> Origin:
+        return cls.of(manifest.run, manifest.forks, manifest.run_began)
 
 
 @dataclass

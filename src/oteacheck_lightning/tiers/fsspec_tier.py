@@ -216,7 +216,8 @@ class CheckpointDir:
             return missing
         # the origin, for recovery to tell a step of an abandoned line from one listing (the ranks' manifests
         # agree on it: one run wrote them)
-        doc = {"step": step, "world_size": world_size, "manifests": digests, "run": first.run, "forks": first.forks}
+        doc = {"step": step, "world_size": world_size, "manifests": digests, "run": first.run, "forks": first.forks,
+               "run_began": first.run_began}
         self.write_marker(COMMIT_MARKER, json.dumps(doc, sort_keys=True).encode())
         return []
 
@@ -363,7 +364,8 @@ class FsspecTier:
     def holdings(self, rank: int) -> Holdings:
         markers = self._commit_markers()
         commits = {step: commit["world_size"] for step, commit in markers.items()}
-        origins = {step: Origin.of(commit.get("run", ""), commit.get("forks", [])) for step, commit in markers.items()}
+        origins = {step: Origin.of(commit.get("run", ""), commit.get("forks", []), commit.get("run_began", 0.0))
+                   for step, commit in markers.items()}
         # every rank's files under one root: all of a step is here
         return Holdings({s: n for s, n in commits.items() if rank < n}, commits, origins)
 

@@ -40,16 +40,19 @@ class MemoryTier:
         return [step for step, size in self.commits(rank).items() if world_size is None or size == world_size]
 
     def holdings(self, rank: int) -> Holdings:
-        own = self._sealed(self.directory)
         # the job's ranks that ran on this machine: the steps of which every rank's snapshot is here
-        sealed = {r: self._sealed(folder) for r, folder in rank_folders(self.directory.parent).items()}
+        folders = rank_folders(self.directory.parent)
+        sealed = {r: self._sealed(folder) for r, folder in folders.items()}
+        own = next((sealed[r] for r, folder in folders.items() if folder == self.directory), None)
+        if own is None:  # a folder not named as a rank's: read on its own
+            own = self._sealed(self.directory)
         held = {r: {step: m.world_size for step, (_, m) in found.items()} for r, found in sealed.items()}
         whole = {step: size for step, size in held.get(0, {}).items()
                  if all(held.get(r, {}).get(step) == size for r in range(size))}
         # a step's origin as this rank's snapshot of it says (one run wrote every rank's), else as rank 0's
-        origins = {step: Origin.of(m.run, m.forks) for step, (_, m) in own.items()}
+        origins = {step: Origin.of_manifest(m) for step, (_, m) in own.items()}
         for step, (_, m) in sealed.get(0, {}).items():
-            origins.setdefault(step, Origin.of(m.run, m.forks))
+            origins.setdefault(step, Origin.of_manifest(m))
         return Holdings({step: m.world_size for step, (_, m) in own.items()}, whole, origins)
 
     def read(self, step: int, rank: int) -> LoadedRankCheckpoint:
