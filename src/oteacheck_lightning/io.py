@@ -741,6 +741,7 @@ class OTeaCheckpointIO(CheckpointIO):
             out[f"oteacheck/tier{i}_outage_s"] = t.outage_seconds
             out[f"oteacheck/tier{i}_skipped"] = float(t.skipped)
             out[f"oteacheck/tier{i}_healthy"] = float(t.healthy)
+            out[f"oteacheck/tier{i}_refused"] = float(t.refused)
             if t.paced_every_n_steps:  # what every_n_seconds became, with several ranks
                 out[f"oteacheck/tier{i}_paced_every_n_steps"] = float(t.paced_every_n_steps)
         return out

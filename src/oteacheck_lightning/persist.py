@@ -48,6 +48,7 @@ from typing import Any, Protocol
 
 from .format import Manifest, with_checksums
 from .slots import Slot, SlotPool
+from .tiers.base import Holdings, Origin
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class PersistentTier(Protocol):
     def prune(self, rank: int, keep_last: int, coordinator: bool | None = None, world_size: int | None = None) -> list[int]: ...
 
     def discard_after(self, step: int, rank: int, coordinator: bool | None = None, world_size: int | None = None) -> list[int]: ...
+
+    def holdings(self, rank: int) -> Holdings: ...
 
 
 def unsnapshotted_interval(every_n_steps: int | None, snapshot_every: int, snapshot_key: str = "snapshot_every_n_steps") -> str | None:
@@ -158,6 +161,9 @@ class TargetStats:
     last_seconds: float = 0.0
     last_bytes: int = 0
     paced_every_n_steps: int = 0  # with several ranks: the agreed step interval of every_n_seconds (0: none yet)
+    # the tier holds steps of another line than this run's, seen before this run's first write there: nothing is
+    # written to it or removed from it for the rest of the run
+    refused: bool = False
 
     @property
     def last_gbps(self) -> float:
@@ -183,6 +189,8 @@ class _Target:
     # after a resume from this step while the tier was down: its newer steps belong to the abandoned run and are
     # removed before this rank's next write to it
     discard_after: int | None = None
+    # whether this rank looked, before its first write to the tier, for steps off this run's line (_check_line)
+    checked: bool = False
 
 
 class Persister:
@@ -223,7 +231,7 @@ class Persister:
             if self._closed:
                 return
             for t in self.targets:
-                if not (force or self._due(t, step, now)):
+                if t.stats.refused or not (force or self._due(t, step, now)):
                     continue
                 slot = self.pool.pin_newest()
                 if slot is None:
@@ -341,6 +349,8 @@ class Persister:
                     manifest = self._checksummed_manifest(slot)
                     if target.discard_after is not None:
                         self._discard_abandoned(target, manifest.rank, logging.WARNING)
+                    if not target.checked and not self._check_line(target, manifest):
+                        return
                     target.tier.write(manifest, slot.memoryview(manifest.data_bytes))
                 except Exception as err:  # any storage error degrades persistence, never training
                     step = manifest.step if manifest is not None else slot.step
@@ -368,6 +378,34 @@ class Persister:
             log.log(level, "removed this rank's files of steps %s from %s (newer than the resumed step %d)",
                     removed, target.tier.name, target.discard_after)
         target.discard_after = None
+
+    def _check_line(self, target: _Target, manifest: Manifest) -> bool:
+        """Before this rank's first write to ``target``: whether the tier holds only steps of this run's line (its
+        own, and earlier runs' up to where it resumed from them; the abandoned ones are discarded before this). A
+        step of another line is an earlier run's that this run could not see at its start (the tier was down then:
+        a fit without ``ckpt_path`` over existing checkpoints is refused), or a run's writing beside this one.
+        Writing among them would mix the two runs' steps of one number and let retention remove either's; so the
+        tier is refused for the rest of this run, touching nothing there, with an error in the log and the tier's
+        metrics unhealthy. Raises, leaving the check due, while the tier cannot be listed."""
+        held = target.tier.holdings(manifest.rank)
+        line = Origin.of_manifest(manifest)
+        others = {step: origin for step, origin in held.origins.items() if not line.keeps(step, origin.run)}
+        target.checked = True
+        if not others:
+            return True
+        newest = max(others)
+        stats = target.stats
+        stats.refused, stats.healthy = True, False
+        stats.last_error = f"holds step(s) {sorted(others)} of another run's line"
+        log.error(
+            "%s holds step(s) %s of another line of training than this run's (the newest, step %d, of run %s): "
+            "checkpoints this run could not see when it began (was the tier down then?) or of a run writing there "
+            "now. Nothing is persisted to it or removed from it for the rest of this run; its snapshots stay in "
+            "memory and go to the other tiers. To keep this run's steps there, move those checkpoints away (or use "
+            "another dirpath), or resume from them in a new run with ckpt_path=\"last\"",
+            target.tier.name, sorted(others), newest, others[newest].run[:8] or "of an older format",
+        )
+        return False
 
     def _backoff(self, target: _Target, seconds: float) -> bool:
         """Sleeps before a retry; False when the retry is pointless (closing, or a newer snapshot is due)."""

@@ -388,10 +388,10 @@ def test_every_rank_stops_when_one_rank_could_not_list_a_tier(tmp_path):
 # ------------------------------------------------------------------------------------ persister, 2 "ranks"
 
 
-def seal(pool: SlotPool, step: int, rank: int, world_size: int, numel: int = 4000) -> None:
+def seal(pool: SlotPool, step: int, rank: int, world_size: int, numel: int = 4000, **origin) -> None:
     manifest, view = rank_checkpoint(step, rank, world_size, numel)
     # without checksums: the persister computes them, off the training thread
-    manifest = dataclasses.replace(manifest, tensors=[dataclasses.replace(r, checksum=None) for r in manifest.tensors])
+    manifest = dataclasses.replace(manifest, tensors=[dataclasses.replace(r, checksum=None) for r in manifest.tensors], **origin)
     slot = pool.acquire(manifest.data_bytes)
     assert slot is not None, "training would have had to skip a snapshot"
     slot.memoryview(manifest.data_bytes)[:] = view
@@ -419,6 +419,48 @@ def test_steps_of_the_abandoned_run_on_a_tier_down_at_the_resume_go_before_the_n
     finally:
         if not hdfs_cluster.running:
             hdfs_cluster.start()
+        persister.close(drain=False)
+        pool.close(remove=True)
+
+
+def test_a_tier_holding_another_lines_steps_is_refused_and_left_untouched(tmp_path, caplog):
+    # run A persisted steps 20, 25 and 30 to the remote tier; run B began afresh in the same folder while that tier
+    # was down (so its start could not see them), and now persists every 5 steps; the tier is back
+    remote, local = FsspecTier(f"memory://oteacheck-{uuid.uuid4().hex}"), FsspecTier(str(tmp_path / "local"))
+    for step in (20, 25, 30):
+        commit_of(remote, step, "A", [], began=100.0)
+    files = {path: remote.fs.cat_file(path) for path in remote.fs.find(remote.root)}
+    pool = SlotPool(tmp_path / "shm", 6)
+    schedule = PersistSchedule(every_n_steps=5, keep_last=2)
+    persister = Persister(pool, [(remote, schedule), (local, schedule)], world_size=1)
+    try:
+        with caplog.at_level(logging.WARNING):
+            for step in (5, 10, 15):
+                seal(pool, step, 0, 1, run="B", run_began=200.0)
+                persister.request(step)
+                assert persister.drain(60)
+        # nothing of A's written over or removed (retention would have taken B's steps as older, and B's step 20
+        # would have gone into A's), and B's steps go on to the local tier
+        assert {path: remote.fs.cat_file(path) for path in remote.fs.find(remote.root)} == files
+        stats = persister.stats()
+        assert stats[remote.name].refused and not stats[remote.name].healthy and stats[remote.name].persisted == 0
+        assert stats[local.name].persisted == 3 and stats[local.name].healthy and not stats[local.name].refused
+        assert local.commits() == {10: 1, 15: 1}
+        assert caplog.text.count(f"{remote.name} holds step(s) [20, 25, 30] of another line of training") == 1
+    finally:
+        persister.close(drain=False)
+        pool.close(remove=True)
+    # a run that resumed from A's step 25 is on A's line up to there: A's step 30 goes, and its own step 30 is written
+    pool = SlotPool(tmp_path / "shm2", 4)
+    persister = Persister(pool, [(remote, schedule)], world_size=1)
+    try:
+        persister.discard_after(25, 0)
+        seal(pool, 30, 0, 1, run="C", forks=[["A", 25]], run_began=300.0)
+        persister.request(30)
+        assert persister.drain(60)
+        assert not persister.stats()[remote.name].refused
+        assert remote.commits() == {25: 1, 30: 1} and remote.holdings(0).origins[30].run == "C"
+    finally:
         persister.close(drain=False)
         pool.close(remove=True)
 
