@@ -645,11 +645,15 @@ class OTeaCheckpointIO(CheckpointIO):
         return newest_held(self.tiers_for_recovery(), self._rank, self._world_size)
 
     def continue_line(self, step: int, origin: list) -> None:
-        """After resuming from ``step`` of the run ``origin`` names (``[run, forks]`` of the checkpoint, the same on
-        every rank): this run's manifests carry that line's forks and this one, so that recovery never takes a step
-        the earlier run wrote after ``step`` (kept by a tier that is down now, say). The newest ``MAX_FORKS``."""
-        run, forks = origin
+        """After resuming from ``step`` of the run ``origin`` names (``[run, forks, run_began]`` of the checkpoint,
+        the same on every rank): this run's manifests carry that line's forks and this one, so that recovery never
+        takes a step the earlier run wrote after ``step`` (kept by a tier that is down now, say). The newest
+        ``MAX_FORKS``. This run begins after the one it goes on from whatever the clocks say (recovery goes on with
+        the line begun last; a restart on a node whose clock is behind would otherwise rank its line below the
+        earlier run's)."""
+        run, forks, began = origin
         self.forks = (list(forks) + [[run, step]])[-MAX_FORKS:]
+        self.run_began = max(self.run_began, began + 1e-3)
 
     def discard_persisted_after(self, step: int) -> None:
         """After resuming from ``step`` (training thread, before the next iteration): steps newer than it in this
@@ -702,7 +706,7 @@ class OTeaCheckpointIO(CheckpointIO):
         checkpoint[PRIVATE_KEY] = {
             "step": manifest.step,
             "source": loaded.source,
-            "origin": [manifest.run, manifest.forks],
+            "origin": [manifest.run, manifest.forks, manifest.run_began],
             "engine": engine,
             "deepspeed": deepspeed,
             "metrics": main["metrics"],

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from oteacheck_lightning.format import CheckpointFormatError, Manifest, byte_view, plan_layout, with_checksums
+from oteacheck_lightning.io import OTeaCheckpointIO
 from oteacheck_lightning.persist import Persister, PersistSchedule
 from oteacheck_lightning.recovery import StrandedCheckpointError, TiersUnreachableError, abandoned_after, newest_held, recover
 from oteacheck_lightning.slots import SlotPool
@@ -369,6 +370,20 @@ def test_the_line_begun_last_is_resumed_never_an_earlier_runs_newer_steps_it_cou
     result = recover([remote, local], 0, 1, single_rank_gather, Recorder)
     assert (result.step, result.checkpoint.manifest.run) == (25, "A")
     assert abandoned_after([Origin("A", (), 100.0), Origin("B", (), 200.0), Origin("C", (("A", 25),), 300.0)]) == {"A": 25, "B": -1}
+
+
+def test_a_resumed_run_begins_after_the_run_it_goes_on_from_whatever_the_clocks_say():
+    # the restart's node has a clock 10 minutes behind the killed run's: its line still ranks above the killed run's
+    io = OTeaCheckpointIO()
+    io.run_began = 1000.0
+    io.continue_line(5, ["A", [["X", 2]], 1600.0])
+    assert io.forks == [["X", 2], ["A", 5]] and io.run_began > 1600.0
+    mine = Origin("B", (("X", 2), ("A", 5)), io.run_began)
+    assert abandoned_after([Origin("X", (), 900.0), Origin("A", (("X", 2),), 1600.0), mine]) == {"X": 2, "A": 5}
+    ahead = OTeaCheckpointIO()
+    ahead.run_began = 1000.0
+    ahead.continue_line(5, ["A", [], 100.0])  # where its clock is ahead, its own start stands
+    assert ahead.run_began == 1000.0
 
 
 def test_every_rank_stops_when_one_rank_could_not_list_a_tier(tmp_path):
