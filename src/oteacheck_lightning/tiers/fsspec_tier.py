@@ -359,7 +359,7 @@ class FsspecTier:
 
     def commits(self, rank: int | None = None) -> dict[int, int]:
         """Every committed step, with the number of ranks that wrote it."""
-        return {step: commit["world_size"] for step, commit in self._commit_markers().items()}
+        return self.holdings(0).whole
 
     def holdings(self, rank: int) -> Holdings:
         markers = self._commit_markers()
