@@ -35,6 +35,10 @@ written, one due), so host memory stays bounded. A failing tier warns once with 
 keeps ``healthy=False`` and ``failing_since`` until a write succeeds again, then logs that it recovered. Training
 goes on (invariant 9). :meth:`Persister.close` drains, or returns what was not persisted.
 
+Before its first write to a tier, each rank lists it once: a tier holding steps of another line of training than
+this run's (an earlier run's that its start could not see, the tier being down then) is refused for the rest of the
+run, ``refused`` and an error, and nothing is written there or removed from there.
+
 Do not use any collectives in this module: it runs off the training thread (invariant 8).
 """
 
