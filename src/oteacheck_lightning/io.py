@@ -50,7 +50,7 @@ from .recovery import Gather, newest_held, recover, take_in_every_rank
 from .reshard import Repartition
 from .scheduler import SchedulePolicy, WindowKey
 from .slots import DEFAULT_SHM_ROOT, Slot, SlotPool, job_id_for, rank_folder
-from .tiers import CheckpointDir, FsspecTier, LoadedRankCheckpoint, MemoryTier
+from .tiers import CheckpointDir, FsspecTier, LoadedRankCheckpoint, MemoryTier, Origin
 from .training_state import RawRng, collect_metrics, find_metrics, grab_rng, rng_state
 from .worker import BackgroundWorker
 
@@ -660,9 +660,12 @@ class OTeaCheckpointIO(CheckpointIO):
         job's persistent tiers belong to the abandoned run; they are taken out of sight (rank 0) and this rank's
         files of them removed, so they can never be committed together with the resumed run's files. Every rank
         does this before its first collective of the resumed run, so no rank writes a newer step before all
-        ranks cleaned up. A tier that is down now is cleaned up before this rank's next write to it."""
+        ranks cleaned up. A tier that is down now is cleaned up before this rank's next write to it. Steps of
+        another line (a run this one never went on from, such as one whose tier was down at a fresh run's start)
+        are left alone: the first write refuses that tier instead."""
         assert self._persister is not None, "attach() first"
-        self._persister.discard_after(step, self._rank)
+        line = Origin(self.run_id, tuple((run, at) for run, at in self.forks), self.run_began)
+        self._persister.discard_after(step, self._rank, line)
 
     def recover(self, gather: Gather, url: str | None = None) -> dict[str, Any] | None:
         """The freshest checkpoint complete on every rank (a collective); ``None`` if there is none."""

@@ -66,7 +66,8 @@ class PersistentTier(Protocol):
 
     def prune(self, rank: int, keep_last: int, coordinator: bool | None = None, world_size: int | None = None) -> list[int]: ...
 
-    def discard_after(self, step: int, rank: int, coordinator: bool | None = None, world_size: int | None = None) -> list[int]: ...
+    def discard_after(self, step: int, rank: int, coordinator: bool | None = None, world_size: int | None = None,
+                      line: Origin | None = None) -> list[int]: ...
 
     def holdings(self, rank: int) -> Holdings: ...
 
@@ -193,6 +194,7 @@ class _Target:
     # after a resume from this step while the tier was down: its newer steps belong to the abandoned run and are
     # removed before this rank's next write to it
     discard_after: int | None = None
+    discard_line: Origin | None = None  # the resumed run's origin: only steps of the runs it left go
     # whether this rank looked, before its first write to the tier, for steps off this run's line (_check_line)
     checked: bool = False
 
@@ -263,14 +265,15 @@ class Persister:
                 t.paced = t.paced[-1:] + [(from_step, snapshots * step_multiple)]  # the previous one still applies before
                 t.stats.paced_every_n_steps = snapshots * step_multiple
 
-    def discard_after(self, step: int, rank: int) -> None:
+    def discard_after(self, step: int, rank: int, line: Origin | None = None) -> None:
         """After resuming from ``step`` (training thread): each tier's newer steps belong to the abandoned run; they
         are taken out of sight (rank 0) and this rank's files of them removed now, or, where the tier is down,
         before this rank's next write to it. (Until then its stale files cannot be committed with the resumed run's:
-        a commit takes only manifests of one run.)"""
+        a commit takes only manifests of one run.) With ``line``, the resumed run's origin, steps of another line
+        (a run it never went on from) are left alone."""
         for t in self.targets:
             with self._cond:
-                t.discard_after = step
+                t.discard_after, t.discard_line = step, line
             try:
                 self._discard_abandoned(t, rank, logging.INFO)
             except Exception as err:  # down now: done before the next write (_persist)
@@ -377,7 +380,7 @@ class Persister:
         """Removes ``target``'s steps newer than its ``discard_after`` (see :meth:`discard_after`); raises, leaving
         it due, while the tier is down."""
         assert target.discard_after is not None
-        removed = target.tier.discard_after(target.discard_after, rank, world_size=self.world_size)
+        removed = target.tier.discard_after(target.discard_after, rank, world_size=self.world_size, line=target.discard_line)
         if removed:
             log.log(level, "removed this rank's files of steps %s from %s (newer than the resumed step %d)",
                     removed, target.tier.name, target.discard_after)
