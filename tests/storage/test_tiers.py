@@ -465,33 +465,28 @@ def test_a_tier_holding_another_lines_steps_is_refused_and_left_untouched(tmp_pa
     finally:
         persister.close(drain=False)
         pool.close(remove=True)
+
+    def resume_and_persist(folder: str, line: Origin, step: int) -> bool:
+        """A run of ``line`` resumed from its last fork and persisted ``step``: whether the tier was refused."""
+        pool = SlotPool(tmp_path / folder, 4)
+        persister = Persister(pool, [(remote, schedule)], world_size=1)
+        try:
+            persister.discard_after(line.forks[-1][1], 0, line=line)
+            seal(pool, step, 0, 1, run=line.run, forks=[list(f) for f in line.forks], run_began=line.began)
+            persister.request(step)
+            assert persister.drain(60)
+            return persister.stats()[remote.name].refused
+        finally:
+            persister.close(drain=False)
+            pool.close(remove=True)
+
     # B is killed and resumed (run D, from B's step 15): the resume takes newer steps only of the runs its line
     # left, so A's steps stay (before, they went as newer than 15), and D's first write refuses the tier too
-    pool = SlotPool(tmp_path / "shm1", 4)
-    persister = Persister(pool, [(remote, schedule)], world_size=1)
-    try:
-        persister.discard_after(15, 0, line=Origin("D", (("B", 15),), 300.0))
-        seal(pool, 20, 0, 1, run="D", forks=[["B", 15]], run_began=300.0)
-        persister.request(20)
-        assert persister.drain(60)
-        assert {path: remote.fs.cat_file(path) for path in remote.fs.find(remote.root)} == files
-        assert persister.stats()[remote.name].refused
-    finally:
-        persister.close(drain=False)
-        pool.close(remove=True)
+    assert resume_and_persist("shm1", Origin("D", (("B", 15),), 300.0), 20)
+    assert {path: remote.fs.cat_file(path) for path in remote.fs.find(remote.root)} == files
     # a run that resumed from A's step 25 is on A's line up to there: A's step 30 goes, and its own step 30 is written
-    pool = SlotPool(tmp_path / "shm2", 4)
-    persister = Persister(pool, [(remote, schedule)], world_size=1)
-    try:
-        persister.discard_after(25, 0, line=Origin("C", (("A", 25),), 400.0))
-        seal(pool, 30, 0, 1, run="C", forks=[["A", 25]], run_began=300.0)
-        persister.request(30)
-        assert persister.drain(60)
-        assert not persister.stats()[remote.name].refused
-        assert remote.commits() == {25: 1, 30: 1} and remote.holdings(0).origins[30].run == "C"
-    finally:
-        persister.close(drain=False)
-        pool.close(remove=True)
+    assert not resume_and_persist("shm2", Origin("C", (("A", 25),), 400.0), 30)
+    assert remote.commits() == {25: 1, 30: 1} and remote.holdings(0).origins[30].run == "C"
 
 
 class HeldTier(FsspecTier):
