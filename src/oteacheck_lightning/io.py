@@ -664,8 +664,7 @@ class OTeaCheckpointIO(CheckpointIO):
         another line (a run this one never went on from, such as one whose tier was down at a fresh run's start)
         are left alone: the first write refuses that tier instead."""
         assert self._persister is not None, "attach() first"
-        line = Origin(self.run_id, tuple((run, at) for run, at in self.forks), self.run_began)
-        self._persister.discard_after(step, self._rank, line)
+        self._persister.discard_after(step, self._rank, Origin.of(self.run_id, self.forks, self.run_began))
 
     def recover(self, gather: Gather, url: str | None = None) -> dict[str, Any] | None:
         """The freshest checkpoint complete on every rank (a collective); ``None`` if there is none."""
