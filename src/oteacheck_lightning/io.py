@@ -662,7 +662,7 @@ class OTeaCheckpointIO(CheckpointIO):
         does this before its first collective of the resumed run, so no rank writes a newer step before all
         ranks cleaned up. A tier that is down now is cleaned up before this rank's next write to it. Steps of
         another line (a run this one never went on from, such as one whose tier was down at a fresh run's start)
-        are left alone: the first write refuses that tier instead."""
+        are left alone, and that tier is refused for this run (see :class:`~.persist.Persister`)."""
         assert self._persister is not None, "attach() first"
         self._persister.discard_after(step, self._rank, Origin.of(self.run_id, self.forks, self.run_began))
 

@@ -35,9 +35,9 @@ written, one due), so host memory stays bounded. A failing tier warns once with 
 keeps ``healthy=False`` and ``failing_since`` until a write succeeds again, then logs that it recovered. Training
 goes on (invariant 9). :meth:`Persister.close` drains, or returns what was not persisted.
 
-Before its first write to a tier, each rank lists it once: a tier holding steps of another line of training than
-this run's (an earlier run's that its start could not see, the tier being down then) is refused for the rest of the
-run, ``refused`` and an error, and nothing is written there or removed from there.
+At a resume, or else before its first write to a tier, each rank lists it once: a tier holding steps of another
+line of training than this run's (an earlier run's that its start could not see, the tier being down then) is
+refused for the rest of the run, ``refused`` and an error, and nothing is written there or removed from there.
 
 Do not use any collectives in this module: it runs off the training thread (invariant 8).
 """
@@ -166,8 +166,8 @@ class TargetStats:
     last_seconds: float = 0.0
     last_bytes: int = 0
     paced_every_n_steps: int = 0  # with several ranks: the agreed step interval of every_n_seconds (0: none yet)
-    # the tier holds steps of another line than this run's, seen before this run's first write there: nothing is
-    # written to it or removed from it for the rest of the run
+    # the tier holds steps of another line than this run's, seen at the resume or before this run's first write
+    # there: nothing is written to it or removed from it for the rest of the run
     refused: bool = False
 
     @property
@@ -195,7 +195,7 @@ class _Target:
     # removed before this rank's next write to it
     discard_after: int | None = None
     discard_line: Origin | None = None  # the resumed run's origin: only steps of the runs it left go
-    # whether this rank looked, before its first write to the tier, for steps off this run's line (_check_line)
+    # whether this rank looked (at the resume, or before its first write to the tier) for steps of another line
     checked: bool = False
 
 
@@ -276,6 +276,8 @@ class Persister:
                 t.discard_after, t.discard_line = step, line
             try:
                 self._discard_abandoned(t, rank, logging.INFO)
+                if line is not None:  # told now rather than at the first write
+                    self._check_line(t, rank, line)
             except Exception as err:  # down now: done before the next write (_persist)
                 log.warning("could not remove steps after %d from %s now (%s: %s); they are removed before the next "
                             "write to it", step, t.tier.name, type(err).__name__, err)
@@ -356,7 +358,7 @@ class Persister:
                     manifest = self._checksummed_manifest(slot)
                     if target.discard_after is not None:
                         self._discard_abandoned(target, manifest.rank, logging.WARNING)
-                    if not target.checked and not self._check_line(target, manifest):
+                    if not target.checked and not self._check_line(target, manifest.rank, Origin.of_manifest(manifest)):
                         return
                     target.tier.write(manifest, slot.memoryview(manifest.data_bytes))
                 except Exception as err:  # any storage error degrades persistence, never training
@@ -386,17 +388,17 @@ class Persister:
                     removed, target.tier.name, target.discard_after)
         target.discard_after = None
 
-    def _check_line(self, target: _Target, manifest: Manifest) -> bool:
-        """Before this rank's first write to ``target``: whether the tier holds only steps of this run's line (its
-        own, and earlier runs' up to where it resumed from them; the abandoned ones are discarded before this). A
-        step of another line is an earlier run's that this run could not see at its start (the tier was down then:
-        a fit without ``ckpt_path`` over existing checkpoints is refused), or a run's writing beside this one.
-        Writing among them would mix the two runs' steps of one number and let retention remove either's; so the
-        tier is refused for the rest of this run, touching nothing there, with an error in the log and the tier's
-        metrics unhealthy. Raises, leaving the check due, while the tier cannot be listed."""
-        held = target.tier.holdings(manifest.rank)
-        line = Origin.of_manifest(manifest)
-        others = {step: origin for step, origin in held.origins.items() if not line.keeps(step, origin.run)}
+    def _check_line(self, target: _Target, rank: int, line: Origin) -> bool:
+        """At a resume, or else before this rank's first write to ``target``: whether the tier holds only steps of
+        runs on this run's ``line`` (its own, and those of the earlier runs it went on from; their steps beyond where
+        it left them are abandoned, and rank 0 removes them, maybe only after this rank looked). A step of another
+        line is an earlier run's that this run could not see at its start (the tier was down then: a fit without
+        ``ckpt_path`` over existing checkpoints is refused), or a run's writing beside this one. Writing among them
+        would mix the two runs' steps of one number and let retention remove either's; so the tier is refused for
+        the rest of this run, touching nothing there, with an error in the log and the tier's metrics unhealthy.
+        Raises, leaving the check due, while the tier cannot be listed."""
+        held = target.tier.holdings(rank)
+        others = {step: origin for step, origin in held.origins.items() if not line.of_line(origin.run)}
         target.checked = True
         if not others:
             return True

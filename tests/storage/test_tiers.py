@@ -310,10 +310,11 @@ def test_a_restart_while_hdfs_is_down_stops_with_the_cause_instead_of_starting_a
     pool.close(remove=True)
 
 
-def commit_of(tier: FsspecTier, step: int, run: str, forks: list, began: float = 0.0) -> None:
-    manifest, view = rank_checkpoint(step, 0, 1)
-    tier.write(dataclasses.replace(manifest, run=run, forks=forks, run_began=began), view)
-    assert tier.try_commit(step, 1, run=run) == []
+def commit_of(tier: FsspecTier, step: int, run: str, forks: list, began: float = 0.0, world_size: int = 1) -> None:
+    for rank in range(world_size):
+        manifest, view = rank_checkpoint(step, rank, world_size)
+        tier.write(dataclasses.replace(manifest, run=run, forks=forks, run_began=began), view)
+    assert tier.try_commit(step, world_size, run=run) == []
 
 
 def test_a_step_of_an_abandoned_timeline_left_in_a_tier_that_was_down_is_never_resumed_from(tmp_path, caplog):
@@ -466,27 +467,55 @@ def test_a_tier_holding_another_lines_steps_is_refused_and_left_untouched(tmp_pa
         persister.close(drain=False)
         pool.close(remove=True)
 
-    def resume_and_persist(folder: str, line: Origin, step: int) -> bool:
-        """A run of ``line`` resumed from its last fork and persisted ``step``: whether the tier was refused."""
+    def resume_and_persist(folder: str, line: Origin, step: int) -> tuple[bool, bool]:
+        """A run of ``line`` resumed from its last fork and persisted ``step``: whether the tier was refused at the
+        resume, and after the write."""
         pool = SlotPool(tmp_path / folder, 4)
         persister = Persister(pool, [(remote, schedule)], world_size=1)
         try:
             persister.discard_after(line.forks[-1][1], 0, line=line)
+            at_resume = persister.stats()[remote.name].refused
             seal(pool, step, 0, 1, run=line.run, forks=[list(f) for f in line.forks], run_began=line.began)
             persister.request(step)
             assert persister.drain(60)
-            return persister.stats()[remote.name].refused
+            return at_resume, persister.stats()[remote.name].refused
         finally:
             persister.close(drain=False)
             pool.close(remove=True)
 
     # B is killed and resumed (run D, from B's step 15): the resume takes newer steps only of the runs its line
-    # left, so A's steps stay (before, they went as newer than 15), and D's first write refuses the tier too
-    assert resume_and_persist("shm1", Origin("D", (("B", 15),), 300.0), 20)
+    # left, so A's steps stay (before, they went as newer than 15), and D refuses the tier too, at its resume
+    assert resume_and_persist("shm1", Origin("D", (("B", 15),), 300.0), 20) == (True, True)
     assert {path: remote.fs.cat_file(path) for path in remote.fs.find(remote.root)} == files
     # a run that resumed from A's step 25 is on A's line up to there: A's step 30 goes, and its own step 30 is written
-    assert not resume_and_persist("shm2", Origin("C", (("A", 25),), 400.0), 30)
+    assert resume_and_persist("shm2", Origin("C", (("A", 25),), 400.0), 30) == (False, False)
     assert remote.commits() == {25: 1, 30: 1} and remote.holdings(0).origins[30].run == "C"
+
+
+def test_a_rank_that_writes_before_rank_0_removed_the_abandoned_steps_is_not_refused(tmp_path):
+    # run A (2 ranks) persisted steps 20, 25 and 30; run C resumed from A's step 20. The tier was down at the resume,
+    # so rank 0's removal of A's steps 25 and 30 waits for its first write, and rank 1's first write came first:
+    # those steps are still committed then, but they are this line's own abandoned steps, not another line's
+    tier = FsspecTier(f"memory://oteacheck-{uuid.uuid4().hex}")
+    for step in (20, 25, 30):
+        commit_of(tier, step, "A", [], began=100.0, world_size=2)
+    line = Origin("C", (("A", 20),), 200.0)
+    schedule = PersistSchedule(every_n_steps=1)
+    pools = [SlotPool(tmp_path / f"shm{rank}", 4) for rank in range(2)]
+    persisters = [Persister(pool, [(tier, schedule)], world_size=2) for pool in pools]
+    try:
+        for rank in (1, 0):
+            persisters[rank].discard_after(20, rank, line=line)
+            assert not persisters[rank].stats()[tier.name].refused  # checked at the resume already
+            seal(pools[rank], 21, rank, 2, run="C", forks=[["A", 20]], run_began=200.0)
+            persisters[rank].request(21)
+            assert persisters[rank].drain(60)
+        assert tier.commits() == {20: 2, 21: 2}
+        assert not any(p.stats()[tier.name].refused for p in persisters)
+    finally:
+        for persister, pool in zip(persisters, pools):
+            persister.close(drain=False)
+            pool.close(remove=True)
 
 
 class HeldTier(FsspecTier):

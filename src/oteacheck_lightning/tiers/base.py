@@ -40,10 +40,10 @@ class Origin:
     def of_manifest(cls, manifest: Manifest) -> Origin:
         return cls.of(manifest.run, manifest.forks, manifest.run_began)
 
-    def keeps(self, step: int, run: str) -> bool:
-        """Whether step ``step`` of ``run`` lies on this origin's line: a step of its own run, or of an earlier run
-        up to where the line left it."""
-        return run == self.run or any(left == run and step <= at for left, at in self.forks)
+    def of_line(self, run: str) -> bool:
+        """Whether ``run`` is this origin's run or one its line went on from: its steps beyond the fork are this
+        line's abandoned ones (a resume removes them), not another line's."""
+        return run == self.run or any(left == run for left, _ in self.forks)
 
 
 @dataclass
