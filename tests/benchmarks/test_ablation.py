@@ -24,7 +24,7 @@ FIELDS = ("card", "gpus", "model", "method", "variant", "iter_ms_median", "overh
 
 def test_every_variant_gets_its_iterations_and_a_ratio_to_no_checkpointing_of_the_same_run(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join((str(ROOT / "src"), str(ROOT))), OTEACHECK_MEMORY_DIR=str(tmp_path / "shm"))
-    rounds, block, skip = 2, 5, 1
+    rounds, block, skip = 2, 4, 1
     cmd = [sys.executable, "-m", "benchmarks.ablation", "--smoke", "--model", "gpt2-124m", "--variants",
            "none,eager,bubbles,bubbles+coarse,bubbles+late,probe+end,probe+side", "--rounds", str(rounds), "--block", str(block),
            "--skip", str(skip), "--warmup", "4", "--profile-rounds", "1", "--probe-ms", str(PROBE_MS), "--out", str(tmp_path)]
