@@ -276,11 +276,15 @@ class Persister:
                 t.discard_after, t.discard_line = step, line
             try:
                 self._discard_abandoned(t, rank, logging.INFO)
-                if line is not None:  # told now rather than at the first write
-                    self._check_line(t, rank, line)
             except Exception as err:  # down now: done before the next write (_persist)
                 log.warning("could not remove steps after %d from %s now (%s: %s); they are removed before the next "
                             "write to it", step, t.tier.name, type(err).__name__, err)
+                continue
+            if line is not None:  # told now rather than at the first write
+                try:
+                    self._check_line(t, rank, line)
+                except Exception:  # down again: looked at before the first write (_persist)
+                    log.debug("could not check %s for another line's steps now", t.tier.name, exc_info=True)
 
     def stats(self) -> dict[str, TargetStats]:
         return {t.tier.name: t.stats for t in self.targets}
