@@ -109,8 +109,9 @@ class Matrix:
         start = time.time()
         ends = [t for t in (args.deadline, start + args.budget_s if args.budget_s else None) if t]
         self.deadline = min(ends) if ends else None
-        self.durations: list[tuple[str, float, int]] = []  # model, seconds (a recovery run's / 2.5), iterations
         self.log = self.out / "matrix-log.jsonl"
+        # model, seconds (a recovery run's / 2.5), iterations
+        self.durations: list[tuple[str, float, int]] = self._logged_durations()
         self.recovery = set(METHODS) if args.recovery == "all" else {m for m in args.recovery.split(",") if m}
 
     # --- time budget ----------------------------------------------------------------------------------------
@@ -182,10 +183,23 @@ class Matrix:
         path = self.out / result_name(model, method, gpus, every)
         result = json.loads(path.read_text()) if path.exists() else None
         status = result.get("status") if result else f"driver failed ({proc.returncode})"
-        self._log({**entry, "status": status, "seconds": round(took, 1),
+        self._log({**entry, "status": status, "seconds": round(took, 1), "iterations": steps, "recovery": recovery,
                    "error": (result or {}).get("error") or (proc.stderr[-1500:] if proc.returncode else None)})
         print(f"[matrix]   {status} in {took:.0f}s" + (f": {result.get('error')}" if result and result.get("error") else ""), flush=True)
         return result
+
+    def _logged_durations(self) -> list[tuple[str, float, int]]:
+        """The durations of this tag's runs that earlier matrices logged in this folder: a call that runs one matrix
+        per spec (``benchmarks/gpu_intervals.sh``) estimates its later runs from them, not from a first-run guess
+        (a 60 s guess started a 190 s run with 169 s left, and the call's timeout cut it off)."""
+        if not self.log.exists():
+            return []
+        found = []
+        for line in self.log.read_text().splitlines():
+            e = json.loads(line)
+            if e.get("tag") == self.tag and "seconds" in e and "iterations" in e:
+                found.append((e["model"], e["seconds"] / (2.5 if e.get("recovery") else 1.0), e["iterations"]))
+        return found
 
     def _log(self, entry: dict) -> None:
         with open(self.log, "a") as f:

@@ -172,3 +172,18 @@ def test_baselines_run_their_own_number_of_iterations_and_the_budget_scales_with
     m.durations.append(("gpt2-124m", 105.0, 400))
     assert m.estimate("gpt2-124m", False, 2820) == pytest.approx(45 + 0.15 * 2820)
     assert m.estimate("gpt2-124m", False, 400) == pytest.approx(105.0)
+
+
+def test_a_later_matrix_of_the_same_tag_and_folder_estimates_from_the_runs_logged_before(tmp_path):
+    # benchmarks/gpu_intervals.sh runs one matrix per spec: the second knows the first one's runs
+    log = tmp_path / "matrix-log.jsonl"
+    log.write_text("\n".join(json.dumps(e) for e in (
+        {"tag": "t", "model": "gpt2-355m", "method": "none-deepspeed", "status": "ok", "seconds": 85.0, "iterations": 100, "recovery": False},
+        {"tag": "t", "model": "gpt2-355m", "method": "torchsnapshot", "status": "ok", "seconds": 200.0, "iterations": 722, "recovery": False},
+        {"tag": "other", "model": "gpt2-355m", "method": "dcp-async", "status": "ok", "seconds": 9.0, "iterations": 700, "recovery": False},
+        {"tag": "t", "model": "gpt2-355m", "method": "checkfreq", "status": "skipped", "reason": "time budget"},
+    )) + "\n")
+    argv = ["--models", "gpt2-355m", "--methods", "dcp-async", "--out", str(tmp_path), "--tag", "t", "--first-run-estimate", "60"]
+    m = matrix_mod.Matrix(matrix_mod.parser().parse_args(argv))
+    assert m.durations == [("gpt2-355m", 85.0, 100), ("gpt2-355m", 200.0, 722)]
+    assert m.estimate("gpt2-355m", False, 680) > 169  # the run that was started with 169 s left, and cut off
