@@ -196,7 +196,10 @@ class Matrix:
             return []
         found = []
         for line in self.log.read_text().splitlines():
-            e = json.loads(line)
+            try:
+                e = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a call's timeout
+                continue
             if e.get("tag") == self.tag and "seconds" in e and "iterations" in e:
                 found.append((e["model"], e["seconds"] / (2.5 if e.get("recovery") else 1.0), e["iterations"]))
         return found

@@ -182,7 +182,7 @@ def test_a_later_matrix_of_the_same_tag_and_folder_estimates_from_the_runs_logge
         {"tag": "t", "model": "gpt2-355m", "method": "torchsnapshot", "status": "ok", "seconds": 200.0, "iterations": 722, "recovery": False},
         {"tag": "other", "model": "gpt2-355m", "method": "dcp-async", "status": "ok", "seconds": 9.0, "iterations": 700, "recovery": False},
         {"tag": "t", "model": "gpt2-355m", "method": "checkfreq", "status": "skipped", "reason": "time budget"},
-    )) + "\n")
+    )) + '\n{"tag": "t", "model": "gpt2-355m", "meth')  # cut short by a timeout
     argv = ["--models", "gpt2-355m", "--methods", "dcp-async", "--out", str(tmp_path), "--tag", "t", "--first-run-estimate", "60"]
     m = matrix_mod.Matrix(matrix_mod.parser().parse_args(argv))
     assert m.durations == [("gpt2-355m", 85.0, 100), ("gpt2-355m", 200.0, 722)]
