@@ -419,8 +419,9 @@ class FsspecTier:
         """After resuming from ``step``: newer steps belong to an abandoned run; makes them invisible (coordinator)
         and removes this rank's files of them, so they can never be committed together with the new run's. With
         ``world_size``, the coordinator also removes the files of ranks beyond it. With ``line`` (the resumed
-        run's origin), a committed step goes only if a run on that line wrote it (``Origin.of_line``, the persister's
-        test for another line too): another line's steps (a run this one never went on from) stay, and the persister refuses the tier rather than write beside them."""
+        run's origin), a committed step goes only if a run on that line wrote it (``Origin.of_line``, the
+        persister's test for another line too): another line's steps (a run this one never went on from) stay, and
+        the persister refuses the tier rather than write beside them."""
         coordinator = rank == 0 if coordinator is None else coordinator
         origins = self.holdings(rank).origins if line is not None else {}
         removed = []
