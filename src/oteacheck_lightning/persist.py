@@ -66,8 +66,8 @@ class PersistentTier(Protocol):
 
     def prune(self, rank: int, keep_last: int, coordinator: bool | None = None, world_size: int | None = None) -> list[int]: ...
 
-    def discard_after(self, step: int, rank: int, coordinator: bool | None = None, world_size: int | None = None,
-                      line: Origin | None = None) -> list[int]: ...
+    def discard_after(self, step: int, rank: int, line: Origin, coordinator: bool | None = None,
+                      world_size: int | None = None) -> list[int]: ...
 
     def holdings(self, rank: int) -> Holdings: ...
 
@@ -265,12 +265,12 @@ class Persister:
                 t.paced = t.paced[-1:] + [(from_step, snapshots * step_multiple)]  # the previous one still applies before
                 t.stats.paced_every_n_steps = snapshots * step_multiple
 
-    def discard_after(self, step: int, rank: int, line: Origin | None = None) -> None:
+    def discard_after(self, step: int, rank: int, line: Origin) -> None:
         """After resuming from ``step`` (training thread): each tier's newer steps belong to the abandoned run; they
         are taken out of sight (rank 0) and this rank's files of them removed now, or, where the tier is down,
         before this rank's next write to it. (Until then its stale files cannot be committed with the resumed run's:
-        a commit takes only manifests of one run.) With ``line``, the resumed run's origin, steps of another line
-        (a run it never went on from) are left alone."""
+        a commit takes only manifests of one run.) ``line`` is the resumed run's origin: steps of another line (a run
+        it never went on from) are left alone."""
         for t in self.targets:
             with self._cond:
                 t.discard_after, t.discard_line = step, line
@@ -280,11 +280,10 @@ class Persister:
                 log.warning("could not remove steps after %d from %s now (%s: %s); they are removed before the next "
                             "write to it", step, t.tier.name, type(err).__name__, err)
                 continue
-            if line is not None:  # told now rather than at the first write
-                try:
-                    self._check_line(t, rank, line)
-                except Exception:  # down again: looked at before the first write (_persist)
-                    log.debug("could not check %s for another line's steps now", t.tier.name, exc_info=True)
+            try:  # told now rather than at the first write
+                self._check_line(t, rank, line)
+            except Exception:  # down again: looked at before the first write (_persist)
+                log.debug("could not check %s for another line's steps now", t.tier.name, exc_info=True)
 
     def stats(self) -> dict[str, TargetStats]:
         return {t.tier.name: t.stats for t in self.targets}
@@ -385,8 +384,8 @@ class Persister:
     def _discard_abandoned(self, target: _Target, rank: int, level: int) -> None:
         """Removes ``target``'s steps newer than its ``discard_after`` (see :meth:`discard_after`); raises, leaving
         it due, while the tier is down."""
-        assert target.discard_after is not None
-        removed = target.tier.discard_after(target.discard_after, rank, world_size=self.world_size, line=target.discard_line)
+        assert target.discard_after is not None and target.discard_line is not None
+        removed = target.tier.discard_after(target.discard_after, rank, target.discard_line, world_size=self.world_size)
         if removed:
             log.log(level, "removed this rank's files of steps %s from %s (newer than the resumed step %d)",
                     removed, target.tier.name, target.discard_after)

@@ -207,7 +207,8 @@ def test_after_a_resume_with_fewer_ranks_retention_removes_the_files_of_ranks_th
     assert tier.commits() == {5: 2, 10: 2, 15: 1, 20: 2}
     assert tier.committed_steps(0, world_size=1) == [15] and tier.committed_steps(1) == [5, 10, 20]
     # the resumed run discards the abandoned step 20 and prunes to one step: no file of rank 1 is left behind
-    assert tier.discard_after(15, 0, world_size=1) == [20]
+    # (the helper's steps are all of one run, so step 20 is of the resumed line)
+    assert tier.discard_after(15, 0, Origin(), world_size=1) == [20]
     assert tier.prune(0, keep_last=1, world_size=1) == [5, 10]
     assert tier.steps() == [15]
     assert tier.commits() == {15: 1}
@@ -337,7 +338,7 @@ def test_a_step_of_an_abandoned_timeline_left_in_a_tier_that_was_down_is_never_r
         result = recover([remote, local], 0, 1, single_rank_gather, Recorder)
         assert result.step == expected
     assert result.checkpoint.source == remote.name
-    local.discard_after(4, 0)
+    local.discard_after(4, 0, Origin("C", (("A", 4), ("B", 4))))  # C resumed B's line from its step 4
     assert FsspecTier(str(tmp_path / "local")).commits() == {}
     # with no step of B's line left anywhere, nothing says step 8 was abandoned: as before, the newest is taken
     assert recover([remote, local], 0, 1, single_rank_gather, Recorder).step == 8
@@ -423,7 +424,7 @@ def test_steps_of_the_abandoned_run_on_a_tier_down_at_the_resume_go_before_the_n
     try:
         hdfs_cluster.kill()
         with caplog.at_level(logging.WARNING):
-            persister.discard_after(4, 0)
+            persister.discard_after(4, 0, Origin("B", (("", 4),)))  # the helper's run is ""
         assert f"could not remove steps after 4 from {hdfs_root} now" in caplog.text
         hdfs_cluster.start()
         seal(pool, 5, 0, 1)

@@ -414,19 +414,19 @@ class FsspecTier:
             removed.append(step)
         return removed
 
-    def discard_after(self, step: int, rank: int, coordinator: bool | None = None, world_size: int | None = None,
-                      line: Origin | None = None) -> list[int]:
+    def discard_after(self, step: int, rank: int, line: Origin, coordinator: bool | None = None,
+                      world_size: int | None = None) -> list[int]:
         """After resuming from ``step``: newer steps belong to an abandoned run; makes them invisible (coordinator)
         and removes this rank's files of them, so they can never be committed together with the new run's. With
-        ``world_size``, the coordinator also removes the files of ranks beyond it. With ``line`` (the resumed
-        run's origin), a committed step goes only if a run on that line wrote it (``Origin.of_line``, the
+        ``world_size``, the coordinator also removes the files of ranks beyond it. ``line`` is the resumed run's
+        origin: a committed step goes only if a run on that line wrote it (``Origin.of_line``, the
         persister's test for another line too): another line's steps (a run this one never went on from) stay, and
         the persister refuses the tier rather than write beside them."""
         coordinator = rank == 0 if coordinator is None else coordinator
-        origins = self.holdings(rank).origins if line is not None else {}
+        origins = self.holdings(rank).origins
         removed = []
         for newer in self.steps():
-            if newer <= step or (line is not None and newer in origins and not line.of_line(origins[newer].run)):
+            if newer <= step or (newer in origins and not line.of_line(origins[newer].run)):
                 continue
             directory = self.checkpoint(newer)
             if coordinator:
