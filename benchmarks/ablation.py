@@ -73,7 +73,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from . import attribution, measure, models
+from . import attribution, catalog, measure, models
 from .methods import zero2_options
 
 DEFAULT_VARIANTS = "none,naive,eager,bubbles"
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         limit_val_batches=0, use_distributed_sampler=False, default_root_dir=workdir,
     )
-    module = models.BenchModule(models.spec(args.model, args.smoke))
+    module = models.BenchModule(catalog.spec(args.model, args.smoke))
     started = time.time()
     originals: list[tuple[Any, str, Any]] = []
     try:
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # the same for every variant of this run (versions asks git twice)
-    card, versions, batch = measure.card(), measure.versions(), models.spec(args.model, args.smoke).batch
+    card, versions, batch = measure.card(), measure.versions(), catalog.spec(args.model, args.smoke).batch
     # names the process that measured: overheads compare only within one run, and runs must not overwrite each other
     run = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
     summary = {}

@@ -39,7 +39,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from . import measure, models
+from . import catalog, measure, models
 
 
 def _pieces() -> list[tuple[str, str, Any, str]]:
@@ -143,7 +143,7 @@ def _run(args: argparse.Namespace, timings: _Timings, pieces: list[tuple[str, st
     )
     # the state and its snapshot depend on the model's configuration, not on the batch: a full-size model with a
     # small batch shows a snapshot's host work on a CPU
-    spec = models.spec(args.model, args.smoke)
+    spec = catalog.spec(args.model, args.smoke)
     spec = dataclasses.replace(spec, batch=args.batch or spec.batch, seq=args.seq or spec.seq)
     trainer.fit(models.BenchModule(spec))
     rows = []

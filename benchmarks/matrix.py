@@ -38,9 +38,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .methods import BASELINES, METHODS, OTEACHECK_METHODS, baseline_of
-from .models import MODELS
-from .models import SMOKE as SMOKE_MODELS
+from .catalog import BASELINES, METHODS, MODELS, OTEACHECK_METHODS, baseline_of
+from .catalog import SMOKE as SMOKE_MODELS
 from .in_run import in_run_of
 from .run import ROOT, result_name
 

@@ -31,19 +31,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-OTEACHECK_METHODS = ("none", "oteacheck", "oteacheck-naive", "oteacheck-eager")
-DEEPSPEED_METHODS = ("none-deepspeed", "sync-torch-save", "sync-deepspeed", "checkfreq", "torchsnapshot", "dcp-async",
-                     "lightning-async")
-METHODS = OTEACHECK_METHODS + DEEPSPEED_METHODS
-BASELINES = ("none", "none-deepspeed")  # the no-checkpointing runs, one per strategy
-# recovery from a restart: which tiers each method can resume from
-RECOVERY = {"oteacheck": ("memory", "disk"), "oteacheck-naive": ("memory", "disk"), "oteacheck-eager": ("memory", "disk"),
-            "sync-torch-save": ("disk",), "sync-deepspeed": ("disk",), "checkfreq": ("disk",), "dcp-async": ("disk",)}
-
-
-def baseline_of(method: str) -> str:
-    """The no-checkpointing run a method is compared with: the same strategy, no checkpoints."""
-    return "none" if method in OTEACHECK_METHODS else "none-deepspeed"
+from .catalog import METHODS, OTEACHECK_METHODS
 
 
 def _sync_training_stream() -> None:

@@ -7,59 +7,12 @@ link during training, so host-to-device traffic is checkpoint traffic only, and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import lightning.pytorch as pl
 import torch
 
+from .catalog import ModelSpec
+
 POOL = 2  # distinct synthetic batches per run
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    family: str  # gpt2 | bert-qa | resnet | vit
-    batch: int
-    seq: int = 0  # tokens per sample (language models)
-    image: int = 0  # pixels per side (vision models)
-    config: dict[str, Any] = field(default_factory=dict)
-
-
-MODELS: dict[str, ModelSpec] = {
-    "gpt2-124m": ModelSpec("gpt2-124m", "gpt2", batch=8, seq=1024, config=dict(n_layer=12, n_embd=768, n_head=12)),
-    "gpt2-355m": ModelSpec("gpt2-355m", "gpt2", batch=8, seq=1024, config=dict(n_layer=24, n_embd=1024, n_head=16)),
-    "gpt2-774m": ModelSpec("gpt2-774m", "gpt2", batch=8, seq=1024, config=dict(n_layer=36, n_embd=1280, n_head=20)),
-    "bert-large-qa": ModelSpec("bert-large-qa", "bert-qa", batch=16, seq=384,
-                               config=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                           intermediate_size=4096)),
-    "resnet50": ModelSpec("resnet50", "resnet", batch=64, image=224, config=dict(layers=[3, 4, 6, 3], bottleneck=True,
-                                                                                 num_classes=1000)),
-    "vit-b16": ModelSpec("vit-b16", "vit", batch=64, image=224,
-                         config=dict(patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072,
-                                     num_classes=1000)),
-}
-
-# the same families, small enough to train a few steps on two CPU cores in seconds (CI)
-SMOKE: dict[str, ModelSpec] = {
-    "gpt2-124m": ModelSpec("gpt2-124m", "gpt2", batch=2, seq=32, config=dict(n_layer=2, n_embd=64, n_head=2, vocab_size=512)),
-    "gpt2-355m": ModelSpec("gpt2-355m", "gpt2", batch=2, seq=32, config=dict(n_layer=3, n_embd=64, n_head=2, vocab_size=512)),
-    "gpt2-774m": ModelSpec("gpt2-774m", "gpt2", batch=2, seq=32, config=dict(n_layer=4, n_embd=64, n_head=2, vocab_size=512)),
-    "bert-large-qa": ModelSpec("bert-large-qa", "bert-qa", batch=2, seq=32,
-                               config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                           intermediate_size=128, vocab_size=512)),
-    "resnet50": ModelSpec("resnet50", "resnet", batch=2, image=32, config=dict(layers=[1, 1, 1, 1], bottleneck=False,
-                                                                               num_classes=10)),
-    "vit-b16": ModelSpec("vit-b16", "vit", batch=2, image=32,
-                         config=dict(patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, num_classes=10)),
-}
-
-
-def spec(name: str, smoke: bool = False) -> ModelSpec:
-    table = SMOKE if smoke else MODELS
-    if name not in table:
-        raise SystemExit(f"unknown model {name!r}; choose from {', '.join(table)}")
-    return table[name]
 
 
 def build_module(s: ModelSpec) -> torch.nn.Module:

@@ -40,6 +40,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from . import catalog
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -96,7 +98,7 @@ def _build(args: argparse.Namespace, accelerator: str, record: Any, timer: Any, 
 
     pl.seed_everything(args.seed, workers=True)
     strategy, callbacks, plugins, enable_checkpointing = methods.make_strategy(args.method, accelerator, record, args)
-    module = models.BenchModule(models.spec(args.model, args.smoke), seed=args.seed)
+    module = models.BenchModule(catalog.spec(args.model, args.smoke), seed=args.seed)
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=args.gpus,
@@ -193,9 +195,7 @@ def slot_warmup(args: argparse.Namespace) -> int:
     persist tier; about a second per GB), a one-time cost: a warm-up this long covers them, so the measured
     iterations are the steady state (BERT-large measured 1.6-1.9 s iterations right after a 5-iteration warm-up).
     0 for the other methods."""
-    from .methods import OTEACHECK_METHODS
-
-    if args.method not in OTEACHECK_METHODS or args.method == "none":
+    if args.method not in catalog.OTEACHECK_METHODS or args.method == "none":
         return 0
     slots = 3 + (2 if args.persist_every_n_steps else 0)
     return (slots + 1) * max(args.every_n_steps, 1) + 1
@@ -228,22 +228,24 @@ def train_child(args: argparse.Namespace) -> None:
                                    min_measured=max(5, 4 * args.paired_block))
     step_end: dict[int, float] = {}
     timer.on_iteration_end.append(lambda trainer, step: step_end.__setitem__(step, time.perf_counter()))
-    if args.method in methods.OTEACHECK_METHODS and args.method != "none":
+    if args.method in catalog.OTEACHECK_METHODS and args.method != "none":
         timer.on_iteration_end.append(_OTeaCheckProbe(record, step_end))
     gate = PairedGate(warmup, args.paired_block) if args.paired_block else None
     if gate is not None:
         timer.on_iteration_end.append(gate)  # the timer runs before the checkpoint callback, so the gate does too
-    done = {"written": False}
-
     def finish(trainer: pl.Trainer, crash: bool) -> None:
-        if done["written"]:
-            return
-        done["written"] = True
+        """Writes the result (rank 0) and ends the process: at the last measured iteration, or at the end of a fit
+        that stopped before it."""
         if trainer.global_rank == 0:
             _write_json(args.result_file, _train_result(args, trainer, timer, record, accelerator, gate))
         if crash:
             # a failure: no teardown, no flush, no clean-up; background threads die mid-write
             os._exit(17)
+        # everything measured is written; the teardown (the method's threads, the process group, CUDA) is in no
+        # result, and every run of a GPU call waited for it (about half of the 3 s after a CPU smoke run's last step)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
     class Failure(pl.Callback):
         def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -298,7 +300,7 @@ def _train_result(args: argparse.Namespace, trainer: Any, timer: Any, record: An
             # what a snapshot adds to the iteration that copies it, against the no-snapshot block before it
             "cost_ms_per_checkpoint": (overhead - 1) * none_median if overhead is not None and none_median else None,
         }
-    disk_every = args.persist_every_n_steps if args.method in methods.OTEACHECK_METHODS else every
+    disk_every = args.persist_every_n_steps if args.method in catalog.OTEACHECK_METHODS else every
     lag_steps = (durable["median"] / iter_s) if durable["median"] is not None and iter_s > 0 else None
     return {
         "status": "ok",
@@ -307,11 +309,11 @@ def _train_result(args: argparse.Namespace, trainer: Any, timer: Any, record: An
         "gpus": args.gpus,
         "model": args.model,
         "method": args.method,
-        "baseline_method": methods.baseline_of(args.method),
+        "baseline_method": catalog.baseline_of(args.method),
         "smoke": args.smoke,
         "precision": "bf16-mixed" if accelerator == "cuda" else "32-true",
         "zero_stage": 2,
-        "batch": models.spec(args.model, args.smoke).batch,
+        "batch": catalog.spec(args.model, args.smoke).batch,
         "params": models.parameter_count(trainer.lightning_module),
         "state_mib_per_rank": state_bytes / 2**20,
         "every_n_steps": every,
@@ -340,7 +342,7 @@ def _train_result(args: argparse.Namespace, trainer: Any, timer: Any, record: An
         # a failure at a random moment, on average: losing the process (memory tier survives, OTeaCheck only),
         # losing the node (only what is durable on disk counts)
         "work_lost_steps_expected_memory": (methods.expected_work_lost(every, 1.0)
-                                            if args.method in methods.OTEACHECK_METHODS and args.method != "none" else None),
+                                            if args.method in catalog.OTEACHECK_METHODS and args.method != "none" else None),
         "work_lost_steps_expected_disk": (methods.expected_work_lost(disk_every, lag_steps)
                                           if lag_steps is not None and args.method not in ("none", "none-deepspeed") else None),
         "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if accelerator == "cuda" else None,
@@ -382,7 +384,7 @@ def recover_child(args: argparse.Namespace) -> None:
         Lightning cannot resume by itself)."""
 
         def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            if args.method in methods.OTEACHECK_METHODS or args.method == "sync-deepspeed":
+            if args.method in catalog.OTEACHECK_METHODS or args.method == "sync-deepspeed":
                 return
             latest = json.loads(latest_file.read_text())
             device = trainer.strategy.root_device
@@ -418,7 +420,7 @@ def recover_child(args: argparse.Namespace) -> None:
     timer.on_iteration_end.append(first_step)
     trainer, module = _build(args, accelerator, record, timer, [Load()], 10**9)
     ckpt_path: str | None = None
-    if args.method in methods.OTEACHECK_METHODS:
+    if args.method in catalog.OTEACHECK_METHODS:
         ckpt_path = "last"
     elif args.method == "sync-deepspeed":
         ckpt_path = json.loads(latest_file.read_text())["location"]
@@ -471,8 +473,6 @@ def _error_tail(output: str) -> str:
 
 
 def drive(args: argparse.Namespace, command: str) -> dict:
-    from . import methods
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     own_workdir = args.workdir is None
@@ -484,12 +484,12 @@ def drive(args: argparse.Namespace, command: str) -> dict:
     env.update(OTEACHECK_JOB_ID=f"bench-{uuid.uuid4().hex[:8]}", OTEACHECK_MEMORY_DIR=str(shm),
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")) if p))
     base = {"model": args.model, "method": args.method, "gpus": args.gpus, "every_n_steps": args.every_n_steps,
-            "baseline_method": methods.baseline_of(args.method) if args.method in methods.METHODS else None,
+            "baseline_method": catalog.baseline_of(args.method) if args.method in catalog.METHODS else None,
             "smoke": args.smoke, "command": command, "tag": args.tag, "memory_dir_root": shm_root}
     result_file = Path(args.workdir) / "train-result.json"
     try:
-        if args.method not in methods.METHODS:
-            raise SystemExit(f"unknown method {args.method!r}; choose from {', '.join(methods.METHODS)}")
+        if args.method not in catalog.METHODS:
+            raise SystemExit(f"unknown method {args.method!r}; choose from {', '.join(catalog.METHODS)}")
         check_paired(args)
         launched, proc, output = _child(args, "train", result_file, env, [])
         if not result_file.exists():
@@ -502,8 +502,8 @@ def drive(args: argparse.Namespace, command: str) -> dict:
                 result["start_s"] = result["first_step_end_wall"] - launched
             result["recovery_s_memory"] = result["recovery_s_disk"] = result["work_lost_steps"] = None
             result["recovered_step"] = {}
-            if args.recovery and args.method in methods.RECOVERY:
-                for source in methods.RECOVERY[args.method]:
+            if args.recovery and args.method in catalog.RECOVERY:
+                for source in catalog.RECOVERY[args.method]:
                     _recover(args, env, source, shm, result)
             elif args.recovery:
                 result["notes"].append("recovery not measured for this method")
@@ -518,12 +518,10 @@ def drive(args: argparse.Namespace, command: str) -> dict:
 
 def check_paired(args: argparse.Namespace) -> None:
     """Refuses ``--paired-block`` where pairing cannot work, saying what to change."""
-    from . import methods
-
     if not args.paired_block:
         return
-    if args.method not in methods.OTEACHECK_METHODS or args.method == "none":
-        raise SystemExit(f"--paired-block is for the OTeaCheck methods ({', '.join(m for m in methods.OTEACHECK_METHODS if m != 'none')}), "
+    if args.method not in catalog.OTEACHECK_METHODS or args.method == "none":
+        raise SystemExit(f"--paired-block is for the OTeaCheck methods ({', '.join(m for m in catalog.OTEACHECK_METHODS if m != 'none')}), "
                          f"not {args.method!r}: drop it for this method")
     if args.every_n_steps != 1:
         raise SystemExit("--paired-block needs --every-n-steps 1 (a block holds a snapshot every iteration)")

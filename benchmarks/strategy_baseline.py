@@ -23,7 +23,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from . import measure, models
+from . import catalog, measure, models
 from .methods import BenchDeepSpeedStrategy, zero2_options
 
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
                              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                              num_sanity_val_steps=0, use_distributed_sampler=False, default_root_dir=root)
         started = time.time()
-        trainer.fit(models.BenchModule(models.spec(args.model, args.smoke)))
+        trainer.fit(models.BenchModule(catalog.spec(args.model, args.smoke)))
         ms = timer.iteration_ms()
         deciles = statistics.quantiles(ms, n=10)
         rows.append({"position": n, "strategy": which, "iter_ms_median": statistics.median(ms), "iter_ms_p10": deciles[0],
