@@ -206,6 +206,7 @@ def effective_warmup(args: argparse.Namespace) -> int:
 
 
 def train_child(args: argparse.Namespace) -> None:
+    marks = {"entered": time.time()}  # where a run's start-up goes: see start_phases_s
     accelerator = _accelerator(args)
     if accelerator == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -217,6 +218,7 @@ def train_child(args: argparse.Namespace) -> None:
 
     from . import measure, methods
 
+    marks["imported"] = time.time()
     record = methods.Record(latest_file=Path(args.workdir) / f"latest-rank{os.environ.get('LOCAL_RANK', '0')}.json")
     warmup = effective_warmup(args)
     if warmup > args.warmup:
@@ -255,7 +257,8 @@ def train_child(args: argparse.Namespace) -> None:
     trainer, module = _build(args, accelerator, record, timer, [Failure()], warmup + args.steps + 1)
     if accelerator == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    timer.fit_called_wall = time.time()
+    timer.fit_called_wall = marks["fit_called"] = time.time()
+    timer.start_marks = marks
     trainer.fit(module)
     finish(trainer, crash=False)
 
@@ -353,6 +356,7 @@ def _train_result(args: argparse.Namespace, trainer: Any, timer: Any, record: An
         "notes": list(record.notes),
         "failed_at_step": trainer.global_step,
         "first_step_end_wall": timer.first_step_end_wall,
+        "start_marks_wall": getattr(timer, "start_marks", {}),
         # without process start-up and imports: set-up (engine, model on the device) and the first iteration
         "fit_to_first_step_s": (timer.first_step_end_wall - timer.fit_called_wall
                                 if timer.first_step_end_wall and getattr(timer, "fit_called_wall", None) else None),
@@ -500,6 +504,7 @@ def drive(args: argparse.Namespace, command: str) -> dict:
             result = {**base, **json.loads(result_file.read_text()), "command": command, "tag": args.tag}
             if result.get("first_step_end_wall"):
                 result["start_s"] = result["first_step_end_wall"] - launched
+                result["start_phases_s"] = start_phases(launched, result.pop("start_marks_wall", {}), result["first_step_end_wall"])
             result["recovery_s_memory"] = result["recovery_s_disk"] = result["work_lost_steps"] = None
             result["recovered_step"] = {}
             if args.recovery and args.method in catalog.RECOVERY:
@@ -514,6 +519,17 @@ def drive(args: argparse.Namespace, command: str) -> dict:
     path = out / result_name(args.model, args.method, args.gpus, args.every_n_steps)
     _write_json(path, result)
     return result
+
+
+def start_phases(launched: float, marks: dict[str, float], first_step_end: float) -> dict[str, float]:
+    """``start_s`` cut at the child's marks: the interpreter's start (``python``), the imports of torch, Lightning and
+    the method (``imports``), the model and the Trainer (``build``), and ``fit`` to the end of the first iteration
+    (DeepSpeed's set-up, the method's, the first step). Empty where a mark is missing."""
+    names = ("python", "imports", "build", "fit")
+    cuts = [launched, marks.get("entered"), marks.get("imported"), marks.get("fit_called"), first_step_end]
+    if any(t is None for t in cuts):
+        return {}
+    return {name: round(b - a, 3) for name, a, b in zip(names, cuts, cuts[1:])}
 
 
 def check_paired(args: argparse.Namespace) -> None:

@@ -64,6 +64,10 @@ def test_fields_are_present_and_sane(smoke_results):
         assert 0 < r["iter_ms_median"] <= r["iter_ms_p90"]
         assert r["overhead"] > 0 and r["overhead_median"] > 0
         assert r["host_rss_mib"] > 0
+        # where the start-up went, cut at the child's marks: the pieces add up to the whole
+        phases = r["start_phases_s"]
+        assert set(phases) == {"python", "imports", "build", "fit"} and min(phases.values()) >= 0, phases
+        assert sum(phases.values()) == pytest.approx(r["start_s"], abs=0.01)
         assert r["extra_gpu_mib"] is None  # CPU: no GPU memory to compare
         assert r["command"].startswith("python -m benchmarks.run ") and f"--method {method}" in r["command"]
         assert {"torch", "lightning", "deepspeed", "cuda", "python"} <= set(r["versions"])
