@@ -235,6 +235,7 @@ def train_child(args: argparse.Namespace) -> None:
     gate = PairedGate(warmup, args.paired_block) if args.paired_block else None
     if gate is not None:
         timer.on_iteration_end.append(gate)  # the timer runs before the checkpoint callback, so the gate does too
+
     def finish(trainer: pl.Trainer, crash: bool) -> None:
         """Writes the result (rank 0) and ends the process: at the last measured iteration, or at the end of a fit
         that stopped before it."""
