@@ -159,9 +159,9 @@ def newest_held(tiers: Sequence[Tier], rank: int, world_size: int) -> tuple[int,
     says what that can cost a run starting afresh."""
     listing = _list_steps(tiers, rank, world_size)
     for tier in listing.unreachable:
-        log.warning("could not check a tier for an earlier run's checkpoints (%s); if it holds some, the steps this run "
-                    "persists there are removed by retention as older than those, and ckpt_path=\"last\" may later "
-                    "take them: restore access, or give this run another dirpath", tier)
+        log.warning("could not check a tier for an earlier run's checkpoints (%s); each rank looks again before its "
+                    "first write there, and if it holds some, this run persists nothing there (its snapshots go to the "
+                    "other tiers): restore access, or give this run another dirpath", tier)
     newest, where = -1, None
     for step, held in listing.holders.items():
         if step > newest:

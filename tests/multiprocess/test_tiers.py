@@ -5,13 +5,17 @@ fills up. Few and short on purpose: each run costs ~15 s on a 2-core CI machine.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 import urllib.parse
 
 import pytest
+import torch
 
+from oteacheck_lightning.format import Manifest, byte_view, plan_layout, with_checksums
 from oteacheck_lightning.tiers import FsspecTier
 from tests.support import harness
 
@@ -127,6 +131,64 @@ def test_namenode_killed_mid_persist_then_resume_from_hdfs_alone(tmp_path, refer
     assert resumed[0] == resumed[1] == {"step": committed[0], "source": hdfs_root}
     assert f"checkpoint of step {committed[-1]}, rank 1 in {hdfs_root} is unusable" in proc.stderr
     assert "checksum mismatch in tensor" in proc.stderr
+    harness.assert_bit_identical(reference, out, ranks=2)
+
+
+def earlier_runs_step(tier: FsspecTier, step: int, run: str) -> None:
+    """A committed step of another run on ``tier``, both ranks' parts, written through the tier as a run writes."""
+    for rank in range(2):
+        tensors = [("weight", torch.full((64,), float(rank)))]
+        records, size = plan_layout(tensors)
+        buffer = torch.zeros(size, dtype=torch.uint8)
+        byte_view(buffer, records[0]).copy_(tensors[0][1])
+        view = memoryview(buffer.numpy())
+        manifest = Manifest(step=step, rank=rank, world_size=2, data_bytes=size, tensors=records, state={"s": step},
+                            run=run, run_began=1.0)
+        tier.write(with_checksums(manifest, view), view)
+    assert tier.try_commit(step, 2, run=run) == []
+
+
+def test_a_fresh_run_that_could_not_see_a_tier_at_its_start_refuses_it_once_it_is_back(tmp_path, reference, hdfs_cluster, hdfs_root):
+    """HDFS holds an earlier run's step and is down when a fresh run (no ckpt_path) starts there. The run warns and
+    trains; once the NameNode is back, each rank looks at HDFS before its first write there, finds the earlier run's
+    step and refuses the tier (an error and the refused metric), writing and removing nothing there. Its local steps
+    commit, and it ends bit-identical to an uninterrupted run."""
+    earlier = FsspecTier(hdfs_root)
+    earlier_runs_step(earlier, 30, "an-earlier-run")
+    local, out = tmp_path / "root", tmp_path / "out"
+    env = harness.environment(f"fresh-{tmp_path.name}", tmp_path / "shm")
+    command = harness.command(local, out, stage=2, devices=2, max_steps=MAX_STEPS, sleep=0.6,
+                              persist=[f"{local}:5:3", f"{hdfs_root}:4:2"], storage_option=FAST_FAIL, commit_timeout=20)
+    out.mkdir()
+    hdfs_cluster.kill()
+    try:
+        with open(out / "stderr.txt", "w") as stderr:
+            proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+            try:
+                deadline = time.monotonic() + 300
+                while len(harness.steps_logged(out)) < 2:  # it started, and trains with HDFS down
+                    assert proc.poll() is None, (out / "stderr.txt").read_text()[-6000:]
+                    assert time.monotonic() < deadline, "training did not start in time"
+                    time.sleep(0.05)
+                hdfs_cluster.start()
+                assert proc.wait(timeout=300) == 0, (out / "stderr.txt").read_text()[-6000:]
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+    finally:
+        if not hdfs_cluster.running:
+            hdfs_cluster.start()
+    log = (out / "stderr.txt").read_text()
+    assert log.count(f"could not check a tier for an earlier run's checkpoints ({hdfs_root}") == 2  # each rank's
+    assert log.count(f"{hdfs_root} holds step(s) [30] of another line of training than this run's") == 2, log[-6000:]
+    for rank in range(2):
+        stats = tier_stats(out, rank, hdfs_root)
+        assert stats["refused"] and not stats["healthy"], stats
+        assert stats["persisted"] == 0
+    # nothing written there and nothing removed; the run's steps went to local disk
+    assert earlier.steps() == [30] and earlier.commits() == {30: 2}
+    assert FsspecTier(str(local)).committed_steps(0)[-3:] == [15, 20, 24]
     harness.assert_bit_identical(reference, out, ranks=2)
 
 
