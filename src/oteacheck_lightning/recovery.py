@@ -156,7 +156,7 @@ def _list_steps(tiers: Sequence[Tier], rank: int, world_size: int) -> _Listing:
 def newest_held(tiers: Sequence[Tier], rank: int, world_size: int) -> tuple[int, str | None]:
     """The newest step of which this rank finds any part in ``tiers`` (at any world size), and the first tier
     holding it; ``(-1, None)`` when there is none. A tier that cannot be listed is skipped, with a warning that
-    says what that can cost a run starting afresh."""
+    says what a run starting afresh does with it (the persister looks again before its first write there)."""
     listing = _list_steps(tiers, rank, world_size)
     for tier in listing.unreachable:
         log.warning("could not check a tier for an earlier run's checkpoints (%s); each rank looks again before its "
