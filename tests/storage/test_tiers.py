@@ -292,13 +292,13 @@ def test_a_restart_while_hdfs_is_down_stops_with_the_cause_instead_of_starting_a
         assert f"{hdfs_root}: " in message and f"{tiers[2].name}: " in message and "Error" in message
         assert "Restore access to the storage" in message and "without ckpt_path" in message
         assert sum("cannot list checkpoints in" in r.message for r in caplog.records) == 2
-        # a run starting afresh cannot see what the tier holds either: it goes on, and the warning says what that
-        # can cost
+        # a run starting afresh cannot see what the tier holds either: it goes on, and the warning says what it does
+        # with that tier
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             assert newest_held(tiers, 0, 1) == (-1, None)
         assert f"could not check a tier for an earlier run's checkpoints ({hdfs_root}: " in caplog.text
-        assert "removed by retention as older than those" in caplog.text
+        assert "each rank looks again before its first write there" in caplog.text
         # a tier that works and holds a step is still resumed from, as before
         local = FsspecTier(str(tmp_path / "local"))
         commit(local, 3, 1)
