@@ -47,6 +47,8 @@ BUDGET = 0.05
 NARROW_BELOW = 0.8  # a run within the budget that used less of it than this is tried once at a shorter interval
 # seconds a run takes before its first iteration (model, DeepSpeed, warm-up) on a GPU host, for the time budget
 SETUP_S = 45.0
+# a run with recovery also restarts from each tier its method has: about this many times the run alone
+RECOVERY_RUN_FACTOR = 2.5
 
 
 def interval_within_budget(cost_ms: float, base_ms: float) -> int:
@@ -109,7 +111,7 @@ class Matrix:
         ends = [t for t in (args.deadline, start + args.budget_s if args.budget_s else None) if t]
         self.deadline = min(ends) if ends else None
         self.log = self.out / "matrix-log.jsonl"
-        # model, seconds (a recovery run's / 2.5), iterations
+        # model, seconds (a recovery run's / RECOVERY_RUN_FACTOR), iterations
         self.durations: list[tuple[str, float, int]] = self._logged_durations()
         self.recovery = set(METHODS) if args.recovery == "all" else {m for m in args.recovery.split(",") if m}
 
@@ -129,7 +131,7 @@ class Matrix:
             guess = setup + rates[len(rates) // 2] * steps
         else:
             guess = self.args.first_run_estimate or (20.0 if self.args.smoke else 60.0)
-        return guess * (2.5 if recovery else 1.0)
+        return guess * (RECOVERY_RUN_FACTOR if recovery else 1.0)
 
     # --- one run -----------------------------------------------------------------------------------------------
 
@@ -178,7 +180,7 @@ class Matrix:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")) if p)
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         took = time.time() - started
-        self.durations.append((model, took / (2.5 if recovery else 1.0), steps))
+        self.durations.append((model, took / (RECOVERY_RUN_FACTOR if recovery else 1.0), steps))
         path = self.out / result_name(model, method, gpus, every)
         result = json.loads(path.read_text()) if path.exists() else None
         status = result.get("status") if result else f"driver failed ({proc.returncode})"
@@ -200,7 +202,7 @@ class Matrix:
             except json.JSONDecodeError:  # a line cut short by a call's timeout
                 continue
             if e.get("tag") == self.tag and "seconds" in e and "iterations" in e:
-                found.append((e["model"], e["seconds"] / (2.5 if e.get("recovery") else 1.0), e["iterations"]))
+                found.append((e["model"], e["seconds"] / (RECOVERY_RUN_FACTOR if e.get("recovery") else 1.0), e["iterations"]))
         return found
 
     def _log(self, entry: dict) -> None:
