@@ -240,7 +240,8 @@ def train_child(args: argparse.Namespace) -> None:
         """Writes the result (rank 0) and ends the process: at the last measured iteration, or at the end of a fit
         that stopped before it."""
         if trainer.global_rank == 0:
-            _write_json(args.result_file, _train_result(args, trainer, timer, record, accelerator, gate))
+            _write_json(args.result_file, {**_train_result(args, trainer, timer, record, accelerator, gate),
+                                           "start_marks_wall": marks})
         if crash:
             # a failure: no teardown, no flush, no clean-up; background threads die mid-write
             os._exit(17)
@@ -259,7 +260,6 @@ def train_child(args: argparse.Namespace) -> None:
     if accelerator == "cuda":
         torch.cuda.reset_peak_memory_stats()
     timer.fit_called_wall = marks["fit_called"] = time.time()
-    timer.start_marks = marks
     trainer.fit(module)
     finish(trainer, crash=False)
 
@@ -357,7 +357,6 @@ def _train_result(args: argparse.Namespace, trainer: Any, timer: Any, record: An
         "notes": list(record.notes),
         "failed_at_step": trainer.global_step,
         "first_step_end_wall": timer.first_step_end_wall,
-        "start_marks_wall": getattr(timer, "start_marks", {}),
         # without process start-up and imports: set-up (engine, model on the device) and the first iteration
         "fit_to_first_step_s": (timer.first_step_end_wall - timer.fit_called_wall
                                 if timer.first_step_end_wall and getattr(timer, "fit_called_wall", None) else None),
